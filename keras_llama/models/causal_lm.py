@@ -1,0 +1,46 @@
+"""CausalLM base class: compile() with a sampler, and generation."""
+
+import keras
+
+from keras_llama import samplers
+from keras_llama.models.task import Task
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class CausalLM(Task):
+    """Base class for causal language models (KerasHub's `keras_hub.models.CausalLM`).
+
+    Subclasses implement ``call_with_cache`` and ``_build_cache``; this class turns them into
+    ``generate()`` with the sampler chosen in ``compile()``.
+    """
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="top_k",
+        **kwargs,
+    ):
+        """Configure the model for training and generation.
+
+        Args:
+            optimizer: ``"auto"`` (``keras.optimizers.Adam(2e-5)``), a name or an optimizer.
+            loss: ``"auto"`` (sparse categorical cross-entropy from logits), a name or a loss.
+            weighted_metrics: ``"auto"`` (sparse categorical accuracy) or a list of metrics.
+            sampler: a sampler name (``"greedy"``, ``"random"``, ``"top_k"``, ``"top_p"``,
+                ``"beam"``, ``"contrastive"``) or a `keras_llama.samplers.Sampler`.
+            **kwargs: passed on to `keras.Model.compile`.
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(2e-5)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+        super().compile(
+            optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
+        )
+        self.sampler = samplers.get(sampler)
+        self.generate_function = None

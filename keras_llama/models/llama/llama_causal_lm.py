@@ -1,0 +1,115 @@
+"""LlamaCausalLM: the backbone plus the output projection, with a key/value cache."""
+
+import keras
+from keras import ops
+
+from keras_llama.models.causal_lm import CausalLM
+from keras_llama.models.llama.llama_backbone import LlamaBackbone
+from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class LlamaCausalLM(CausalLM):
+    """An end-to-end Llama model for causal language modeling.
+
+    A causal language model predicts the next token from the previous ones. ``fit()`` pre-trains
+    or fine-tunes it; ``generate()`` continues a prompt with the sampler set in ``compile()``
+    (``"top_k"`` by default).
+
+    Args:
+        backbone: a `keras_llama.models.LlamaBackbone`.
+        preprocessor: a `keras_llama.models.LlamaCausalLMPreprocessor` or None. If None, inputs
+            must be preprocessed (``{"token_ids", "padding_mask"}``) before calling the model.
+
+    Example:
+    >>> causal_lm = LlamaCausalLM(backbone)
+    >>> logits = causal_lm({"token_ids": ids, "padding_mask": mask})  # [batch, seq, vocab]
+    """
+
+    backbone_cls = LlamaBackbone
+    preprocessor_cls = LlamaCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        outputs = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def call_with_cache(
+        self,
+        token_ids,
+        cache,
+        cache_update_index,
+        cache_padding_mask=None,
+        positions=None,
+    ):
+        """Forward pass for incremental decoding with a fixed-size key/value cache.
+
+        Args:
+            token_ids: int [batch, q], the new tokens.
+            cache: float [batch, num_layers, 2, max_length, num_key_value_heads, head_dim].
+            cache_update_index: int scalar, the cache slot of ``token_ids[:, 0]``.
+            cache_padding_mask: optional bool/int [batch, max_length], False for cache slots that
+                hold padding (left-padded prompts); they are never attended to.
+            positions: optional int [batch, q] rotary positions; defaults to the cache slots.
+
+        Returns:
+            ``(logits [batch, q, vocab], hidden_states [batch, q, hidden_dim], cache)``.
+        """
+        layer_caches = [(cache[:, i, 0], cache[:, i, 1]) for i in range(cache.shape[1])]
+        logits, hidden, layer_caches = self.call_with_layer_caches(
+            token_ids, layer_caches, cache_update_index, cache_padding_mask, positions
+        )
+        cache = ops.stack([ops.stack(kv, axis=1) for kv in layer_caches], axis=1)
+        return logits, hidden, cache
+
+    def call_with_layer_caches(
+        self,
+        token_ids,
+        layer_caches,
+        cache_update_index,
+        cache_padding_mask=None,
+        positions=None,
+    ):
+        """As `call_with_cache`, with the cache as a list of per-layer ``(key, value)`` arrays
+        of shape [batch, max_length, num_key_value_heads, head_dim] (no stacking copies)."""
+        q_len = ops.shape(token_ids)[1]
+        max_length = ops.shape(layer_caches[0][0])[1]
+        query_slots = ops.arange(q_len) + cache_update_index  # [q]
+        if positions is None:
+            positions = query_slots[None, :]
+        mask = ops.less_equal(ops.arange(max_length)[None, :], query_slots[:, None])[None]
+        if cache_padding_mask is not None:
+            mask = ops.logical_and(mask, ops.cast(cache_padding_mask, "bool")[:, None, :])
+        x = self.backbone.token_embedding(token_ids)
+        new_caches = []
+        for layer, layer_cache in zip(self.backbone.transformer_layers, layer_caches):
+            x, layer_cache = layer(
+                x,
+                attention_mask=mask,
+                positions=positions,
+                cache=layer_cache,
+                cache_update_index=cache_update_index,
+            )
+            new_caches.append(layer_cache)
+        hidden = self.backbone.layer_norm(x)
+        logits = self.backbone.token_embedding(hidden, reverse=True)
+        return logits, hidden, new_caches
+
+    def _build_cache(self, batch_size, max_length, dtype=None):
+        """An all-zeros cache [batch, num_layers, 2, max_length, num_key_value_heads, head_dim]."""
+        backbone = self.backbone
+        shape = (
+            batch_size,
+            backbone.num_layers,
+            2,
+            max_length,
+            backbone.num_key_value_heads,
+            backbone.hidden_dim // backbone.num_query_heads,
+        )
+        return ops.zeros(shape, dtype=dtype or self.compute_dtype)

@@ -1,0 +1,547 @@
+"""Llama building blocks: RMS norm, rotary embedding, grouped-query attention, decoder block.
+
+Layer and attribute names follow KerasHub's so that KerasHub ``model.weights.h5`` files load as
+they are (the weight paths are derived from them). Einsum letters used throughout:
+
+    b batch   q query positions   s key positions (cache slots)   m hidden_dim
+    u query heads   v key/value heads   g query heads per key/value head   h head_dim
+    f intermediate_dim
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def _kernel_initializer(stddev=0.02):
+    return keras.initializers.RandomNormal(stddev=stddev)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class LlamaLayerNorm(keras.layers.Layer):
+    """Root-mean-square layer normalisation, as Llama uses it.
+
+    Computes ``x / sqrt(mean(x**2) + epsilon) * scale`` in float32, casting back to the
+    compute dtype before the scale is applied (as Hugging Face's ``LlamaRMSNorm`` does).
+
+    Args:
+        epsilon: float. Added to the mean square for numerical stability.
+
+    Example:
+    >>> norm = LlamaLayerNorm(epsilon=1e-6)
+    >>> y = norm(keras.ops.ones((2, 3, 8)))
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.scale = self.add_weight(name="scale", shape=(dim,), initializer="ones", trainable=True)
+        self.built = True
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        variance = ops.mean(ops.square(x32), axis=-1, keepdims=True)
+        x32 = x32 * ops.rsqrt(variance + self.epsilon)
+        return ops.cast(x32, self.compute_dtype) * ops.cast(self.scale, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class LlamaRotaryEmbedding(keras.layers.Layer):
+    """Rotary position embedding (RoPE) in the "rotate half" layout of Hugging Face Llama.
+
+    Supports linear position scaling (``scaling_factor``: positions are divided by it) and
+    Llama 3.1's frequency-dependent scaling (``frequency_adjustment_factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``pretraining_sequence_length``, all four or none).
+
+    Args:
+        max_wavelength: int. The base of the rotary frequencies ("rope_theta").
+        scaling_factor: float. Linear position scaling; 1.0 means none.
+        frequency_adjustment_factor: float or None. Llama 3.1 "factor".
+        low_freq_factor: float or None.
+        high_freq_factor: float or None.
+        pretraining_sequence_length: int or None. Llama 3.1 "original_max_position_embeddings".
+
+    Example:
+    >>> rope = LlamaRotaryEmbedding(max_wavelength=10000)
+    >>> cos, sin = rope.cos_sin(keras.ops.arange(4)[None, :], head_dim=8)
+    """
+
+    def __init__(
+        self,
+        max_wavelength=10000,
+        scaling_factor=1.0,
+        frequency_adjustment_factor=None,
+        low_freq_factor=None,
+        high_freq_factor=None,
+        pretraining_sequence_length=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        llama3 = {
+            "frequency_adjustment_factor": frequency_adjustment_factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "pretraining_sequence_length": pretraining_sequence_length,
+        }
+        given = [k for k, v in llama3.items() if v is not None]
+        if given and len(given) != len(llama3):
+            missing = sorted(set(llama3) - set(given))
+            raise ValueError(
+                "Llama 3 RoPE scaling needs all of `frequency_adjustment_factor`, "
+                "`low_freq_factor`, `high_freq_factor` and `pretraining_sequence_length`, or none. "
+                f"Missing: {missing}. Received: {llama3}"
+            )
+        if scaling_factor is None or scaling_factor <= 0:
+            raise ValueError(
+                f"`scaling_factor` must be a positive number. Received: scaling_factor={scaling_factor}"
+            )
+        self.max_wavelength = max_wavelength
+        self.scaling_factor = scaling_factor
+        self.frequency_adjustment_factor = frequency_adjustment_factor
+        self.low_freq_factor = low_freq_factor
+        self.high_freq_factor = high_freq_factor
+        self.pretraining_sequence_length = pretraining_sequence_length
+        self.built = True
+
+    def inverse_frequencies(self, head_dim):
+        """The rotary inverse frequencies, shape ``[head_dim // 2]``, float32 (as a numpy array)."""
+        import numpy as np
+
+        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+        inv_freq = 1.0 / (self.max_wavelength**exponents)
+        if self.frequency_adjustment_factor is not None:
+            factor = self.frequency_adjustment_factor
+            old_len = self.pretraining_sequence_length
+            low_wavelen = old_len / self.low_freq_factor
+            high_wavelen = old_len / self.high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            inv_freq = np.where(medium, smoothed, scaled)
+        return (inv_freq / self.scaling_factor).astype("float32")
+
+    def cos_sin(self, positions, head_dim):
+        """``cos`` and ``sin`` of shape ``[batch, seq, 1, head_dim]`` for integer positions [batch, seq]."""
+        inv_freq = ops.convert_to_tensor(self.inverse_frequencies(head_dim))
+        angles = ops.cast(positions, "float32")[..., None] * inv_freq  # [b, q, h/2]
+        angles = ops.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, q, 1, h]
+        return ops.cos(angles), ops.sin(angles)
+
+    def call(self, x, positions):
+        """Rotates ``x`` of shape ``[batch, seq, heads, head_dim]`` by its ``positions`` [batch, seq]."""
+        cos, sin = self.cos_sin(positions, x.shape[-1])
+        return self.apply(x, cos, sin)
+
+    def apply(self, x, cos, sin):
+        x32 = ops.cast(x, "float32")
+        x1, x2 = ops.split(x32, 2, axis=-1)
+        rotated = ops.concatenate([-x2, x1], axis=-1)
+        return ops.cast(x32 * cos + rotated * sin, x.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "max_wavelength": self.max_wavelength,
+                "scaling_factor": self.scaling_factor,
+                "frequency_adjustment_factor": self.frequency_adjustment_factor,
+                "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "pretraining_sequence_length": self.pretraining_sequence_length,
+            }
+        )
+        return config
+
+
+def causal_attention_mask(padding_mask, query_length, key_length=None, query_offset=0):
+    """Boolean mask ``[batch, q, s]``: key ``s`` is visible to query ``q`` if it is not padding
+    and ``s <= q + query_offset``."""
+    key_length = query_length if key_length is None else key_length
+    q_idx = ops.arange(query_length)[:, None] + query_offset
+    k_idx = ops.arange(key_length)[None, :]
+    causal = ops.less_equal(k_idx, q_idx)[None, :, :]
+    if padding_mask is None:
+        return causal
+    return ops.logical_and(causal, ops.cast(padding_mask, "bool")[:, None, :])
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class LlamaAttention(keras.layers.Layer):
+    """Grouped-query self-attention with rotary embeddings and an optional key/value cache.
+
+    Args:
+        num_query_heads: int. Number of query heads.
+        num_key_value_heads: int. Number of key/value heads; divides ``num_query_heads``.
+        rope_max_wavelength, rope_scaling_factor, rope_frequency_adjustment_factor,
+        rope_low_freq_factor, rope_high_freq_factor, rope_pretraining_sequence_length:
+            passed to `LlamaRotaryEmbedding`.
+        kernel_initializer: initializer of the projection kernels.
+        dropout: float. Dropout on the attention probabilities.
+
+    Example:
+    >>> attention = LlamaAttention(num_query_heads=4, num_key_value_heads=2)
+    >>> y = attention(keras.ops.ones((1, 5, 32)))
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
+        rope_frequency_adjustment_factor=None,
+        rope_low_freq_factor=None,
+        rope_high_freq_factor=None,
+        rope_pretraining_sequence_length=None,
+        kernel_initializer="glorot_uniform",
+        dropout=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("num_query_heads", num_query_heads)
+        _check_positive_int("num_key_value_heads", num_key_value_heads)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                "`num_query_heads` must be a multiple of `num_key_value_heads`. Received: "
+                f"num_query_heads={num_query_heads}, num_key_value_heads={num_key_value_heads}"
+            )
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_frequency_adjustment_factor = rope_frequency_adjustment_factor
+        self.rope_low_freq_factor = rope_low_freq_factor
+        self.rope_high_freq_factor = rope_high_freq_factor
+        self.rope_pretraining_sequence_length = rope_pretraining_sequence_length
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.dropout = dropout
+        self.num_key_value_groups = num_query_heads // num_key_value_heads
+        self.rotary_embedding_layer = LlamaRotaryEmbedding(
+            max_wavelength=rope_max_wavelength,
+            scaling_factor=rope_scaling_factor,
+            frequency_adjustment_factor=rope_frequency_adjustment_factor,
+            low_freq_factor=rope_low_freq_factor,
+            high_freq_factor=rope_high_freq_factor,
+            pretraining_sequence_length=rope_pretraining_sequence_length,
+            dtype=self.dtype_policy,
+            name="rotary_embedding",
+        )
+
+    def build(self, inputs_shape):
+        # inputs_shape: [b, q, m]
+        hidden_dim = inputs_shape[-1]
+        if hidden_dim % self.num_query_heads:
+            raise ValueError(
+                "`hidden_dim` must be divisible by `num_query_heads`. Received: "
+                f"hidden_dim={hidden_dim}, num_query_heads={self.num_query_heads}"
+            )
+        self.head_dim = hidden_dim // self.num_query_heads
+        u, v, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        common = dict(kernel_initializer=self._clone_initializer(), dtype=self.dtype_policy)
+        self._query_dense = keras.layers.EinsumDense(
+            "bqm,muh->bquh", output_shape=(None, u, h), name="query", **common
+        )
+        self._query_dense.build(inputs_shape)
+        self._key_dense = keras.layers.EinsumDense(
+            "bkm,mvh->bkvh", output_shape=(None, v, h), name="key", **common
+        )
+        self._key_dense.build(inputs_shape)
+        self._value_dense = keras.layers.EinsumDense(
+            "bkm,mvh->bkvh", output_shape=(None, v, h), name="value", **common
+        )
+        self._value_dense.build(inputs_shape)
+        self._dropout_layer = keras.layers.Dropout(
+            rate=self.dropout, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self._output_dense = keras.layers.EinsumDense(
+            "bquh,uhm->bqm", output_shape=(None, hidden_dim), name="attention_output", **common
+        )
+        self._output_dense.build((None, None, u, h))
+        self.built = True
+
+    def call(
+        self,
+        hidden_states,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        cache_update_index=None,
+        training=None,
+    ):
+        """Attends ``hidden_states`` [b, q, m] to itself, or to the cache when one is given.
+
+        Args:
+            attention_mask: bool [b, q, s], True where query q may see key s (s spans the
+                cache when there is one). Defaults to a causal mask.
+            positions: int [b, q], rotary positions of the queries. Defaults to
+                ``cache_update_index + arange(q)``.
+            cache: tuple ``(key_cache, value_cache)``, each [b, s, v, h], or None.
+            cache_update_index: int (scalar) cache slot of the first query.
+
+        Returns:
+            ``output`` [b, q, m], or ``(output, (key_cache, value_cache))`` with a cache.
+        """
+        q_len = ops.shape(hidden_states)[1]
+        start = 0 if cache_update_index is None else cache_update_index
+        if positions is None:
+            positions = (ops.arange(q_len) + start)[None, :]
+        cos, sin = self.rotary_embedding_layer.cos_sin(positions, self.head_dim)
+        query = self.rotary_embedding_layer.apply(self._query_dense(hidden_states), cos, sin)
+        key = self.rotary_embedding_layer.apply(self._key_dense(hidden_states), cos, sin)
+        value = self._value_dense(hidden_states)
+
+        if cache is not None:
+            key_cache, value_cache = cache
+            key = ops.slice_update(key_cache, (0, start, 0, 0), ops.cast(key, key_cache.dtype))
+            value = ops.slice_update(
+                value_cache, (0, start, 0, 0), ops.cast(value, value_cache.dtype)
+            )
+        if attention_mask is None:
+            attention_mask = causal_attention_mask(
+                None, q_len, ops.shape(key)[1], query_offset=start
+            )
+        output = self._attend(query, key, value, attention_mask, training)
+        if cache is not None:
+            return output, (key, value)
+        return output
+
+    def _attend(self, query, key, value, attention_mask, training):
+        # query [b, q, u, h] -> [b, q, v, g, h]; keys and values stay [b, s, v, h] (no repeat).
+        b, q = ops.shape(query)[0], ops.shape(query)[1]
+        query = ops.reshape(
+            query, (b, q, self.num_key_value_heads, self.num_key_value_groups, self.head_dim)
+        )
+        query = query * ops.cast(1.0 / math.sqrt(self.head_dim), query.dtype)
+        key = ops.cast(key, query.dtype)
+        value = ops.cast(value, query.dtype)
+        scores = ops.einsum("bqvgh,bsvh->bvgqs", query, key)
+        scores = ops.cast(scores, "float32")
+        mask = ops.cast(attention_mask, "bool")[:, None, None, :, :]  # [b, 1, 1, q, s]
+        scores = ops.where(mask, scores, ops.cast(-1e30, "float32"))
+        probs = ops.softmax(scores, axis=-1)
+        probs = self._dropout_layer(ops.cast(probs, query.dtype), training=training)
+        attended = ops.einsum("bvgqs,bsvh->bqvgh", probs, value)
+        attended = ops.reshape(attended, (b, q, self.num_query_heads, self.head_dim))
+        return self._output_dense(attended)
+
+    def _clone_initializer(self):
+        return self.kernel_initializer.__class__.from_config(self.kernel_initializer.get_config())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
+                "rope_frequency_adjustment_factor": self.rope_frequency_adjustment_factor,
+                "rope_low_freq_factor": self.rope_low_freq_factor,
+                "rope_high_freq_factor": self.rope_high_freq_factor,
+                "rope_pretraining_sequence_length": self.rope_pretraining_sequence_length,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class LlamaTransformerDecoder(keras.layers.Layer):
+    """One Llama decoder block: pre-norm attention and a SwiGLU feed-forward, both residual.
+
+    ::
+
+        x ─┬─ norm ─ attention ─ dropout ─(+)─┬─ norm ─ silu(gate(x)) * up(x) ─ down ─(+)─>
+           └──────────────────────────────────┘└──────────────────────────────────────────┘
+
+    Args:
+        intermediate_dim: int. Width of the feed-forward layer.
+        num_query_heads: int.
+        num_key_value_heads: int.
+        rope_max_wavelength ... rope_pretraining_sequence_length: see `LlamaRotaryEmbedding`.
+        activation: activation of the gate projection ("silu" for Llama).
+        layer_norm_epsilon: float.
+        kernel_initializer: initializer of the dense kernels.
+        dropout: float.
+
+    Example:
+    >>> block = LlamaTransformerDecoder(intermediate_dim=64, num_query_heads=4, num_key_value_heads=2)
+    >>> y = block(keras.ops.ones((1, 5, 32)))
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
+        rope_frequency_adjustment_factor=None,
+        rope_low_freq_factor=None,
+        rope_high_freq_factor=None,
+        rope_pretraining_sequence_length=None,
+        activation="silu",
+        layer_norm_epsilon=1e-6,
+        kernel_initializer="glorot_uniform",
+        dropout=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("intermediate_dim", intermediate_dim)
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_frequency_adjustment_factor = rope_frequency_adjustment_factor
+        self.rope_low_freq_factor = rope_low_freq_factor
+        self.rope_high_freq_factor = rope_high_freq_factor
+        self.rope_pretraining_sequence_length = rope_pretraining_sequence_length
+        self.activation = keras.activations.get(activation)
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.dropout = dropout
+        self.supports_masking = True
+
+    def build(self, decoder_sequence_shape):
+        # decoder_sequence_shape: [b, q, m]
+        hidden_dim = decoder_sequence_shape[-1]
+        self._self_attention_layer = LlamaAttention(
+            num_query_heads=self.num_query_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            rope_max_wavelength=self.rope_max_wavelength,
+            rope_scaling_factor=self.rope_scaling_factor,
+            rope_frequency_adjustment_factor=self.rope_frequency_adjustment_factor,
+            rope_low_freq_factor=self.rope_low_freq_factor,
+            rope_high_freq_factor=self.rope_high_freq_factor,
+            rope_pretraining_sequence_length=self.rope_pretraining_sequence_length,
+            kernel_initializer=self._clone_initializer(),
+            dropout=self.dropout,
+            dtype=self.dtype_policy,
+            name="self_attention",
+        )
+        self._self_attention_layer.build(decoder_sequence_shape)
+        self._self_attention_layernorm = LlamaLayerNorm(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="self_attention_layernorm"
+        )
+        self._self_attention_layernorm.build(decoder_sequence_shape)
+        self._self_attention_dropout = keras.layers.Dropout(
+            rate=self.dropout, dtype=self.dtype_policy, name="self_attention_dropout"
+        )
+        dense = dict(use_bias=False, dtype=self.dtype_policy)
+        self._feedforward_intermediate_dense = keras.layers.Dense(
+            self.intermediate_dim,
+            kernel_initializer=self._clone_initializer(),
+            name="feedforward_intermediate_dense",
+            **dense,
+        )
+        self._feedforward_intermediate_dense.build(decoder_sequence_shape)
+        self._feedforward_gate_dense = keras.layers.Dense(
+            self.intermediate_dim,
+            activation=self.activation,
+            kernel_initializer=self._clone_initializer(),
+            name="feedforward_gate_dense",
+            **dense,
+        )
+        self._feedforward_gate_dense.build(decoder_sequence_shape)
+        self._feedforward_output_dense = keras.layers.Dense(
+            hidden_dim,
+            kernel_initializer=self._clone_initializer(),
+            name="feedforward_output_dense",
+            **dense,
+        )
+        self._feedforward_output_dense.build((None, None, self.intermediate_dim))
+        self._feedforward_layernorm = LlamaLayerNorm(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="feedforward_layernorm"
+        )
+        self._feedforward_layernorm.build(decoder_sequence_shape)
+        self.built = True
+
+    def call(
+        self,
+        decoder_sequence,
+        decoder_padding_mask=None,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        cache_update_index=None,
+        training=None,
+    ):
+        """Runs the block on ``decoder_sequence`` [b, q, m].
+
+        ``decoder_padding_mask`` [b, q] (1 for real tokens) builds a causal mask when no
+        ``attention_mask`` [b, q, s] is given. With ``cache`` (see `LlamaAttention`), returns
+        ``(output, new_cache)``.
+        """
+        if attention_mask is None and decoder_padding_mask is not None and cache is None:
+            attention_mask = causal_attention_mask(
+                decoder_padding_mask, ops.shape(decoder_sequence)[1]
+            )
+        residual = decoder_sequence
+        x = self._self_attention_layernorm(decoder_sequence)
+        attended = self._self_attention_layer(
+            x,
+            attention_mask=attention_mask,
+            positions=positions,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            training=training,
+        )
+        if cache is not None:
+            attended, cache = attended
+        x = residual + self._self_attention_dropout(attended, training=training)
+
+        residual = x
+        x = self._feedforward_layernorm(x)
+        gate = self._feedforward_gate_dense(x)
+        x = self._feedforward_output_dense(gate * self._feedforward_intermediate_dense(x))
+        x = residual + self._self_attention_dropout(x, training=training)
+        if cache is not None:
+            return x, cache
+        return x
+
+    def compute_output_shape(self, decoder_sequence_shape):
+        return decoder_sequence_shape
+
+    def _clone_initializer(self):
+        return self.kernel_initializer.__class__.from_config(self.kernel_initializer.get_config())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "intermediate_dim": self.intermediate_dim,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
+                "rope_frequency_adjustment_factor": self.rope_frequency_adjustment_factor,
+                "rope_low_freq_factor": self.rope_low_freq_factor,
+                "rope_high_freq_factor": self.rope_high_freq_factor,
+                "rope_pretraining_sequence_length": self.rope_pretraining_sequence_length,
+                "activation": keras.activations.serialize(self.activation),
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "dropout": self.dropout,
+            }
+        )
+        return config

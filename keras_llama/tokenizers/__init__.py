@@ -1,0 +1,1 @@
+"""Tokenizers backed by sentencepiece and Hugging Face tokenizers. (Placeholder.)"""
