@@ -1,0 +1,5 @@
+from keras_llama.tokenizers.tokenizer import Tokenizer
+
+
+class LlamaTokenizer(Tokenizer):
+    pass

@@ -1,0 +1,17 @@
+"""Llama3Backbone: the Llama architecture under Llama 3's name (as in KerasHub)."""
+
+import keras
+
+from keras_llama.models.llama.llama_backbone import LlamaBackbone
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class Llama3Backbone(LlamaBackbone):
+    """The Llama 3 decoder network: identical to `LlamaBackbone` (same arguments and weights);
+    a separate class so that presets and `from_preset` pair it with `Llama3Tokenizer`.
+
+    Example:
+    >>> backbone = Llama3Backbone(
+    ...     vocabulary_size=128256, num_layers=32, num_query_heads=32, hidden_dim=4096,
+    ...     intermediate_dim=14336, num_key_value_heads=8, rope_max_wavelength=500000)
+    """

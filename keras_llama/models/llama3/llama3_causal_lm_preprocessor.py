@@ -1,0 +1,5 @@
+from keras_llama.models.preprocessor import CausalLMPreprocessor
+
+
+class Llama3CausalLMPreprocessor(CausalLMPreprocessor):
+    pass
