@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_llama.utils.python_utils import classproperty
+from keras_llama.utils.python_utils import classproperty, functional_setattr
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -16,8 +16,12 @@ class Backbone(keras.Model):
 
     def __init__(self, *args, dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._initialized = True
         # Keras functional models take no dtype; remember the policy our layers were built with.
         self._backbone_dtype = keras.dtype_policies.get(dtype) if dtype is not None else None
+
+    def __setattr__(self, name, value):
+        functional_setattr(self, Backbone, name, value)
 
     @property
     def token_embedding(self):

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_llama.utils.python_utils import classproperty
+from keras_llama.utils.python_utils import classproperty, functional_setattr
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -18,8 +18,12 @@ class Task(keras.Model):
 
     def __init__(self, *args, compile=True, **kwargs):
         super().__init__(*args, **kwargs)
+        self._initialized = True
         if compile:
             self.compile()
+
+    def __setattr__(self, name, value):
+        functional_setattr(self, Task, name, value)
 
     @property
     def backbone(self):
@@ -42,8 +46,11 @@ class Task(keras.Model):
     def get_config(self):
         config = {"name": self.name, "trainable": self.trainable}
         config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
-        if self.preprocessor is not None:
-            config["preprocessor"] = keras.saving.serialize_keras_object(self.preprocessor)
+        config["preprocessor"] = (
+            None
+            if self.preprocessor is None
+            else keras.saving.serialize_keras_object(self.preprocessor)
+        )
         return config
 
     @classmethod

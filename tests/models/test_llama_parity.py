@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from keras.ops import convert_to_numpy
 
 from tests.hf_reference import CONFIGS, hf_logits, make_hf_model, to_keras_llama
 
@@ -22,7 +23,7 @@ def _batch(seed=0, batch=2, length=12, vocab=100):
 def test_logits_match_transformers(pair):
     name, hf, ours = pair
     ids = _batch(length=40 if name == "llama31_rope" else 12)
-    ours_logits = np.asarray(ours({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    ours_logits = convert_to_numpy(ours({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
     ref = hf_logits(hf, ids)
     assert ours_logits.shape == ref.shape
     np.testing.assert_allclose(ours_logits, ref, atol=ATOL, rtol=0)
@@ -33,7 +34,7 @@ def test_right_padding_does_not_change_real_positions(pair):
     ids = _batch(seed=1)
     mask = np.ones_like(ids)
     mask[1, 7:] = 0
-    ours_logits = np.asarray(ours({"token_ids": ids, "padding_mask": mask}))
+    ours_logits = convert_to_numpy(ours({"token_ids": ids, "padding_mask": mask}))
     ref = hf_logits(hf, ids[1:, :7])
     np.testing.assert_allclose(ours_logits[1, :7], ref[0], atol=ATOL, rtol=0)
 
@@ -41,14 +42,14 @@ def test_right_padding_does_not_change_real_positions(pair):
 def test_cached_decoding_matches_full_forward(pair):
     _, _, ours = pair
     ids = _batch(seed=2, length=9)
-    full = np.asarray(ours({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    full = convert_to_numpy(ours({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
     cache = ours._build_cache(2, 12)
     # Prefill 4 tokens at once, then one token at a time.
     logits, _, cache = ours.call_with_cache(ids[:, :4], cache, 0)
-    steps = [np.asarray(logits)]
+    steps = [convert_to_numpy(logits)]
     for t in range(4, 9):
         logits, hidden, cache = ours.call_with_cache(ids[:, t : t + 1], cache, t)
-        steps.append(np.asarray(logits))
+        steps.append(convert_to_numpy(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=ATOL, rtol=0)
     assert tuple(hidden.shape) == (2, 1, ours.backbone.hidden_dim)
 
