@@ -44,3 +44,10 @@ class CausalLM(Task):
         )
         self.sampler = samplers.get(sampler)
         self.generate_function = None
+
+    def compile_from_config(self, config):
+        """Re-compile after `keras.saving.load_model` with the saved optimizer, loss and metrics."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self.optimizer.build(self.trainable_variables)
