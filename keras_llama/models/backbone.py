@@ -1,8 +1,14 @@
 """Backbone base class: a functional Keras model holding a model's core architecture."""
 
+import os
+
 import keras
 
+from keras_llama import quantization
 from keras_llama.utils.python_utils import classproperty, functional_setattr
+
+# KerasHub's default LoRA targets: the query and value projections of every attention block.
+DEFAULT_LORA_LAYER_NAMES = ("query_dense", "value_dense", "query", "value")
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -19,6 +25,12 @@ class Backbone(keras.Model):
         self._initialized = True
         # Keras functional models take no dtype; remember the policy our layers were built with.
         self._backbone_dtype = keras.dtype_policies.get(dtype) if dtype is not None else None
+        # Keras wraps `quantize` per instance to check the mode against its own list, which
+        # lacks "int8_weight_only"; our `quantize` validates the mode itself.
+        self.__dict__.pop("quantize", None)
+        # Layers rebuilt from a quantized config get back what their dtype policy implies.
+        for layer in self._flatten_layers(include_self=False):
+            quantization.apply_layer_hooks(layer)
 
     def __setattr__(self, name, value):
         functional_setattr(self, Backbone, name, value)
@@ -33,12 +45,21 @@ class Backbone(keras.Model):
         self._token_embedding = value
 
     def get_config(self):
-        policy = self._backbone_dtype or self.dtype_policy
+        policy = self._float_dtype_policy()
+        # Quantized layers are recorded as a map from layer paths to their quantized policies
+        # (KerasHub's int8 preset format), so `from_config` builds quantized variables.
+        policy_map = quantization.quantized_policy_map(self, default_policy=policy)
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(policy),
+            "dtype": keras.dtype_policies.serialize(policy_map or policy),
         }
+
+    def _float_dtype_policy(self):
+        policy = self._backbone_dtype or self.dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            policy = policy.default_policy
+        return policy
 
     @classmethod
     def from_config(cls, config):
@@ -67,3 +88,218 @@ class Backbone(keras.Model):
     def presets(cls):
         """Built-in presets available on this class, as ``{name: metadata}``."""
         return dict(cls._presets_table())
+
+    # --- quantization --------------------------------------------------------------------------
+    @property
+    def quantization_scheme(self):
+        """The scheme this backbone was quantized with (see `keras_llama.quantization`), or
+        None for a float model."""
+        return quantization.quantization_mode_of(self)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantize the weights in place.
+
+        Args:
+            mode: ``"int8_weight_only"`` (recommended: int8 kernels with per-output-channel
+                scales, float activations, float embeddings), ``"int8"`` (KerasHub's W8A8:
+                weights and per-token activations, embeddings included) or ``"int4"``
+                (weights only, blocks of 128). See `keras_llama.quantization`.
+            config: optional `keras.quantizers.QuantizationConfig` passed on to Keras for
+                ``"int8"``/``"int4"`` (custom quantizers, int4 ``block_size``).
+            filters: optional regex, list of regexes or callable selecting layers, as in
+                `keras.Model.quantize`; combined with the scheme's own choice of layers.
+
+        Raises:
+            ValueError: for an unknown mode, or a model that is already quantized.
+        """
+        if mode is None and config is not None:
+            mode = config.mode
+        quantization.check_mode(mode)
+        if kwargs:
+            raise ValueError(f"Unrecognized keyword arguments to `quantize()`: {kwargs}")
+        current = self.quantization_scheme
+        if current is not None:
+            raise ValueError(
+                f"This model is already quantized (mode={current!r}); quantizing twice would "
+                "quantize already-rounded weights. Quantize the float model instead (e.g. "
+                f"reload it from its preset). Received: mode={mode!r}"
+            )
+        keras_mode, keras_config = quantization.keras_mode_and_config(mode)
+        if config is not None:
+            if mode == "int8_weight_only":
+                raise ValueError(
+                    "`config` cannot be combined with mode='int8_weight_only', which fixes its "
+                    f"own quantizers. Received: config={config!r}"
+                )
+            keras_config = config
+        scheme_filter = quantization.layer_filter(mode)
+        user_filter = _compile_filters(filters)
+
+        def keep(layer):
+            return scheme_filter(layer) and user_filter(layer)
+
+        keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
+        if mode == "int8_weight_only":
+            for layer in self._flatten_layers(include_self=False):
+                if getattr(layer, "_is_quantized", False):
+                    quantization.mark_weight_only(layer)
+
+    # --- LoRA ----------------------------------------------------------------------------------
+    def default_lora_layer_names(self):
+        """Names of the layers `enable_lora` targets by default: query and value projections."""
+        return list(DEFAULT_LORA_LAYER_NAMES)
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """Freeze every weight and add trainable low-rank adapters to the target layers.
+
+        Each target layer's output becomes ``x @ W + (alpha / rank) * (x @ A) @ B`` with ``W``
+        frozen and ``A``, ``B`` trainable float32 (``alpha = rank``); ``B`` starts at zero, so the
+        model's outputs are unchanged until training. Works on int8-quantized models too
+        (QLoRA-style: frozen int8 ``W``, float ``A`` and ``B``).
+
+        Args:
+            rank: int >= 1, the adapters' rank.
+            target_layer_names: layer names to adapt (matched against ``layer.name``). Defaults
+                to `default_lora_layer_names` (the query and value projections).
+        """
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"`rank` must be a positive integer. Received: rank={rank!r}")
+        if getattr(self, "_lora_layer_paths", None):
+            raise ValueError(
+                f"LoRA is already enabled on this model (rank={self._lora_rank}). "
+                f"Received: rank={rank}"
+            )
+        if target_layer_names is None:
+            target_layer_names = self.default_lora_layer_names()
+        if isinstance(target_layer_names, str):
+            target_layer_names = [target_layer_names]
+        target_layer_names = list(target_layer_names)
+        all_layers = list(self._flatten_layers(include_self=False))
+        targets = [
+            layer
+            for layer in all_layers
+            if layer.name in target_layer_names and hasattr(layer, "enable_lora")
+        ]
+        found = {layer.name for layer in targets}
+        candidates = sorted({layer.name for layer in all_layers if hasattr(layer, "enable_lora")})
+        # KerasHub's defaults name both its own and its siblings' layers: only the user's
+        # names must all exist.
+        unknown = [
+            name
+            for name in target_layer_names
+            if name not in found and name not in DEFAULT_LORA_LAYER_NAMES
+        ]
+        if unknown or not targets:
+            raise ValueError(
+                f"Unknown LoRA target layer names {unknown or target_layer_names}: no layer "
+                f"supporting LoRA has that name. Layers that do: {candidates}. "
+                f"Received: target_layer_names={target_layer_names}"
+            )
+        self.trainable = True
+        for layer in all_layers:
+            layer.trainable = False
+        for layer in targets:
+            layer.trainable = True
+            layer.enable_lora(rank)
+        self._lora_rank = rank
+        self._lora_layer_paths = [layer.path for layer in targets]
+
+    def save_lora_weights(self, filepath):
+        """Write the LoRA adapters (and their rank) to ``filepath``, which must end in
+        ``.lora.h5``; adapters are keyed by layer path. Written to a temporary file first, so a
+        failed save leaves an existing file intact."""
+        import h5py
+
+        paths = getattr(self, "_lora_layer_paths", None)
+        if not paths:
+            raise ValueError(
+                "There are no LoRA weights to save: call `enable_lora(rank)` first."
+            )
+        filepath = os.fspath(filepath)
+        if not filepath.endswith(".lora.h5"):
+            raise ValueError(
+                f"LoRA weights must be saved to a file ending in `.lora.h5`. "
+                f"Received: filepath={filepath}"
+            )
+        layers = self._layers_by_path()
+        tmp = filepath + ".tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["rank"] = self._lora_rank
+                f.attrs["format"] = "keras_llama.lora/1"
+                group = f.create_group("lora")
+                for path in paths:
+                    layer = layers[path]
+                    entry = group.create_group(path)
+                    entry["lora_kernel_a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
+                    entry["lora_kernel_b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
+                    entry.attrs["lora_alpha"] = layer.lora_alpha
+            os.replace(tmp, filepath)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_lora_weights(self, filepath):
+        """Load adapters saved by `save_lora_weights`, enabling LoRA on the saved layers first
+        when it is not enabled yet."""
+        import h5py
+
+        filepath = os.fspath(filepath)
+        with h5py.File(filepath, "r") as f:
+            if "lora" not in f or "rank" not in f.attrs:
+                raise ValueError(f"Not a LoRA weights file (no `lora` group). Received: {filepath}")
+            rank = int(f.attrs["rank"])
+            saved = {}  # layer path -> (lora_kernel_a, lora_kernel_b)
+
+            def collect(name, obj):
+                if isinstance(obj, h5py.Group) and "lora_kernel_a" in obj:
+                    saved[name] = (obj["lora_kernel_a"][()], obj["lora_kernel_b"][()])
+
+            f["lora"].visititems(collect)
+        layers = self._layers_by_path()
+        missing = sorted(set(saved) - set(layers))
+        if missing:
+            raise ValueError(
+                f"The LoRA file holds adapters for layers this model does not have: {missing}. "
+                f"Received: {filepath}"
+            )
+        if not getattr(self, "_lora_layer_paths", None):
+            self.enable_lora(rank, target_layer_names=sorted({layers[p].name for p in saved}))
+        elif self._lora_rank != rank:
+            raise ValueError(
+                f"The LoRA file has rank {rank} but LoRA is enabled here with rank "
+                f"{self._lora_rank}. Received: {filepath}"
+            )
+        not_in_file = sorted(set(self._lora_layer_paths) - set(saved))
+        if not_in_file:
+            raise ValueError(
+                f"The LoRA file has no adapters for the LoRA layers {not_in_file}. "
+                f"Received: {filepath}"
+            )
+        for path, (kernel_a, kernel_b) in saved.items():
+            layer = layers[path]
+            layer.lora_kernel_a.assign(kernel_a)
+            layer.lora_kernel_b.assign(kernel_b)
+
+    def _layers_by_path(self):
+        return {layer.path: layer for layer in self._flatten_layers(include_self=False)}
+
+
+def _compile_filters(filters):
+    """`keras.Model.quantize`'s ``filters`` (regex, list of regexes, callable, None) as a
+    predicate on layers."""
+    import re
+
+    if filters is None:
+        return lambda layer: True
+    if callable(filters):
+        return filters
+    if isinstance(filters, str):
+        filters = [filters]
+    if not isinstance(filters, (list, tuple)):
+        raise ValueError(
+            "`filters` must be a regex string, a list of regex strings or a callable. "
+            f"Received: filters={filters!r}"
+        )
+    patterns = [re.compile(f) for f in filters]
+    return lambda layer: any(p.search(layer.path or layer.name) for p in patterns)

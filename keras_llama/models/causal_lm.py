@@ -27,7 +27,9 @@ class CausalLM(Task):
 
         Args:
             optimizer: ``"auto"`` (``keras.optimizers.Adam(2e-5)``), a name or an optimizer.
-            loss: ``"auto"`` (sparse categorical cross-entropy from logits), a name or a loss.
+            loss: ``"auto"`` (sparse categorical cross-entropy from logits, averaged over the
+                tokens whose sample weight is non-zero, so padding never dilutes the loss: the
+                loss of Hugging Face's ``labels=`` with padding set to -100), a name or a loss.
             weighted_metrics: ``"auto"`` (sparse categorical accuracy) or a list of metrics.
             sampler: a sampler name (``"greedy"``, ``"random"``, ``"top_k"``, ``"top_p"``,
                 ``"beam"``, ``"contrastive"``) or a `keras_llama.samplers.Sampler`.
@@ -36,7 +38,9 @@ class CausalLM(Task):
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
         if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            )
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         super().compile(
