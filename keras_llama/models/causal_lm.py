@@ -55,3 +55,105 @@ class CausalLM(Task):
         self.compile(**config)
         if self.built and getattr(self, "optimizer", None) is not None:
             self.optimizer.build(self.trainable_variables)
+
+    # --- scoring (training/adaptation) ---------------------------------------------------------
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+    ):
+        """Score a batch of token ids: logits, or the per-token loss against ``target_ids``.
+
+        As KerasHub's ``CausalLM.score``: position ``t``'s logits predict ``target_ids[:, t]``
+        (pass the inputs shifted left by one to score a text). Padding positions are not
+        masked here; multiply by the mask when summing (`perplexity` does).
+
+        Args:
+            token_ids: int [batch, seq].
+            padding_mask: int/bool [batch, seq], 1 for real tokens; defaults to all ones.
+            scoring_mode: ``"logits"`` (returns [batch, seq, vocab]) or ``"loss"`` (returns
+                the per-token cross-entropy [batch, seq], float32).
+            layer_intercept_fn: optional ``fn(x, i) -> x`` applied to the embeddings
+                (``i = -1``) and to the output of each decoder block ``i`` (for probing and
+                interventions).
+            target_ids: int [batch, seq], required for ``"loss"``.
+        """
+        from keras import ops
+
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                "`scoring_mode` must be 'logits' or 'loss'. "
+                f"Received: scoring_mode={scoring_mode!r}"
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError(
+                "scoring_mode='loss' needs the target token ids. Received: target_ids=None"
+            )
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        if len(token_ids.shape) != 2:
+            raise ValueError(
+                f"`token_ids` must have shape [batch, seq]. Received: shape={token_ids.shape}"
+            )
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids)
+        if layer_intercept_fn is None:
+
+            def layer_intercept_fn(x, unused_i):
+                return x
+
+        backbone = self.backbone
+        x = layer_intercept_fn(backbone.token_embedding(token_ids), -1)
+        for i, transformer_layer in enumerate(backbone.transformer_layers):
+            x = transformer_layer(x, decoder_padding_mask=padding_mask)
+            x = layer_intercept_fn(x, i)
+        x = backbone.layer_norm(x)
+        logits = backbone.token_embedding(x, reverse=True)
+        if scoring_mode == "logits":
+            return logits
+        per_token_loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="none"
+        )
+        return per_token_loss(ops.convert_to_tensor(target_ids, "int32"), logits)
+
+    def perplexity(self, x, padding_mask=None, per_sequence=False):
+        """Perplexity, ``exp(mean next-token loss)`` over the real (non-padding) tokens.
+
+        Args:
+            x: raw strings (tokenized by the preprocessor, which also gives the targets and
+                their mask) or int token ids [batch, seq] (each token is then predicted from
+                the ones before it).
+            padding_mask: with token ids, int/bool [batch, seq], 1 for real tokens.
+            per_sequence: return one perplexity per sequence (numpy [batch]) instead of one
+                over all tokens (a Python float).
+        """
+        import numpy as np
+        from keras import ops
+
+        from keras_llama.models import training_data
+
+        if training_data._is_string_data(x):
+            if self.preprocessor is None:
+                raise ValueError(
+                    "`x` holds strings but this model has no preprocessor. Received: "
+                    f"x={training_data._preview(x)}"
+                )
+            inputs, targets, weights = self.preprocessor(x)[:3]
+            token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        else:
+            token_ids = np.asarray(x)
+            if padding_mask is None:
+                padding_mask = np.ones_like(token_ids)
+            padding_mask = np.asarray(padding_mask).astype("int32")
+            # Position t predicts token t + 1; both must be real tokens.
+            targets = np.concatenate([token_ids[:, 1:], np.zeros_like(token_ids[:, :1])], 1)
+            weights = np.concatenate([padding_mask[:, 1:], np.zeros_like(padding_mask[:, :1])], 1)
+            weights = weights * padding_mask
+        loss = self.score(token_ids, padding_mask, scoring_mode="loss", target_ids=targets)
+        loss = ops.convert_to_numpy(loss).astype("float64")
+        weights = np.asarray(ops.convert_to_numpy(weights)).astype("float64")
+        if per_sequence:
+            return np.exp((loss * weights).sum(1) / np.maximum(weights.sum(1), 1))
+        return float(np.exp((loss * weights).sum() / max(weights.sum(), 1)))

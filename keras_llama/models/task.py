@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_llama.models import training_data
 from keras_llama.utils.python_utils import classproperty, functional_setattr
 
 
@@ -19,6 +20,9 @@ class Task(keras.Model):
     def __init__(self, *args, compile=True, **kwargs):
         super().__init__(*args, **kwargs)
         self._initialized = True
+        # Keras wraps `quantize` per instance to check the mode against its own list, which
+        # lacks "int8_weight_only"; `Backbone.quantize` validates the mode itself.
+        self.__dict__.pop("quantize", None)
         if compile:
             self.compile()
 
@@ -61,6 +65,51 @@ class Task(keras.Model):
         if isinstance(config.get("preprocessor"), dict):
             config["preprocessor"] = keras.saving.deserialize_keras_object(config["preprocessor"])
         return cls(**config)
+
+    # --- training and inference on raw data ----------------------------------------------------
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None,
+            shuffle=True, **kwargs):
+        """`keras.Model.fit`, where ``x`` may also be raw strings (a list, a numpy array, a
+        generator, a `keras.utils.PyDataset` or a ``tf.data.Dataset`` of them), which go through
+        the preprocessor batch by batch; preprocessed ``(x, y, sample_weight)`` data passes
+        through unchanged. See `keras_llama.models.training_data`."""
+        x, y, sample_weight, batch_size = self._adapt_data(x, y, sample_weight, batch_size, shuffle)
+        validation_data = training_data.adapt_validation_data(
+            self.preprocessor, validation_data, batch_size=kwargs.get("validation_batch_size")
+        )
+        return super().fit(
+            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight,
+            validation_data=validation_data, shuffle=shuffle, **kwargs,
+        )
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """`keras.Model.evaluate`, taking raw strings as `fit` does."""
+        x, y, sample_weight, batch_size = self._adapt_data(x, y, sample_weight, batch_size, False)
+        return super().evaluate(x=x, y=y, batch_size=batch_size, sample_weight=sample_weight,
+                                **kwargs)
+
+    def predict(self, x, batch_size=None, **kwargs):
+        """`keras.Model.predict`, taking raw strings as `fit` does."""
+        x, _, _, batch_size = self._adapt_data(x, None, None, batch_size, False)
+        return super().predict(x, batch_size=batch_size, **kwargs)
+
+    def _adapt_data(self, x, y, sample_weight, batch_size, shuffle):
+        return training_data.adapt(
+            self.preprocessor, x, y, sample_weight, batch_size=batch_size, shuffle=shuffle
+        )
+
+    # --- quantization --------------------------------------------------------------------------
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantize the backbone's weights in place; see `Backbone.quantize` for the modes
+        (``"int8_weight_only"`` recommended, ``"int8"``, ``"int4"``)."""
+        self.backbone.quantize(mode, config=config, filters=filters, **kwargs)
+        # Compiled train/predict/generate functions captured the float variables.
+        self.train_function = self.test_function = self.predict_function = None
+        if hasattr(self, "generate_function"):
+            self.generate_function = None
+        if keras.config.backend() == "torch":
+            for layer in self._flatten_layers():
+                layer._track_variables()
 
     # --- presets -------------------------------------------------------------------------------
     @classmethod
