@@ -1,9 +1,218 @@
-"""Preprocessor base classes. (Placeholder until the tokenizer/preprocessor work lands.)"""
+"""Preprocessors: strings -> model inputs (and back), in plain Python + NumPy.
+
+`CausalLMPreprocessor` reproduces KerasHub's `CausalLMPreprocessor` (and its `StartEndPacker`)
+on NumPy arrays. For ``sequence_length=6`` and a 4-token text ``t1 t2 t3 t4``:
+
+    packed (length 7)  <s> t1 t2 t3 t4 </s> pad       mask  1 1 1 1 1 1 0
+    x["token_ids"]     <s> t1 t2 t3 t4 </s>           x["padding_mask"]  1 1 1 1 1 1
+    y (labels)             t1 t2 t3 t4 </s> pad       sample_weight      1 1 1 1 1 0
+
+Texts longer than the room left by the start/end tokens are truncated before those are added.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_llama.utils.python_utils import classproperty
 
 
+@keras.saving.register_keras_serializable(package="keras_llama")
 class Preprocessor:
-    pass
+    """Base class for preprocessors (KerasHub's `keras_hub.models.Preprocessor`).
+
+    A preprocessor holds a `Tokenizer` and turns raw inputs into what a task's backbone
+    takes. It is a plain Python object (not a Keras layer) working on NumPy arrays.
+    """
+
+    backbone_cls = None
+    tokenizer_cls = None
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        """The tokenizer used to tokenize strings."""
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value):
+        self._tokenizer = value
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def call(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not implement `call()`.")
+
+    def get_config(self):
+        config = {}
+        if self.tokenizer is not None:
+            config["tokenizer"] = keras.saving.serialize_keras_object(self.tokenizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("name", "trainable", "dtype", "config_file"):  # KerasHub layer keys
+            config.pop(key, None)
+        if isinstance(config.get("tokenizer"), dict):
+            config["tokenizer"] = keras.saving.deserialize_keras_object(config["tokenizer"])
+        return cls(**config)
+
+    # --- presets -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Instantiate a preprocessor from a preset (built-in name, ``kaggle://``, ``hf://``,
+        a local folder or a ``.gguf`` file). ``kwargs`` override the config, e.g.
+        ``sequence_length=256``."""
+        from keras_llama.models.preset_loading import load_preprocessor
+
+        return load_preprocessor(cls, preset, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Save the preprocessor config and its tokenizer's assets to a preset folder."""
+        from keras_llama.models.preset_loading import save_preprocessor
+
+        save_preprocessor(self, preset_dir)
+
+    @classmethod
+    def _presets_table(cls):
+        from keras_llama.models.preset_loading import presets_for
+
+        return presets_for(cls)
+
+    @classproperty
+    def presets(cls):
+        """Built-in presets available on this class, as ``{name: metadata}``."""
+        return dict(cls._presets_table())
 
 
+@keras.saving.register_keras_serializable(package="keras_llama")
 class CausalLMPreprocessor(Preprocessor):
-    pass
+    """Strings -> ``(x, y, sample_weight)`` for causal language modelling (KerasHub's
+    `keras_hub.models.CausalLMPreprocessor`).
+
+    Each text is tokenized and packed to ``sequence_length + 1`` tokens (start token, text
+    truncated to fit, end token, then pad ids), and split into inputs and next-token labels:
+    ``x = {"token_ids": ids[..., :-1], "padding_mask": mask[..., :-1]}``,
+    ``y = ids[..., 1:]``, ``sample_weight = mask[..., 1:]``. A single string gives unbatched
+    arrays ``[sequence_length]``; a list gives ``[batch, sequence_length]``. Token ids are
+    int32, masks and sample weights bool.
+
+    ``generate_preprocess`` / ``generate_postprocess`` serve `CausalLM.generate()`.
+
+    Args:
+        tokenizer: a `Tokenizer` with ``start_token_id``, ``end_token_id``, ``pad_token_id``.
+        sequence_length: length of the packed inputs.
+        add_start_token: prepend the tokenizer's start token.
+        add_end_token: append the tokenizer's end token (training only).
+
+    Example:
+    ```python
+    preprocessor = keras_llama.models.LlamaCausalLMPreprocessor(tokenizer, sequence_length=8)
+    x, y, sample_weight = preprocessor(["The quick brown fox.", "Call me Ishmael."])
+    x = preprocessor.generate_preprocess(["The quick brown"])
+    ```
+    """
+
+    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True):
+        super().__init__(tokenizer=tokenizer)
+        self.sequence_length = sequence_length
+        self.add_start_token = add_start_token
+        self.add_end_token = add_end_token
+
+    @property
+    def sequence_length(self):
+        """The padded length of model input sequences."""
+        return self._sequence_length
+
+    @sequence_length.setter
+    def sequence_length(self, value):
+        self._sequence_length = _check_length(value, "sequence_length")
+
+    def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        """Tokenize and pack ``x`` for training: returns ``(x, y, sample_weight)``."""
+        if y is not None or sample_weight is not None:
+            warnings.warn(
+                f"{type(self).__name__} makes its own labels and sample weights from `x`; "
+                "the `y` and `sample_weight` passed in are ignored.",
+                stacklevel=2,
+            )
+        length = self._length(sequence_length)
+        # One extra token so that inputs and labels both have `length` tokens.
+        token_ids, padding_mask = self._pack(
+            self.tokenizer(x), length + 1, self.add_start_token, self.add_end_token
+        )
+        x = {"token_ids": token_ids[..., :-1], "padding_mask": padding_mask[..., :-1]}
+        return x, token_ids[..., 1:], padding_mask[..., 1:]
+
+    def generate_preprocess(self, x, sequence_length=None):
+        """Tokenize and pack prompts for generation: ``{"token_ids", "padding_mask"}``,
+        with the start token (per ``add_start_token``), never an end token, right-padded."""
+        length = self._length(sequence_length)
+        token_ids, padding_mask = self._pack(
+            self.tokenizer(x), length, self.add_start_token, add_end=False
+        )
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def generate_postprocess(self, x):
+        """Generated ``{"token_ids", "padding_mask"}`` -> strings: padding and the tokenizer's
+        special tokens are dropped, the rest detokenized (a string per row)."""
+        token_ids = np.asarray(keras.ops.convert_to_numpy(x["token_ids"]))
+        mask = np.asarray(keras.ops.convert_to_numpy(x["padding_mask"])).astype(bool)
+        if token_ids.shape != mask.shape:
+            raise ValueError(
+                "`token_ids` and `padding_mask` must have the same shape. Received: "
+                f"token_ids.shape={token_ids.shape}, padding_mask.shape={mask.shape}"
+            )
+        special = getattr(self.tokenizer, "special_token_ids", [])
+        mask = mask & ~np.isin(token_ids, np.asarray(special, dtype=token_ids.dtype))
+        if token_ids.ndim == 1:
+            return self.tokenizer.detokenize(token_ids[mask].tolist())
+        return self.tokenizer.detokenize([row[m].tolist() for row, m in zip(token_ids, mask)])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "sequence_length": self.sequence_length,
+                "add_start_token": self.add_start_token,
+                "add_end_token": self.add_end_token,
+            }
+        )
+        return config
+
+    # --- helpers -------------------------------------------------------------------------
+    def _length(self, sequence_length):
+        if sequence_length is None:
+            return self.sequence_length
+        return _check_length(sequence_length, "sequence_length")
+
+    def _pack(self, tokens, length, add_start, add_end):
+        """KerasHub's StartEndPacker: ``tokens`` (an id array or a list of them) ->
+        ``(token_ids, padding_mask)`` of shape ``[length]`` or ``[batch, length]``."""
+        batched = isinstance(tokens, list)
+        rows = tokens if batched else [tokens]
+        # As KerasHub's packer: a tokenizer without a start/end token gets none added.
+        start_id, end_id = self.tokenizer.start_token_id, self.tokenizer.end_token_id
+        start = [start_id] if add_start and start_id is not None else []
+        end = [end_id] if add_end and end_id is not None else []
+        room = length - len(start) - len(end)  # >= 0: `length` >= 1 + add_end
+        token_ids = np.full((len(rows), length), self.tokenizer.pad_token_id, dtype="int32")
+        padding_mask = np.zeros((len(rows), length), dtype=bool)
+        for i, row in enumerate(rows):
+            packed = start + list(np.asarray(row)[:room]) + end
+            token_ids[i, : len(packed)] = packed
+            padding_mask[i, : len(packed)] = True
+        if not batched:
+            return token_ids[0], padding_mask[0]
+        return token_ids, padding_mask
+
+
+def _check_length(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return int(value)

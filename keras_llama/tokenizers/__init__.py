@@ -1,1 +1,25 @@
-"""Tokenizers backed by sentencepiece and Hugging Face tokenizers. (Placeholder.)"""
+"""Tokenizers backed by `sentencepiece` and Hugging Face `tokenizers` (KerasHub's API)."""
+
+from keras_llama.tokenizers.byte_pair_tokenizer import (
+    PRETOKENIZERS,
+    BytePairTokenizer,
+    build_byte_level_bpe,
+    load_tiktoken_bpe,
+    tiktoken_to_vocabulary_and_merges,
+)
+from keras_llama.tokenizers.sentencepiece_tokenizer import (
+    SentencePieceTokenizer,
+    build_sentencepiece_proto,
+)
+from keras_llama.tokenizers.tokenizer import Tokenizer
+
+__all__ = [
+    "PRETOKENIZERS",
+    "BytePairTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "build_byte_level_bpe",
+    "build_sentencepiece_proto",
+    "load_tiktoken_bpe",
+    "tiktoken_to_vocabulary_and_merges",
+]

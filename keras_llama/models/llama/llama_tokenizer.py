@@ -1,5 +1,37 @@
-from keras_llama.tokenizers.tokenizer import Tokenizer
+"""LlamaTokenizer: SentencePiece with Llama's special tokens (Llama 1/2, Vicuna, Mistral v1)."""
+
+import keras
+
+from keras_llama.models.llama.llama_backbone import LlamaBackbone
+from keras_llama.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
 
 
-class LlamaTokenizer(Tokenizer):
-    pass
+@keras.saving.register_keras_serializable(package="keras_llama")
+class LlamaTokenizer(SentencePieceTokenizer):
+    """Llama tokenizer: a SentencePiece model run by the `sentencepiece` package.
+
+    Ids equal ``sentencepiece.SentencePieceProcessor(model).encode(text)``. The start token is
+    ``<s>``, the end token ``</s>``; padding uses id 0 (``<unk>``), as in KerasHub.
+
+    Args:
+        proto: a path to a SentencePiece ``tokenizer.model`` or its serialized bytes (for a
+            GGUF ``llama`` vocabulary, build them with
+            `keras_llama.tokenizers.build_sentencepiece_proto`).
+        start_token, end_token: Llama's ``"<s>"`` and ``"</s>"`` by default.
+        pad_token: None pads with id 0.
+
+    Example:
+    ```python
+    tokenizer = keras_llama.models.LlamaTokenizer("tokenizer.model")
+    tokenizer("The quick brown fox jumped.")
+    tokenizer(["The quick brown fox jumped.", "The fox slept."])
+    tokenizer.detokenize(tokenizer("The quick brown fox jumped."))
+    ```
+    """
+
+    backbone_cls = LlamaBackbone
+
+    def __init__(self, proto=None, start_token="<s>", end_token="</s>", pad_token=None):
+        super().__init__(
+            proto=proto, start_token=start_token, end_token=end_token, pad_token=pad_token
+        )

@@ -1,0 +1,248 @@
+"""SentencePiece tokenizer on the `sentencepiece` package, and a ModelProto builder for GGUF.
+
+A SentencePiece model is one serialized ``ModelProto``: pieces with scores and types, plus the
+normalizer and trainer settings that change how text is encoded. KerasHub stores it as
+``vocabulary.spm`` in the tokenizer's asset folder; so do we.
+
+GGUF files with ``tokenizer.ggml.model == "llama"`` carry the same data as arrays
+(``tokenizer.ggml.tokens`` / ``scores`` / ``token_type`` plus bos/eos/unk ids);
+``build_sentencepiece_proto`` turns those back into a real ModelProto.
+"""
+
+import os
+
+import keras
+import sentencepiece as spm
+
+from keras_llama.tokenizers.tokenizer import Tokenizer
+
+VOCAB_FILENAME = "vocabulary.spm"
+
+# SentencePiece's ModelProto.SentencePiece.Type enum; GGUF's token_type uses the same numbers.
+PIECE_TYPES = {
+    "NORMAL": 1,
+    "UNKNOWN": 2,
+    "CONTROL": 3,
+    "USER_DEFINED": 4,
+    "UNUSED": 5,
+    "BYTE": 6,
+}
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class SentencePieceTokenizer(Tokenizer):
+    """A tokenizer running a SentencePiece model with the `sentencepiece` package.
+
+    ``tokenize`` returns exactly ``SentencePieceProcessor.encode(text)`` (no BOS/EOS: the
+    preprocessor adds those); ``detokenize`` is ``SentencePieceProcessor.decode(ids)``, which
+    drops control tokens such as ``<s>``. Special-token strings in text are not matched as
+    tokens, as in SentencePiece.
+
+    Args:
+        proto: a path to a SentencePiece ``.model`` file, or the serialized model as bytes.
+            None leaves the tokenizer empty until ``load_assets`` is called.
+        start_token: token prepended by preprocessors, e.g. ``"<s>"``; None for none.
+        end_token: token appended by preprocessors and the default stop token; None for none.
+        pad_token: padding token; None pads with id 0.
+
+    Example:
+    ```python
+    tokenizer = SentencePieceTokenizer("tokenizer.model", start_token="<s>", end_token="</s>")
+    tokenizer("Hello world")                 # array([15043, 3186], dtype=int32)
+    ```
+    """
+
+    def __init__(self, proto=None, start_token=None, end_token=None, pad_token=None):
+        self.start_token = start_token
+        self.end_token = end_token
+        self.pad_token = pad_token
+        self.proto = None
+        self._processor = None
+        self.set_proto(proto)
+
+    def set_proto(self, proto):
+        """Load a SentencePiece model from a path or serialized bytes (None clears it)."""
+        if proto is None:
+            self.proto, self._processor = None, None
+            return
+        source = "the `proto` bytes"
+        if isinstance(proto, os.PathLike):
+            proto = os.fspath(proto)
+        if isinstance(proto, str):
+            source = proto
+            if not os.path.isfile(proto):
+                raise FileNotFoundError(
+                    f"SentencePiece model file not found. Received: proto={proto!r}"
+                )
+            with open(proto, "rb") as f:
+                proto = f.read()
+        elif not isinstance(proto, (bytes, bytearray)):
+            raise TypeError(
+                "`proto` must be a path to a SentencePiece model or its serialized bytes. "
+                f"Received: proto of type {type(proto).__name__}"
+            )
+        processor = spm.SentencePieceProcessor()
+        try:
+            ok = processor.LoadFromSerializedProto(bytes(proto))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"Could not parse a SentencePiece model from {source} ({len(proto)} bytes): {e}"
+            ) from e
+        if not ok or processor.GetPieceSize() == 0:
+            raise ValueError(f"Could not parse a SentencePiece model from {source}.")
+        self.proto, self._processor = bytes(proto), processor
+        self._pieces = {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
+        self._check_special_tokens_in_vocabulary([self.start_token, self.end_token, self.pad_token])
+
+    # --- hooks ----------------------------------------------------------------------------
+    def _is_ready(self):
+        return self._processor is not None
+
+    def _encode_batch(self, texts):
+        return self._processor.Encode(texts, out_type=int)
+
+    def _decode_batch(self, sequences):
+        return self._processor.Decode(sequences)
+
+    def _vocabulary_size(self):
+        return self._processor.GetPieceSize()
+
+    def _id_to_token(self, id):
+        return self._processor.IdToPiece(id)
+
+    def _token_to_id(self, token):
+        return self._pieces.get(token)
+
+    # --- assets and config ----------------------------------------------------------------
+    def save_assets(self, dir_path):
+        self._check_ready()
+        with open(os.path.join(dir_path, VOCAB_FILENAME), "wb") as f:
+            f.write(self.proto)
+
+    def load_assets(self, dir_path):
+        path = os.path.join(dir_path, VOCAB_FILENAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Expected a SentencePiece model at {path!r} (KerasHub's asset layout). "
+                f"Received: dir_path={dir_path!r}"
+            )
+        self.set_proto(path)
+
+    def get_config(self):
+        return {
+            "proto": None,  # stored as the `vocabulary.spm` asset
+            "start_token": self.start_token,
+            "end_token": self.end_token,
+            "pad_token": self.pad_token,
+        }
+
+
+def build_sentencepiece_proto(
+    pieces,
+    scores,
+    types,
+    *,
+    model_type="bpe",
+    unk_id,
+    bos_id,
+    eos_id,
+    pad_id=-1,
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    escape_whitespaces=True,
+    treat_whitespace_as_suffix=False,
+    byte_fallback=None,
+    normalizer_name="identity",
+    precompiled_charsmap=b"",
+    unk_surface=" \u2047 ",
+):
+    """Build a serialized SentencePiece ``ModelProto`` from a GGUF-style vocabulary.
+
+    GGUF keeps a SentencePiece model as arrays: ``tokenizer.ggml.tokens`` (pieces),
+    ``tokenizer.ggml.scores``, ``tokenizer.ggml.token_type`` (SentencePiece's own type numbers:
+    1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte) and the special ids
+    ``tokenizer.ggml.{unknown,bos,eos,padding}_token_id``; ``tokenizer.ggml.add_space_prefix``
+    and ``tokenizer.ggml.remove_extra_whitespaces`` map to ``add_dummy_prefix`` and
+    ``remove_extra_whitespaces``. The defaults are Llama 2's settings.
+
+    Args:
+        pieces: token strings, index = id.
+        scores: one float per piece (merge priority for BPE, log-probability for unigram).
+        types: one piece type per piece, as ints (above) or names (``"CONTROL"``).
+        model_type: ``"bpe"`` (Llama, Mistral) or ``"unigram"``.
+        unk_id, bos_id, eos_id, pad_id: special ids (-1 for none; ``unk_id`` is required).
+        byte_fallback: encode unknown characters as ``<0xNN>`` byte pieces. None: True when
+            the vocabulary has BYTE pieces.
+        normalizer_name, precompiled_charsmap: SentencePiece normalizer (``"identity"`` for Llama).
+
+    Returns:
+        bytes: a serialized ModelProto for ``SentencePieceTokenizer(proto=...)``.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    pieces, scores, types = list(pieces), list(scores), list(types)
+    if not (len(pieces) == len(scores) == len(types)) or not pieces:
+        raise ValueError(
+            "`pieces`, `scores` and `types` must be non-empty and of equal length. Received: "
+            f"len(pieces)={len(pieces)}, len(scores)={len(scores)}, len(types)={len(types)}"
+        )
+    model_types = {"bpe": model_pb2.TrainerSpec.BPE, "unigram": model_pb2.TrainerSpec.UNIGRAM}
+    if model_type not in model_types:
+        raise ValueError(
+            f"`model_type` must be one of {sorted(model_types)}. Received: model_type={model_type!r}"
+        )
+    size = len(pieces)
+    for name, value in [("unk_id", unk_id), ("bos_id", bos_id), ("eos_id", eos_id)]:
+        if value is None or not -1 <= value < size or (name == "unk_id" and value < 0):
+            raise ValueError(
+                f"`{name}` must be a token id in [0, {size - 1}]. Received: {name}={value!r}"
+            )
+    if pad_id is None:
+        pad_id = -1
+    type_ids = [_piece_type(t, i) for i, t in enumerate(types)]
+    if type_ids[unk_id] != PIECE_TYPES["UNKNOWN"]:
+        raise ValueError(
+            f"The piece at `unk_id` must have type UNKNOWN (2). Received: unk_id={unk_id}, "
+            f"piece {pieces[unk_id]!r} of type {type_ids[unk_id]}"
+        )
+    if byte_fallback is None:
+        byte_fallback = PIECE_TYPES["BYTE"] in type_ids
+
+    def piece_at(i, default):
+        return pieces[i] if 0 <= i < size else default
+
+    model = model_pb2.ModelProto()
+    spec = model.trainer_spec
+    spec.model_type = model_types[model_type]
+    spec.vocab_size = size
+    spec.byte_fallback = bool(byte_fallback)
+    spec.treat_whitespace_as_suffix = bool(treat_whitespace_as_suffix)
+    spec.allow_whitespace_only_pieces = True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = unk_id, bos_id, eos_id, pad_id
+    spec.unk_piece = piece_at(unk_id, "<unk>")
+    spec.bos_piece = piece_at(bos_id, "<s>")
+    spec.eos_piece = piece_at(eos_id, "</s>")
+    spec.pad_piece = piece_at(pad_id, "<pad>")
+    spec.unk_surface = unk_surface
+    norm = model.normalizer_spec
+    norm.name = normalizer_name
+    norm.precompiled_charsmap = bytes(precompiled_charsmap)
+    norm.add_dummy_prefix = bool(add_dummy_prefix)
+    norm.remove_extra_whitespaces = bool(remove_extra_whitespaces)
+    norm.escape_whitespaces = bool(escape_whitespaces)
+    for piece, score, type_id in zip(pieces, scores, type_ids):
+        if isinstance(piece, bytes):
+            piece = piece.decode("utf-8")
+        entry = model.pieces.add()
+        entry.piece, entry.score, entry.type = piece, float(score), type_id
+    return model.SerializeToString()
+
+
+def _piece_type(value, index):
+    if isinstance(value, str) and value.upper() in PIECE_TYPES:
+        return PIECE_TYPES[value.upper()]
+    if not isinstance(value, str) and int(value) in PIECE_TYPES.values():
+        return int(value)
+    raise ValueError(
+        f"Unknown piece type at index {index}: expected one of {PIECE_TYPES}. Received: {value!r}"
+    )
