@@ -82,7 +82,9 @@ class Backbone(keras.Model):
 
     @classmethod
     def _presets_table(cls):
-        return {}
+        from keras_llama.models.preset_loading import presets_for
+
+        return presets_for(cls)
 
     @classproperty
     def presets(cls):

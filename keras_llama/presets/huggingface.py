@@ -15,9 +15,21 @@ head_dim, ``f`` intermediate, ``V`` vocabulary)::
     transformer_layer_{i}/feedforward_output_dense/kernel        [f, m]
     transformer_layer_{i}/feedforward_layernorm/scale            [m]
     sequence_output_layernorm/scale                              [m]
+
+`read()` reads a whole Hugging Face checkpoint folder (``config.json``, ``model.safetensors`` or
+sharded with ``model.safetensors.index.json``, ``tokenizer.model`` / ``tokenizer.json`` /
+``tokenizer_config.json``) into a `Checkpoint`. Pickled ``pytorch_model.bin`` files are never
+read.
 """
 
+import json
+import os
+import struct
+
 import numpy as np
+
+from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
+from keras_llama.presets.handles import require_file, safe_join
 
 
 def convert_backbone_config(hf_config):
@@ -128,3 +140,276 @@ def convert_weights(get_tensor, backbone_config):
     """Yield ``(our_path, numpy array)`` for each weight, reading with ``get_tensor(hf_name)``."""
     for hf_name, ours, hook in weight_table(backbone_config):
         yield ours, np.asarray(hook(np.asarray(get_tensor(hf_name)), backbone_config))
+
+
+def checked_tensors(get_tensor, source):
+    """Wrap ``get_tensor(name)`` so that a missing tensor names itself and the checkpoint."""
+
+    def get(name):
+        try:
+            return get_tensor(name)
+        except KeyError:
+            raise ValueError(
+                f"The checkpoint {source!r} has no tensor {name!r}: it is truncated or not a "
+                "complete Llama checkpoint of the configured size."
+            ) from None
+
+    return get
+
+
+# --- safetensors -------------------------------------------------------------------------------
+# safetensors' numpy loader has no bfloat16; we read tensors through its header ourselves
+# (memory-mapped, one tensor at a time) after `safe_open` has validated the file.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class SafetensorsFile:
+    """Random access to the tensors of one ``.safetensors`` file, as float32/int numpy arrays."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            with safe_open(path, framework="numpy") as f:  # validates header and file size
+                names = list(f.keys())
+        except Exception as e:
+            raise ValueError(
+                f"Could not read the safetensors file {path!r} (truncated or corrupt?): {e}"
+            ) from e
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        self._offset = 8 + header_size
+        self._header = header
+        self.names = names
+
+    def keys(self):
+        return self.names
+
+    def __getitem__(self, name):
+        entry = self._header[name]  # KeyError for a missing tensor
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(
+                f"Tensor {name!r} in {self.path!r} has dtype {entry['dtype']}, which is not "
+                f"supported. Supported: {sorted(_SAFETENSORS_DTYPES)}"
+            )
+        bfloat16 = dtype == "bfloat16"
+        if bfloat16:
+            import ml_dtypes
+
+            dtype = ml_dtypes.bfloat16
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end == start:
+            return np.zeros(shape, dtype)
+        array = np.memmap(self.path, dtype=dtype, mode="r", offset=self._offset + start, shape=shape)
+        return np.asarray(array, dtype="float32") if bfloat16 else array
+
+
+class SafetensorsCheckpoint:
+    """The tensors of ``model.safetensors`` or of the shards listed by its index file."""
+
+    def __init__(self, folder):
+        index_path = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            self._file_of = {name: safe_join(folder, file) for name, file in weight_map.items()}
+            for file in sorted(set(weight_map.values())):
+                require_file(folder, file, "weight shard (listed in model.safetensors.index.json)")
+        elif os.path.isfile(single):
+            self._file_of = None
+            self._single = single
+        else:
+            found = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]
+            hint = (
+                f" It has {found}: pickled PyTorch weights are not loaded (they can run code); "
+                "convert them to safetensors with transformers first."
+                if found
+                else ""
+            )
+            raise FileNotFoundError(
+                f"The Hugging Face checkpoint {folder!r} has neither `model.safetensors` nor "
+                f"`model.safetensors.index.json`.{hint}"
+            )
+        self._files = {}
+
+    def _file(self, path):
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        return self._files[path]
+
+    def __getitem__(self, name):
+        if self._file_of is None:
+            return self._file(self._single)[name]
+        return self._file(self._file_of[name])[name]
+
+
+# --- the whole checkpoint ----------------------------------------------------------------------
+def read(folder, source=None):
+    """Read a Hugging Face Llama checkpoint folder into a `Checkpoint`."""
+    source = source or folder
+    config = _load_json(folder, "config.json")
+    backbone_config = convert_backbone_config(config)
+    tensors = SafetensorsCheckpoint(folder)
+    tokenizer_config = _load_json(folder, "tokenizer_config.json", missing_ok=True) or {}
+    tokenizer, family = _tokenizer_spec(folder, config, tokenizer_config)
+    preprocessor = {}
+    add_bos = _add_bos_token(folder, tokenizer_config)
+    if add_bos is not None:
+        preprocessor["add_start_token"] = add_bos
+
+    def read_weights(final_config):
+        return convert_weights(checked_tensors(tensors.__getitem__, source), final_config)
+
+    return Checkpoint(
+        source=source,
+        path=folder,
+        format="huggingface",
+        family=family,
+        backbone_config=backbone_config,
+        read_weights=read_weights,
+        tokenizer=tokenizer,
+        preprocessor=preprocessor,
+        chat_template=_chat_template(folder, tokenizer_config),
+    )
+
+
+def _load_json(folder, name, missing_ok=False):
+    path = safe_join(folder, name)
+    if not os.path.isfile(path):
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"The checkpoint folder {folder!r} has no {name}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+
+
+def _token_content(value):
+    """tokenizer_config.json writes special tokens as strings or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def is_tiktoken_file(path):
+    """Meta's Llama 3 ``tokenizer.model`` is text: ``<base64 token> <rank>`` per line."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0].split(b" ")
+    return len(first) == 2 and first[1].strip().isdigit()
+
+
+def _tokenizer_spec(folder, config, tokenizer_config):
+    """-> (TokenizerSpec or None, family)."""
+    bos = _token_content(tokenizer_config.get("bos_token"))
+    eos = _token_content(tokenizer_config.get("eos_token"))
+    pad = _token_content(tokenizer_config.get("pad_token"))
+    spm_path = os.path.join(folder, "tokenizer.model")
+    json_path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(spm_path) and not is_tiktoken_file(spm_path):
+        with open(spm_path, "rb") as f:
+            proto = f.read()
+        spec = TokenizerSpec(
+            "sentencepiece",
+            {"proto": proto},
+            start_token=bos or "<s>",
+            end_token=eos or "</s>",
+            pad_token=pad,
+        )
+        return spec, "llama"
+    if os.path.isfile(json_path):
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+        model = data.get("model") or {}
+        if model.get("type") != "BPE" or not _is_byte_level(data):
+            raise ValueError(
+                f"{json_path!r} holds a {model.get('type')} tokenizer without byte-level "
+                "pre-tokenization and there is no SentencePiece `tokenizer.model` beside it. "
+                "Llama checkpoints ship one of: `tokenizer.model` (SentencePiece) or a "
+                "byte-level BPE `tokenizer.json`."
+            )
+        added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
+        vocab = model.get("vocab", {})
+        id_to_token = {**{i: t for t, i in vocab.items()}, **added}
+        bos = bos or id_to_token.get(config.get("bos_token_id"))
+        eos_ids = config.get("eos_token_id")
+        eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+        eos_tokens = [id_to_token[i] for i in eos_ids if i in id_to_token]
+        eos = eos or (eos_tokens[0] if eos_tokens else None)
+        spec = TokenizerSpec(
+            "tokenizer_json",
+            {"path": json_path},
+            start_token=bos,
+            end_token=eos,
+            pad_token=pad,
+            stop_tokens=[t for t in eos_tokens if t != eos],
+        )
+        return spec, "llama3"
+    if os.path.isfile(spm_path):  # Meta-style tiktoken file copied into an HF folder
+        return TokenizerSpec("tiktoken", {"path": spm_path}), "llama3"
+    # No tokenizer: a backbone-only checkpoint. Llama 3 vocabularies are 128256 tokens.
+    return None, ("llama3" if config.get("vocab_size", 0) >= 128000 else "llama")
+
+
+def _is_byte_level(tokenizer_json):
+    def has_byte_level(node):
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has_byte_level(n) for n in node.get("pretokenizers", []) or [])
+
+    return has_byte_level(tokenizer_json.get("pre_tokenizer")) or (
+        (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel"
+    )
+
+
+def _add_bos_token(folder, tokenizer_config):
+    """Whether the checkpoint's tokenizer puts a start token in front of text, or None."""
+    if "add_bos_token" in tokenizer_config:
+        return bool(tokenizer_config["add_bos_token"])
+    json_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(json_path):
+        return None
+    with open(json_path, encoding="utf-8") as f:
+        post = json.load(f).get("post_processor") or {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            single = processor.get("single") or []
+            return bool(single) and "SpecialToken" in single[0]
+    return False
+
+
+def _chat_template(folder, tokenizer_config):
+    """The chat template: ``chat_template.jinja`` (transformers >= 4.43 writes it), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of
+    which "default" is used)."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template

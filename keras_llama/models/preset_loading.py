@@ -1,0 +1,476 @@
+"""`from_preset` / `save_to_preset` for every class: preset data -> model objects, and back.
+
+The readers in `keras_llama.presets` return plain data: a `KerasPreset` (serialized configs
+and a Keras weight file) for KerasHub-layout folders, or a `Checkpoint` (backbone kwargs, a
+weight iterator, a tokenizer spec) for Hugging Face, GGUF and Meta checkpoints. This module
+picks the classes, builds the objects and loads the weights.
+
+Classes are chosen from a fixed table by *name* and by the checkpoint's family ("llama":
+SentencePiece vocabulary, "llama3": byte-level BPE). Calling ``from_preset`` on a base class
+(``CausalLM``, ``Backbone``, ``Tokenizer``, ``Preprocessor``) or on ``LlamaCausalLM`` for a
+Llama 3 preset returns the matching subclass; asking a class that cannot hold the preset
+(``Llama3CausalLM`` for a SentencePiece model) is an error.
+"""
+
+import datetime
+import inspect
+import math
+import os
+
+import keras
+import numpy as np
+
+from keras_llama.presets import chat_template as chat_templates
+from keras_llama.presets import gguf_format, handles, huggingface, keras_format, meta_format
+from keras_llama.presets.checkpoint import Checkpoint
+
+# KerasHub writes these keys into layer configs; our plain-Python tokenizers and preprocessors
+# have no such arguments.
+_KERAS_LAYER_KEYS = ("name", "trainable", "dtype", "config_file", "tokenizer")
+
+
+# --- class tables ------------------------------------------------------------------------------
+def _families():
+    """``{family: {role: class}}``: which classes serve a checkpoint of each family."""
+    from keras_llama.models.llama.llama_backbone import LlamaBackbone
+    from keras_llama.models.llama.llama_causal_lm import LlamaCausalLM
+    from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
+    from keras_llama.models.llama.llama_tokenizer import LlamaTokenizer
+    from keras_llama.models.llama3.llama3_backbone import Llama3Backbone
+    from keras_llama.models.llama3.llama3_causal_lm import Llama3CausalLM
+    from keras_llama.models.llama3.llama3_causal_lm_preprocessor import (
+        Llama3CausalLMPreprocessor,
+    )
+    from keras_llama.models.llama3.llama3_tokenizer import Llama3Tokenizer
+
+    return {
+        "llama": {
+            "backbone": LlamaBackbone,
+            "task": LlamaCausalLM,
+            "preprocessor": LlamaCausalLMPreprocessor,
+            "tokenizer": LlamaTokenizer,
+        },
+        "llama3": {
+            "backbone": Llama3Backbone,
+            "task": Llama3CausalLM,
+            "preprocessor": Llama3CausalLMPreprocessor,
+            "tokenizer": Llama3Tokenizer,
+        },
+    }
+
+
+def _family_of_class_name(name, file, source):
+    """The family of a backbone class name written by KerasHub or by us."""
+    for family, classes in _families().items():
+        if classes["backbone"].__name__ == name:
+            return family
+    known = sorted(c["backbone"].__name__ for c in _families().values())
+    raise ValueError(
+        f"The preset {source!r} holds a {name!r} model ({file}); keras-llama loads the Llama "
+        f"architecture only: {known}. Received: class_name={name!r}"
+    )
+
+
+def _pick_class(cls, family, role, source):
+    target = _families()[family][role]
+    if issubclass(target, cls):
+        return target
+    raise ValueError(
+        f"The preset {source!r} holds a {target.__name__.replace('Backbone', '')}-family model "
+        f"({'SentencePiece' if family == 'llama' else 'byte-level BPE'} vocabulary), which "
+        f"{cls.__name__} cannot hold. Load it with {target.__name__} or with the base class."
+    )
+
+
+# --- built-in presets --------------------------------------------------------------------------
+def builtin_presets():
+    """All built-in presets: ``{name: {"metadata": {...}, "kaggle_handle": ...}}``."""
+    from keras_llama.models.llama.llama_presets import backbone_presets as llama
+    from keras_llama.models.llama3.llama3_presets import backbone_presets as llama3
+
+    return {**llama, **llama3}
+
+
+def presets_for(cls):
+    """The built-in presets whose classes are ``cls`` or one of its subclasses."""
+    families = _families()
+    out = {}
+    for name, preset in builtin_presets().items():
+        classes = families[preset["metadata"]["path"]].values()
+        if any(issubclass(c, cls) for c in classes):
+            out[name] = preset
+    return out
+
+
+# --- opening a preset --------------------------------------------------------------------------
+def open_preset(preset):
+    """Resolve ``preset`` and read it: a `KerasPreset` or a `Checkpoint` (no weights loaded)."""
+    if isinstance(preset, (keras_format.KerasPreset, Checkpoint)):
+        return preset
+    path = handles.resolve(preset, builtin_presets())
+    source = os.fspath(preset)
+    if os.path.isfile(path):
+        if not gguf_format.is_gguf(path):
+            raise ValueError(f"{path!r} is not a GGUF file (no GGUF magic). Received: {source!r}")
+        return gguf_format.read(path, source)
+    if keras_format.is_keras_preset(path):
+        return keras_format.read(path, source)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return huggingface.read(path, source)
+    if meta_format.is_meta_checkpoint(path):
+        return meta_format.read(path, source)
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if ggufs:
+        raise ValueError(
+            f"The folder {path!r} holds GGUF files {ggufs[:5]}: pass one of them (a path, or "
+            f"`hf://owner/repo/<file>.gguf`). Received: preset={source!r}"
+        )
+    raise ValueError(
+        f"{path!r} is not a preset folder: expected config.json (a KerasHub or Hugging Face "
+        "checkpoint), params.json with consolidated.*.pth (Meta), or a .gguf file. "
+        f"Found: {sorted(os.listdir(path))[:10]}. Received: preset={source!r}"
+    )
+
+
+def _family(src):
+    if isinstance(src, Checkpoint):
+        return src.family
+    return _family_of_class_name(keras_format.class_name(src.backbone), "config.json", src.source)
+
+
+# --- backbone ----------------------------------------------------------------------------------
+def load_backbone(cls, preset, load_weights=True, **kwargs):
+    """``cls.from_preset(preset, load_weights, **kwargs)`` for backbones."""
+    src = open_preset(preset)
+    backbone_cls = _pick_class(cls, _family(src), "backbone", src.source)
+    if isinstance(src, Checkpoint):
+        config = {**src.backbone_config, **kwargs}
+        backbone = backbone_cls(**config)
+        if load_weights:
+            from keras_llama.models.weights import assign_weights
+
+            assign_weights(backbone, src.read_weights(config), source=f"checkpoint {src.source!r}")
+        return backbone
+    config = dict(src.backbone["config"])
+    config["dtype"] = _resolve_dtype(config.get("dtype"), kwargs.pop("dtype", None))
+    config.update(kwargs)
+    backbone = backbone_cls(**config)
+    if load_weights:
+        _load_keras_weights(backbone, src)
+    return backbone
+
+
+def _resolve_dtype(saved, requested):
+    """The backbone dtype: the caller's; else a saved quantization map (int8 presets need its
+    structure); a saved plain float policy gives way to Keras' default (as KerasHub does)."""
+    if isinstance(saved, dict):
+        saved = _deserialize_dtype(saved)
+    if isinstance(saved, keras.dtype_policies.DTypePolicyMap):
+        if requested is not None:
+            # Quantized layers keep their mode and compute in the requested dtype.
+            saved.default_policy = keras.dtype_policies.get(requested)
+            for key in list(saved):
+                policy = saved[key]
+                if getattr(policy, "quantization_mode", None):
+                    saved[key] = type(policy)(policy.quantization_mode, source_name=requested)
+        return saved
+    return requested
+
+
+# Dtype policies are the only objects a preset's backbone config may deserialize (by name,
+# from Keras' own classes).
+_DTYPE_POLICY_CLASSES = (
+    "DTypePolicy",
+    "FloatDTypePolicy",
+    "QuantizedDTypePolicy",
+    "QuantizedFloat8DTypePolicy",
+    "Int4DTypePolicy",
+    "GPTQDTypePolicy",
+    "AWQDTypePolicy",
+    "DTypePolicyMap",
+)
+
+
+def _deserialize_dtype(config):
+    if config is None or isinstance(config, str):
+        return config
+    if not isinstance(config, dict) or config.get("class_name") not in _DTYPE_POLICY_CLASSES:
+        raise ValueError(
+            f"A preset's `dtype` must be a dtype name or a serialized Keras dtype policy "
+            f"({', '.join(_DTYPE_POLICY_CLASSES)}). Received: dtype={config!r}"
+        )
+    if config["class_name"] == "DTypePolicyMap":
+        inner = config.get("config", {})
+        for policy in (inner.get("policy_map") or {}).values():
+            _deserialize_dtype(policy)  # validates every entry
+    if not str(config.get("module", "keras")).startswith("keras"):
+        raise ValueError(f"A dtype policy must come from Keras. Received: dtype={config!r}")
+    return keras.dtype_policies.deserialize(config)
+
+
+def _load_keras_weights(backbone, src):
+    if src.weights_path is None:
+        raise FileNotFoundError(
+            f"The preset {src.source!r} has no weights: expected {keras_format.WEIGHTS_FILE} or "
+            f"{keras_format.SHARDED_WEIGHTS_FILE} in {src.path!r}. Use load_weights=False for "
+            "a randomly initialised model."
+        )
+    try:
+        backbone.load_weights(src.weights_path)
+    except Exception as e:  # h5py OSError for truncated files, Keras ValueError for mismatches
+        raise ValueError(
+            f"Could not load the weights of preset {src.source!r} from "
+            f"{src.weights_path!r} (truncated, corrupt, or of another configuration?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+def load_tokenizer(cls, preset, **kwargs):
+    """``cls.from_preset(preset, **kwargs)`` for tokenizers."""
+    src = open_preset(preset)
+    tokenizer_cls = _pick_class(cls, _family(src), "tokenizer", src.source)
+    if isinstance(src, Checkpoint):
+        if src.tokenizer is None:
+            raise FileNotFoundError(f"The checkpoint {src.source!r} has no tokenizer files.")
+        tokenizer = _build_tokenizer(tokenizer_cls, src.tokenizer, **kwargs)
+    else:
+        if src.tokenizer is None:
+            raise FileNotFoundError(
+                f"The preset {src.source!r} has no {keras_format.TOKENIZER_FILE}."
+            )
+        config = {**src.tokenizer["config"], **kwargs}
+        tokenizer = tokenizer_cls.from_config(config)
+        if src.tokenizer_assets is None:
+            raise FileNotFoundError(
+                f"The preset {src.source!r} has no tokenizer assets folder "
+                f"({keras_format.TOKENIZER_ASSETS_DIR})."
+            )
+        tokenizer.load_assets(src.tokenizer_assets)
+    tokenizer.chat_template = src.chat_template
+    return tokenizer
+
+
+def _build_tokenizer(tokenizer_cls, spec, **kwargs):
+    """A tokenizer from a `TokenizerSpec` (Hugging Face, GGUF and Meta checkpoints)."""
+    from keras_llama.tokenizers import build_sentencepiece_proto
+
+    specials = {"start_token": spec.start_token, "end_token": spec.end_token}
+    if spec.kind in ("sentencepiece", "sentencepiece_pieces"):
+        if spec.kind == "sentencepiece":
+            proto = spec.data["proto"]
+        else:
+            proto = build_sentencepiece_proto(**spec.data)
+        args = {k: v for k, v in specials.items() if v is not None}
+        if spec.pad_token is not None:
+            args["pad_token"] = spec.pad_token
+        return tokenizer_cls(proto=proto, **{**args, **kwargs})
+    args = {"bos_token": spec.start_token, "eos_token": spec.end_token}
+    args = {k: v for k, v in args.items() if v is not None}
+    if spec.stop_tokens:
+        args["stop_tokens"] = spec.stop_tokens
+    if spec.kind == "byte_level_bpe":
+        # GGUF token types: 3 control, 4 user-defined tokens are matched whole in text.
+        data = spec.data
+        special = [t for t, kind in zip(data["tokens"], data["types"]) if kind in (3, 4)]
+        args.update(misc_special_tokens=special, pretokenizer=data["pre"])
+        args["stop_tokens"] = spec.stop_tokens  # GGUF names its stop tokens: no guessing
+        if spec.pad_token is not None:
+            args["pad_token"] = spec.pad_token
+        return tokenizer_cls(vocabulary=data["tokens"], merges=data["merges"], **{**args, **kwargs})
+    if spec.kind == "tokenizer_json":
+        return tokenizer_cls.from_tokenizer_json(spec.data["path"], **{**args, **kwargs})
+    if spec.kind == "tiktoken":
+        return tokenizer_cls.from_tiktoken(spec.data["path"], **{**args, **kwargs})
+    raise ValueError(f"Unknown tokenizer kind. Received: {spec.kind!r}")
+
+
+# --- preprocessor and task ---------------------------------------------------------------------
+def load_preprocessor(cls, preset, **kwargs):
+    """``cls.from_preset(preset, **kwargs)`` for preprocessors; ``kwargs`` override the
+    saved settings (``sequence_length``, ``add_start_token``, ...)."""
+    src = open_preset(preset)
+    preprocessor_cls = _pick_class(cls, _family(src), "preprocessor", src.source)
+    tokenizer = kwargs.pop("tokenizer", None) or load_tokenizer(
+        preprocessor_cls.tokenizer_cls, src
+    )
+    if isinstance(src, Checkpoint):
+        config = dict(src.preprocessor)
+    elif src.preprocessor is not None:
+        config = {k: v for k, v in src.preprocessor["config"].items() if k not in _KERAS_LAYER_KEYS}
+    else:
+        config = {}
+    params = inspect.signature(preprocessor_cls.__init__).parameters
+    config = {k: v for k, v in config.items() if k in params}
+    config.update(kwargs)
+    return preprocessor_cls(tokenizer=tokenizer, **config)
+
+
+def load_task(cls, preset, load_weights=True, **kwargs):
+    """``cls.from_preset(preset, load_weights, **kwargs)`` for tasks. ``kwargs`` go to the
+    backbone (its constructor arguments and ``dtype``), the preprocessor (its arguments, e.g.
+    ``sequence_length``) or the task; ``preprocessor=None`` skips the preprocessor."""
+    src = open_preset(preset)
+    task_cls = _pick_class(cls, _family(src), "task", src.source)
+    backbone_kwargs = _take(kwargs, task_cls.backbone_cls, extra=("dtype",))
+    preprocessor_kwargs = _take(kwargs, task_cls.preprocessor_cls, skip=("tokenizer", "self"))
+    if "backbone" not in kwargs:
+        kwargs["backbone"] = load_backbone(
+            task_cls.backbone_cls, src, load_weights=load_weights, **backbone_kwargs
+        )
+    if "preprocessor" not in kwargs:
+        has_tokenizer = src.tokenizer is not None
+        kwargs["preprocessor"] = (
+            load_preprocessor(task_cls.preprocessor_cls, src, **preprocessor_kwargs)
+            if has_tokenizer
+            else None
+        )
+    return task_cls(**kwargs)
+
+
+def _take(kwargs, target_cls, extra=(), skip=("self",)):
+    """Pop the entries of ``kwargs`` that ``target_cls.__init__`` accepts."""
+    params = set(inspect.signature(target_cls.__init__).parameters) | set(extra)
+    params -= set(skip)
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in params}
+
+
+# --- chat templates ----------------------------------------------------------------------------
+def chat_template_of(tokenizer):
+    """The tokenizer's chat template, or the built-in one its vocabulary calls for."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return template
+
+    def has_token(token):
+        return tokenizer._token_to_id(token) is not None
+
+    return chat_templates.builtin_template_for(has_token)
+
+
+def apply_chat_template(preprocessor, messages, add_generation_prompt=True, **extra):
+    """Render ``messages`` with the model's chat template into a prompt string for
+    ``generate()``.
+
+    A template that starts with the start token (Llama 2 and 3 templates insert
+    ``bos_token``) would give two of them once the preprocessor adds its own
+    (``add_start_token=True``); that leading copy is dropped from the text.
+    """
+    tokenizer = preprocessor.tokenizer
+    bos, eos = tokenizer.start_token, tokenizer.end_token
+    text = chat_templates.render(
+        chat_template_of(tokenizer),
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos or "",
+        eos_token=eos or "",
+        **extra,
+    )
+    if bos and getattr(preprocessor, "add_start_token", False) and text.startswith(bos):
+        text = text[len(bos) :]
+    return text
+
+
+# --- saving ------------------------------------------------------------------------------------
+def _serialize(obj):
+    cls = type(obj)
+    return {
+        "module": cls.__module__,
+        "class_name": cls.__name__,
+        "config": obj.get_config(),
+        "registered_name": f"keras_llama>{cls.__name__}",
+    }
+
+
+def _without_build_config(serialized):
+    for key in ("build_config", "compile_config"):
+        serialized.pop(key, None)
+    return serialized
+
+
+def _write_backbone(writer, backbone, max_shard_size=None):
+    from keras_llama.version import __version__
+
+    config = _without_build_config(keras.saving.serialize_keras_object(backbone))
+    config["registered_name"] = f"keras_llama>{type(backbone).__name__}"
+    writer.write_json(keras_format.CONFIG_FILE, config)
+    writer.write_json(
+        keras_format.METADATA_FILE,
+        {
+            "keras_version": keras.version(),
+            "keras_llama_version": __version__,
+            "parameter_count": backbone.count_params(),
+            "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+            "tasks": ["CausalLM"],
+        },
+    )
+    writer.remove_weights()
+    size_gb = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in backbone.weights) / 1024**3
+    if max_shard_size and size_gb > max_shard_size:
+        backbone.save_weights(
+            writer.path(keras_format.SHARDED_WEIGHTS_FILE), max_shard_size=max_shard_size
+        )
+    else:
+        backbone.save_weights(writer.path(keras_format.WEIGHTS_FILE))
+
+
+def _write_tokenizer(writer, tokenizer):
+    writer.write_json(keras_format.TOKENIZER_FILE, _serialize(tokenizer))
+    assets = writer.fresh_dir(keras_format.TOKENIZER_ASSETS_DIR)
+    tokenizer.save_assets(assets)
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        writer.write_text(
+            os.path.join(keras_format.TOKENIZER_ASSETS_DIR, keras_format.CHAT_TEMPLATE_FILE),
+            template,
+        )
+
+
+def _write_preprocessor(writer, preprocessor):
+    serialized = _serialize(preprocessor)
+    if preprocessor.tokenizer is not None:
+        serialized["config"]["tokenizer"] = _serialize(preprocessor.tokenizer)
+        _write_tokenizer(writer, preprocessor.tokenizer)
+    writer.write_json(keras_format.PREPROCESSOR_FILE, serialized)
+
+
+def save_backbone(backbone, preset_dir, max_shard_size=10):
+    """Write ``config.json``, ``metadata.json`` and the weights (atomically)."""
+    with keras_format.atomic_preset(preset_dir) as writer:
+        _write_backbone(writer, backbone, max_shard_size)
+
+
+def save_tokenizer(tokenizer, preset_dir):
+    """Write ``tokenizer.json`` and ``assets/tokenizer/`` (atomically)."""
+    with keras_format.atomic_preset(preset_dir) as writer:
+        _write_tokenizer(writer, tokenizer)
+
+
+def save_preprocessor(preprocessor, preset_dir):
+    """Write ``preprocessor.json`` and its tokenizer (atomically)."""
+    with keras_format.atomic_preset(preset_dir) as writer:
+        _write_preprocessor(writer, preprocessor)
+
+
+def save_task(task, preset_dir, max_shard_size=10):
+    """Write a complete preset: backbone, preprocessor, tokenizer and ``task.json``
+    (atomically: an existing preset is replaced only once everything is written)."""
+    with keras_format.atomic_preset(preset_dir) as writer:
+        _write_backbone(writer, task.backbone, max_shard_size)
+        if task.preprocessor is not None:
+            _write_preprocessor(writer, task.preprocessor)
+        serialized = {
+            "module": type(task).__module__,
+            "class_name": type(task).__name__,
+            "config": {
+                "backbone": _without_build_config(
+                    keras.saving.serialize_keras_object(task.backbone)
+                ),
+                "preprocessor": (
+                    _serialize(task.preprocessor) if task.preprocessor is not None else None
+                ),
+                "name": task.name,
+            },
+            "registered_name": f"keras_llama>{type(task).__name__}",
+        }
+        writer.write_json(keras_format.TASK_FILE, serialized)

@@ -1,0 +1,298 @@
+"""GGUF files (llama.cpp) of the ``llama`` architecture.
+
+Tensors are read with the `gguf` package's ``GGUFReader`` (memory-mapped) and dequantized one
+at a time with ``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
+K-quants Q2_K..Q6_K and the IQ types). Each GGUF name maps to its Hugging Face name, so the
+Hugging Face table (`keras_llama.presets.huggingface`) does the rest; llama.cpp stores q/k rows
+in interleaved rotary layout, undone by `keras_llama.presets.rotary.interleaved_to_half`.
+
+The tokenizer comes from the metadata: ``tokenizer.ggml.model == "llama"`` is a SentencePiece
+model kept as arrays (tokens, scores, token types), ``"gpt2"`` a byte-level BPE vocabulary with
+merges. ``tokenizer.ggml.add_bos_token`` becomes the preprocessor's ``add_start_token`` and
+``tokenizer.chat_template`` the chat template.
+"""
+
+import os
+
+import numpy as np
+
+from keras_llama.presets import huggingface
+from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
+from keras_llama.presets.rotary import interleaved_to_half
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF tensor name -> Hugging Face tensor name ({i} is the layer index).
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# Tensors that carry no weights of ours: llama.cpp stores Llama 3.1 RoPE scaling as per-frequency
+# factors in `rope_freqs.weight` (read into the config instead).
+IGNORED_TENSORS = ("rope_freqs.weight",)
+
+
+def _supported_types():
+    from gguf import GGMLQuantizationType as T
+
+    names = [
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
+    ]  # fmt: skip
+    return {getattr(T, n) for n in names if hasattr(T, n)}
+
+
+def _open(path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError...
+        raise ValueError(
+            f"Could not read the GGUF file {path!r} (truncated or not a GGUF file?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _metadata(reader):
+    """GGUF key/value metadata as Python values (arrays as lists)."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # an exotic field we do not need
+            continue
+    return out
+
+
+def read(path, source=None):
+    """Read a ``.gguf`` file into a `Checkpoint`."""
+    source = source or path
+    reader = _open(path)
+    meta = _metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"The GGUF file {source!r} holds a {arch!r} model; only the "
+            f"{SUPPORTED_ARCHITECTURES} architecture is supported. "
+            f"Received: general.architecture={arch!r}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    supported = _supported_types()
+    for t in reader.tensors:
+        if t.tensor_type not in supported and t.name not in IGNORED_TENSORS:
+            raise ValueError(
+                f"Tensor {t.name!r} of the GGUF file {source!r} has type {t.tensor_type.name}, "
+                f"which cannot be dequantized. Supported types: "
+                f"{sorted(s.name for s in supported)}. Received: {t.tensor_type.name}"
+            )
+    backbone_config = convert_backbone_config(meta, tensors, source)
+    tokenizer, family, add_bos = _tokenizer_spec(meta, source)
+
+    def read_weights(final_config):
+        get = huggingface.checked_tensors(_hf_getter(tensors, final_config), source)
+        return huggingface.convert_weights(get, final_config)
+
+    return Checkpoint(
+        source=source,
+        path=path,
+        format="gguf",
+        family=family,
+        backbone_config=backbone_config,
+        read_weights=read_weights,
+        tokenizer=tokenizer,
+        preprocessor={"add_start_token": add_bos},
+        chat_template=meta.get("tokenizer.chat_template"),
+    )
+
+
+def convert_backbone_config(meta, tensors, source):
+    """`LlamaBackbone` keyword arguments from GGUF ``llama.*`` metadata."""
+    arch = meta["general.architecture"]
+
+    def get(key, default=None, required=True):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None and required:
+            raise ValueError(f"The GGUF file {source!r} has no `{arch}.{key}` metadata.")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    head_dim = hidden // heads
+    rope_dim = get("rope.dimension_count", head_dim)
+    key_length = get("attention.key_length", head_dim)
+    if rope_dim != head_dim or key_length != head_dim or head_dim * heads != hidden:
+        raise ValueError(
+            f"The GGUF file {source!r} has a head layout this model does not support: "
+            f"embedding_length={hidden}, head_count={heads}, rope.dimension_count={rope_dim}, "
+            f"attention.key_length={key_length} (expected head_dim = embedding_length / "
+            "head_count, fully rotary)."
+        )
+    vocab = get("vocab_size", None, required=False)
+    if vocab is None:
+        vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF shapes are [in, out]
+    config = {
+        "vocabulary_size": int(vocab),
+        "num_layers": int(get("block_count")),
+        "num_query_heads": heads,
+        "hidden_dim": hidden,
+        "intermediate_dim": int(get("feed_forward_length")),
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "rope_max_wavelength": float(get("rope.freq_base", 10000.0)),
+        "layer_norm_epsilon": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    scaling = get("rope.scaling.type", None, required=False)
+    if scaling == "linear":
+        config["rope_position_scaling_factor"] = float(get("rope.scaling.factor"))
+    elif scaling not in (None, "none"):
+        raise ValueError(
+            f"The GGUF file {source!r} uses RoPE scaling {scaling!r}; supported: linear, and "
+            f"Llama 3.1 frequency factors (`rope_freqs.weight`). Received: {scaling!r}"
+        )
+    if "rope_freqs.weight" in tensors:
+        config.update(_llama3_rope_from_factors(tensors["rope_freqs.weight"], config, source))
+    return config
+
+
+def _llama3_rope_from_factors(tensor, config, source):
+    """Recover Llama 3.1 RoPE scaling from llama.cpp's per-frequency factors.
+
+    llama.cpp divides each rotary frequency by ``rope_freqs[i]`` (its converter computes these
+    from ``rope_scaling`` and drops the parameters). We find the standard parameters that
+    reproduce the factors exactly.
+    """
+    from gguf import quants
+
+    factors = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), "float64").ravel()
+    head_dim = config["hidden_dim"] // config["num_query_heads"]
+    base = config["rope_max_wavelength"]
+    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    factor = float(factors.max())
+    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+            smooth = (original / wavelen - low) / (high - low)
+            expected = np.where(
+                wavelen < original / high,
+                1.0,
+                np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+            )
+            if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-4):
+                return {
+                    "rope_frequency_adjustment_factor": factor,
+                    "rope_low_freq_factor": low,
+                    "rope_high_freq_factor": high,
+                    "rope_pretraining_sequence_length": original,
+                }
+    raise ValueError(
+        f"The GGUF file {source!r} has RoPE frequency factors (`rope_freqs.weight`) that match "
+        "no Llama 3.1-style scaling (factor, low/high frequency factors, original context)."
+    )
+
+
+def _hf_getter(tensors, config):
+    """``get(hf_name) -> float32 array`` reading the GGUF tensor of that name."""
+    from gguf import quants
+
+    hf_to_gguf = {hf: g for g, hf in GLOBAL_NAMES.items()}
+    for i in range(config["num_layers"]):
+        for g, hf in LAYER_NAMES.items():
+            hf_to_gguf[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
+
+    def get(hf_name):
+        tensor = tensors[hf_to_gguf[hf_name]]  # KeyError: reported by `checked_tensors`
+        # [out, in] (PyTorch layout): GGUF lists dimensions innermost first.
+        array = quants.dequantize(tensor.data, tensor.tensor_type)
+        array = np.asarray(array, "float32").reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        if hf_name.endswith("q_proj.weight"):
+            array = interleaved_to_half(array, config["num_query_heads"])
+        elif hf_name.endswith("k_proj.weight"):
+            array = interleaved_to_half(array, config["num_key_value_heads"])
+        return array
+
+    return get
+
+
+def _tokenizer_spec(meta, source):
+    """-> (TokenizerSpec or None, family, add_bos_token)."""
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if model is None or tokens is None:
+        return None, "llama", True
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    stop = [token(k) for k in ("eot", "eom")]
+    stop = [t for t in stop if t is not None and t != token("eos")]
+    if model == "llama":
+        data = {
+            "pieces": tokens,
+            "scores": meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+            "types": types,
+            "unk_id": meta.get("tokenizer.ggml.unknown_token_id", 0),
+            "bos_id": meta.get("tokenizer.ggml.bos_token_id", -1),
+            "eos_id": meta.get("tokenizer.ggml.eos_token_id", -1),
+            "pad_id": meta.get("tokenizer.ggml.padding_token_id", -1),
+            "add_dummy_prefix": bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+            "remove_extra_whitespaces": bool(
+                meta.get("tokenizer.ggml.remove_extra_whitespaces", False)
+            ),
+        }
+        spec = TokenizerSpec(
+            "sentencepiece_pieces",
+            data,
+            start_token=token("bos"),
+            end_token=token("eos"),
+            stop_tokens=stop,
+        )
+        family, default_bos = "llama", True
+    elif model == "gpt2":
+        data = {
+            "tokens": tokens,
+            "merges": meta.get("tokenizer.ggml.merges") or [],
+            "types": types,
+            "pre": meta.get("tokenizer.ggml.pre", "default"),
+        }
+        spec = TokenizerSpec(
+            "byte_level_bpe",
+            data,
+            start_token=token("bos"),
+            end_token=token("eos"),
+            pad_token=token("padding"),
+            stop_tokens=stop,
+        )
+        family, default_bos = "llama3", False
+    else:
+        raise ValueError(
+            f"The GGUF file {source!r} has a {model!r} tokenizer; supported: 'llama' "
+            f"(SentencePiece) and 'gpt2' (byte-level BPE). Received: tokenizer.ggml.model={model!r}"
+        )
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", default_bos)
+    return spec, family, bool(add_bos)
+
+
+def is_gguf(path):
+    """True for a file that starts with the GGUF magic."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"

@@ -1,0 +1,256 @@
+"""Preset folders in KerasHub's layout, read and written as plain data.
+
+::
+
+    config.json           the backbone, serialized: {"module", "class_name", "config", "registered_name"}
+    metadata.json         versions, parameter count, date saved
+    tokenizer.json        the tokenizer's config; its vocabulary lives in assets/tokenizer/
+    preprocessor.json     the preprocessor's config (with the tokenizer's nested in it)
+    task.json             the task's config (backbone and preprocessor nested)
+    model.weights.h5      the backbone's weights (Keras' weight file)
+      or model.weights.json + model_00000.weights.h5, ...   (sharded: a weight map + shards)
+    assets/tokenizer/     vocabulary.spm (SentencePiece) or vocabulary.json + merges.txt (BPE),
+                          and chat_template.jinja when the model has a chat template
+
+KerasHub writes the same files, so its presets load here and ours load in KerasHub. Classes are
+found by their *name* (``class_name``) in a fixed table on the models side; the ``module`` field
+is never imported.
+
+Saving is atomic: files are written into a temporary folder beside the target, which then
+replaces it; a failed save leaves an existing preset as it was.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+from keras_llama.presets.handles import require_file, safe_join
+
+CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"
+TOKENIZER_FILE = "tokenizer.json"
+PREPROCESSOR_FILE = "preprocessor.json"
+TASK_FILE = "task.json"
+WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_FILE = "model.weights.json"
+TOKENIZER_ASSETS_DIR = os.path.join("assets", "tokenizer")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+@dataclasses.dataclass
+class KerasPreset:
+    """A KerasHub-layout preset folder, as plain data (serialized configs and file paths)."""
+
+    source: str
+    path: str
+    backbone: dict
+    weights_path: Optional[str]
+    tokenizer: Optional[dict] = None
+    preprocessor: Optional[dict] = None
+    task: Optional[dict] = None
+    metadata: Optional[dict] = None
+    tokenizer_assets: Optional[str] = None
+    chat_template: Optional[str] = None
+
+
+def is_keras_preset(folder):
+    """A folder whose ``config.json`` is a serialized Keras object (KerasHub's layout)."""
+    config = _load_json(folder, CONFIG_FILE, missing_ok=True)
+    return isinstance(config, dict) and "class_name" in config and "config" in config
+
+
+def read(folder, source=None):
+    """Read a KerasHub-layout preset folder (configs and file locations; weights stay on disk)."""
+    source = source or folder
+    backbone = _load_json(folder, CONFIG_FILE)
+    _check_serialized(backbone, CONFIG_FILE, source)
+    preset = KerasPreset(
+        source=source,
+        path=folder,
+        backbone=backbone,
+        weights_path=_weights_path(folder),
+        metadata=_load_json(folder, METADATA_FILE, missing_ok=True),
+    )
+    for field, name in [
+        ("tokenizer", TOKENIZER_FILE),
+        ("preprocessor", PREPROCESSOR_FILE),
+        ("task", TASK_FILE),
+    ]:
+        value = _load_json(folder, name, missing_ok=True)
+        if value is not None:
+            _check_serialized(value, name, source)
+        setattr(preset, field, value)
+    if preset.tokenizer is not None:
+        # KerasHub names the asset folder after the tokenizer's config file ("tokenizer").
+        config_file = preset.tokenizer.get("config", {}).get("config_file") or TOKENIZER_FILE
+        safe_join(folder, config_file)
+        assets = safe_join(folder, os.path.join("assets", config_file.split(".")[0]))
+        preset.tokenizer_assets = assets if os.path.isdir(assets) else None
+        template = os.path.join(assets, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                preset.chat_template = f.read()
+    return preset
+
+
+def class_name(serialized):
+    """The class name of a serialized object (``"keras_hub>LlamaBackbone"`` -> LlamaBackbone)."""
+    registered = serialized.get("registered_name") or ""
+    return registered.split(">")[-1] or serialized["class_name"]
+
+
+def _check_serialized(value, name, source):
+    if not (isinstance(value, dict) and isinstance(value.get("config"), dict) and value.get("class_name")):
+        raise ValueError(
+            f"{name} of the preset {source!r} is not a serialized Keras object "
+            "(expected keys 'class_name' and 'config'). "
+            f"Received keys: {sorted(value) if isinstance(value, dict) else type(value).__name__}"
+        )
+
+
+def _weights_path(folder):
+    """``model.weights.h5``, or ``model.weights.json`` after checking every shard it lists."""
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return single
+    index = os.path.join(folder, SHARDED_WEIGHTS_FILE)
+    if not os.path.isfile(index):
+        return None
+    weight_map = (_load_json(folder, SHARDED_WEIGHTS_FILE) or {}).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index!r} has no 'weight_map' dict.")
+    files = set()
+    for value in weight_map.values():
+        files.update(value if isinstance(value, list) else [value])
+    for file in sorted(files):
+        if os.path.basename(file) != file:
+            raise ValueError(
+                "A preset may only reference files inside its own folder; weight shards must "
+                f"sit beside {SHARDED_WEIGHTS_FILE}. Received the shard path {file!r}"
+            )
+        require_file(folder, file, f"weight shard (listed in {SHARDED_WEIGHTS_FILE})")
+    return index
+
+
+def _load_json(folder, name, missing_ok=False):
+    path = safe_join(folder, name)
+    if not os.path.isfile(path):
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"The preset folder {folder!r} has no {name}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+
+
+# --- writing -----------------------------------------------------------------------------------
+class PresetWriter:
+    """Writes preset files into a staging folder (see `atomic_preset`).
+
+    Each writer call first removes what it replaces, so files carried over from an existing
+    preset (hard links to the old files) are never written through.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def path(self, name):
+        """A fresh path for ``name`` (any old file there is removed first)."""
+        path = safe_join(self.folder, name)
+        if os.path.lexists(path):
+            os.remove(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def write_json(self, name, value):
+        with open(self.path(name), "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=4)
+            f.write("\n")
+
+    def write_text(self, name, text):
+        with open(self.path(name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def fresh_dir(self, name):
+        """An empty folder for ``name`` (replacing an old one)."""
+        path = safe_join(self.folder, name)
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+        return path
+
+    def remove_weights(self):
+        """Remove any weight files (single or sharded) before new ones are written."""
+        for name in os.listdir(self.folder):
+            if name in (WEIGHTS_FILE, SHARDED_WEIGHTS_FILE) or (
+                name.startswith("model_") and name.endswith(".weights.h5")
+            ):
+                os.remove(os.path.join(self.folder, name))
+
+
+@contextlib.contextmanager
+def atomic_preset(target):
+    """Stage a preset in a temporary folder beside ``target``, then swap it into place.
+
+    Files of an existing preset at ``target`` are carried over (hard-linked, or copied where
+    links are not possible), so saving a tokenizer into a folder that holds a backbone keeps
+    the backbone, as in KerasHub. If the block raises, ``target`` is untouched.
+
+    Yields:
+        a `PresetWriter` on the staging folder.
+    """
+    target = os.path.abspath(os.fspath(target))
+    parent, name = os.path.split(target)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"Cannot save a preset to {target!r}: it exists and is not a folder.")
+    if os.path.isdir(target) and os.listdir(target) and not _looks_like_preset(target):
+        raise ValueError(
+            f"Cannot save a preset to {target!r}: the folder is not empty and holds no preset "
+            f"({CONFIG_FILE}, {TOKENIZER_FILE} or {PREPROCESSOR_FILE}). Choose a new or empty "
+            "folder; an existing preset folder is replaced atomically."
+        )
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    try:
+        if os.path.isdir(target):
+            shutil.copytree(target, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+        yield PresetWriter(staging)
+        _swap(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _looks_like_preset(folder):
+    return any(
+        os.path.exists(os.path.join(folder, n)) for n in (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE)
+    )
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _swap(staging, target):
+    """Put ``staging`` at ``target``; an old ``target`` is moved aside first and removed last."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

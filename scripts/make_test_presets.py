@@ -1,0 +1,162 @@
+"""Write tiny presets with KerasHub itself, plus KerasHub's own outputs on them.
+
+Run once with the KerasHub reference environment (keras-hub is never a dependency of
+keras-llama; its presets and outputs are committed as test data):
+
+    KERAS_BACKEND=jax /work/khvenv/bin/python scripts/make_test_presets.py
+
+Writes under ``tests/data/keras_hub/``:
+
+    llama/          LlamaCausalLM (SentencePiece tokenizer), one ``model.weights.h5``
+    llama3/         Llama3CausalLM (byte-level BPE), Llama 3.1 RoPE scaling, sharded weights (``model.weights.json`` + ``model_0000N.weights.h5``)
+    llama_int8/     the ``llama`` model after ``quantize("int8")``
+    expected.npz    KerasHub's logits on fixed token ids for each preset (``{name}_logits``,
+                    with ``token_ids`` / ``padding_mask``), and KerasHub's tokenizer output on
+                    ``TEXTS`` (``{name}_tokens_{i}``)
+"""
+
+import io
+import json
+import os
+import shutil
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "keras_hub")
+TEXTS = ["the quick brown fox", "a lazy dog jumps over the fox"]
+TOKEN_IDS = np.array([[1, 5, 17, 42, 8, 3, 29, 11], [1, 9, 33, 2, 7, 14, 0, 0]], "int32")
+PADDING_MASK = np.array([[1] * 8, [1] * 6 + [0] * 2], "int32")
+TINY = dict(num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2)
+
+
+def spm_proto():
+    """A tiny SentencePiece model (vocabulary 100) trained on a few sentences."""
+    corpus = [
+        "the quick brown fox jumps over the lazy dog",
+        "a lazy dog sleeps in the sun while the fox runs",
+        "brown bears and quick foxes live in the forest",
+        "the sun rises over the hills and the dog wakes up",
+    ] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=100,
+        model_type="bpe",
+        character_coverage=1.0,
+        pad_id=0,
+        unk_id=3,
+        bos_id=1,
+        eos_id=2,
+        byte_fallback=False,
+        normalization_rule_name="identity",  # keeps the proto small (no NFKC table)
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def bpe_vocabulary():
+    """A tiny byte-level BPE vocabulary and merges with Llama 3's special tokens."""
+    letters = list("abcdefghijklmnopqrstuvwxyz") + ["Ġ", "."]
+    merges = ["t h", "th e", "Ġ the", "o x", "f ox", "Ġ fox", "o w", "r ow", "b row", "brow n"]
+    vocab = {}
+    for token in letters:
+        vocab[token] = len(vocab)
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    for special in [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]:
+        vocab[special] = len(vocab)
+    return vocab, merges
+
+
+def randomize(backbone, seed):
+    """Weights large enough to give varied logits (KerasHub initialises with stddev 0.02)."""
+    rng = np.random.default_rng(seed)
+    for v in backbone.weights:
+        shape = tuple(v.shape)
+        if len(shape) == 1:
+            value = 1.0 + 0.2 * rng.standard_normal(shape)
+        else:
+            value = 0.2 * rng.standard_normal(shape)
+        v.assign(value.astype("float32"))
+
+
+def logits(causal_lm):
+    return np.asarray(causal_lm({"token_ids": TOKEN_IDS, "padding_mask": PADDING_MASK}))
+
+
+def save(name, causal_lm, expected, **save_kwargs):
+    path = os.path.join(OUT, name)
+    shutil.rmtree(path, ignore_errors=True)
+    causal_lm.save_to_preset(path, **save_kwargs)
+    expected[f"{name}_logits"] = logits(causal_lm)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    for i, text in enumerate(TEXTS):
+        expected[f"{name}_tokens_{i}"] = np.asarray(tokenizer(text)).astype("int32")
+    # Reloading with KerasHub checks the preset is complete.
+    reloaded = keras_hub.models.CausalLM.from_preset(path)
+    np.testing.assert_allclose(logits(reloaded), expected[f"{name}_logits"], atol=1e-6)
+    print(name, sorted(os.listdir(path)), file=sys.stderr)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    expected = {"token_ids": TOKEN_IDS, "padding_mask": PADDING_MASK}
+
+    # Llama 2 style: SentencePiece, untied, default RoPE.
+    tokenizer = keras_hub.models.LlamaTokenizer(proto=spm_proto())
+    preprocessor = keras_hub.models.LlamaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(), layer_norm_epsilon=1e-5, **TINY
+    )
+    randomize(backbone, seed=0)
+    llama = keras_hub.models.LlamaCausalLM(backbone, preprocessor)
+    save("llama", llama, expected)
+
+    # The same model quantized to int8 (KerasHub's *_int8 presets).
+    llama.quantize("int8")
+    save("llama_int8", llama, expected)
+
+    # Llama 3.1 style: byte-level BPE, RoPE scaling, sharded weights. (Untied: KerasHub's
+    # backbone config drops `tie_word_embeddings`, so it cannot reload a tied preset itself.)
+    vocab, merges = bpe_vocabulary()
+    tokenizer = keras_hub.models.Llama3Tokenizer(vocabulary=vocab, merges=merges)
+    preprocessor = keras_hub.models.Llama3CausalLMPreprocessor(tokenizer, sequence_length=16)
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        rope_max_wavelength=500000,
+        rope_frequency_adjustment_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_pretraining_sequence_length=8,
+        **TINY,
+    )
+    randomize(backbone, seed=1)
+    llama3 = keras_hub.models.Llama3CausalLM(backbone, preprocessor)
+    # max_shard_size is in GB: ~20 kB shards give several files for this tiny model.
+    save("llama3", llama3, expected, max_shard_size=2e-5)
+
+    np.savez(os.path.join(OUT, "expected.npz"), **expected)
+    with open(os.path.join(OUT, "README.md"), "w") as f:
+        f.write(
+            "Tiny presets written by KerasHub "
+            f"{keras_hub.__version__} (Keras {keras.__version__}) with "
+            "`scripts/make_test_presets.py`; `expected.npz` holds KerasHub's outputs on them.\n"
+        )
+    print(json.dumps({k: list(v.shape) for k, v in expected.items()}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
