@@ -3,6 +3,7 @@
 import keras
 
 from keras_llama import samplers
+from keras_llama.models import generation
 from keras_llama.models.task import Task
 
 
@@ -48,6 +49,74 @@ class CausalLM(Task):
         )
         self.sampler = samplers.get(sampler)
         self.generate_function = None
+
+    # --- generation (stages in keras_llama/models/generation.py) --------------------------------
+    def make_generate_function(self):
+        """The `GenerationEngine` (compiled prefill and decode) for the current sampler; built
+        on first use and again after ``compile()`` or ``quantize()``."""
+        sampler = getattr(self, "sampler", None)
+        if sampler is None:
+            sampler = self.sampler = samplers.get("top_k")
+        engine = getattr(self, "generate_function", None)
+        if not isinstance(engine, generation.GenerationEngine) or not engine.matches(self, sampler):
+            engine = self.generate_function = generation.GenerationEngine(self, sampler)
+        return engine
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """Generate text (or token ids) continuing the prompt ``inputs``.
+
+        The sampler set in ``compile()`` picks each token. Each batch is prefilled once over its
+        real prompt length, then decoded one token per step from the key/value cache in one
+        compiled loop (JAX); prompts of different lengths in a batch each generate exactly what
+        they would alone.
+
+        Args:
+            inputs: a string, a list of strings (one batch), a dict ``{"token_ids",
+                "padding_mask"}`` of [batch, length] arrays (no preprocessing), or an iterable
+                of such batches (including a ``tf.data.Dataset``), generated batch by batch and
+                concatenated. Strings need a `preprocessor`.
+            max_length: int. Total length, prompt plus completion, of each row. Defaults to the
+                preprocessor's ``sequence_length``, or the width of ``token_ids`` for dict
+                inputs. Must be larger than the longest prompt.
+            stop_token_ids: ``"auto"`` (the tokenizer's end token, plus ``<|eot_id|>`` for
+                Llama 3; needs a preprocessor), ``None`` (generate up to ``max_length``) or a
+                tuple of token ids, each of which stops a row. Generation ends as soon as every
+                row has stopped; the stop token is kept and later positions are padding.
+            strip_prompt: bool. If True, return only the completion.
+
+        Returns:
+            A string for a string, a list of strings for a list, or for token inputs a dict of
+            numpy arrays ``{"token_ids": int32, "padding_mask": bool}`` [batch, max_length]
+            (prompt then completion, left-aligned). ``BeamSampler(return_all_beams=True)`` adds
+            a beam axis (and ``"scores"``) or gives a list of strings per prompt.
+
+        Example:
+        >>> causal_lm.generate("The quick brown fox", max_length=30)
+        >>> causal_lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+        """
+        return generation.generate(
+            self,
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+
+    def stream(self, inputs, max_length=None, stop_token_ids="auto"):
+        """Generate text for one prompt, as an iterator of text pieces as they are produced.
+
+        Drives the same compiled decode step as `generate`; the pieces concatenate to
+        ``generate(inputs, ..., strip_prompt=True)`` and never split a multi-byte character.
+        With `BeamSampler` the completion comes as one piece at the end. Arguments as in
+        `generate`, for a single string.
+
+        Example:
+        >>> for piece in causal_lm.stream("Tell me a story", max_length=200):
+        ...     print(piece, end="", flush=True)
+        """
+        return generation.stream(
+            self, inputs, max_length=max_length, stop_token_ids=stop_token_ids
+        )
 
     def compile_from_config(self, config):
         """Re-compile after `keras.saving.load_model` with the saved optimizer, loss and metrics."""

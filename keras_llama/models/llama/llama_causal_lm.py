@@ -75,9 +75,13 @@ class LlamaCausalLM(CausalLM):
         cache_update_index,
         cache_padding_mask=None,
         positions=None,
+        last_logits_only=False,
     ):
         """As `call_with_cache`, with the cache as a list of per-layer ``(key, value)`` arrays
-        of shape [batch, max_length, num_key_value_heads, head_dim] (no stacking copies)."""
+        of shape [batch, max_length, num_key_value_heads, head_dim] (no stacking copies).
+
+        ``last_logits_only=True`` projects only the last position to the vocabulary (logits
+        [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
         q_len = ops.shape(token_ids)[1]
         max_length = ops.shape(layer_caches[0][0])[1]
         query_slots = ops.arange(q_len) + cache_update_index  # [q]
@@ -98,8 +102,23 @@ class LlamaCausalLM(CausalLM):
             )
             new_caches.append(layer_cache)
         hidden = self.backbone.layer_norm(x)
-        logits = self.backbone.token_embedding(hidden, reverse=True)
+        logits = self.backbone.token_embedding(
+            hidden[:, -1:] if last_logits_only else hidden, reverse=True
+        )
         return logits, hidden, new_caches
+
+    def _build_layer_caches(self, batch_size, max_length, dtype=None):
+        """All-zeros per-layer ``(key, value)`` caches, each
+        [batch, max_length, num_key_value_heads, head_dim], for `call_with_layer_caches`."""
+        backbone = self.backbone
+        shape = (
+            batch_size,
+            max_length,
+            backbone.num_key_value_heads,
+            backbone.hidden_dim // backbone.num_query_heads,
+        )
+        dtype = dtype or self.compute_dtype
+        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(backbone.num_layers)]
 
     def _build_cache(self, batch_size, max_length, dtype=None):
         """An all-zeros cache [batch, num_layers, 2, max_length, num_key_value_heads, head_dim]."""
