@@ -144,17 +144,20 @@ class CausalLMPreprocessor(Preprocessor):
         length = self._length(sequence_length)
         # One extra token so that inputs and labels both have `length` tokens.
         token_ids, padding_mask = self._pack(
-            self.tokenizer(x), length + 1, self.add_start_token, self.add_end_token
+            self._tokenize(x), length + 1, self.add_start_token, self.add_end_token
         )
         x = {"token_ids": token_ids[..., :-1], "padding_mask": padding_mask[..., :-1]}
         return x, token_ids[..., 1:], padding_mask[..., 1:]
 
     def generate_preprocess(self, x, sequence_length=None):
         """Tokenize and pack prompts for generation: ``{"token_ids", "padding_mask"}``,
-        with the start token (per ``add_start_token``), never an end token, right-padded."""
+        with the start token (per ``add_start_token``), never an end token, right-padded.
+
+        Unlike KerasHub, which always prepends the start token here, ``add_start_token=False``
+        is honoured (a GGUF model with ``add_bos_token = false`` must not get one)."""
         length = self._length(sequence_length)
         token_ids, padding_mask = self._pack(
-            self.tokenizer(x), length, self.add_start_token, add_end=False
+            self._tokenize(x), length, self.add_start_token, add_end=False
         )
         return {"token_ids": token_ids, "padding_mask": padding_mask}
 
@@ -190,6 +193,14 @@ class CausalLMPreprocessor(Preprocessor):
         if sequence_length is None:
             return self.sequence_length
         return _check_length(sequence_length, "sequence_length")
+
+    def _tokenize(self, x):
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{type(self).__name__} has no tokenizer. Pass one to the constructor or use "
+                "`from_preset(...)`. Received: tokenizer=None"
+            )
+        return self.tokenizer(x)
 
     def _pack(self, tokens, length, add_start, add_end):
         """KerasHub's StartEndPacker: ``tokens`` (an id array or a list of them) ->

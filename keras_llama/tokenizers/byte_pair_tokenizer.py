@@ -142,8 +142,9 @@ class BytePairTokenizer(Tokenizer):
     @classmethod
     def from_tokenizer_json(cls, tokenizer_json, **kwargs):
         """Build from a Hugging Face ``tokenizer.json``: a path, its JSON text, or a
-        ``tokenizers.Tokenizer``. Its normalizer, pre-tokenizer, model and decoder are used as
-        they are; its post-processor is not (no BOS is added: preprocessors add it)."""
+        ``tokenizers.Tokenizer`` (used as it is: this tokenizer's special tokens are added to
+        it). Its normalizer, pre-tokenizer, model and decoder are used as they are; its
+        post-processor is not (no BOS is added: preprocessors add it)."""
         tokenizer = cls(**kwargs)
         tokenizer.set_backend(_read_tokenizer_json(tokenizer_json))
         return tokenizer

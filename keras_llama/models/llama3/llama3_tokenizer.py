@@ -36,8 +36,8 @@ LLAMA3_0_SPECIAL_TOKENS = [
     "<|eot_id|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
 
-# Tokens that end an assistant turn besides `<|end_of_text|>` (Meta's `stop_tokens`).
-LLAMA3_STOP_TOKENS = ["<|eot_id|>", "<|eom_id|>"]
+# Meta's `stop_tokens` (besides the configured eos): end of turn, end of message, end of text.
+LLAMA3_STOP_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]
 
 _SPECIAL_SHAPE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
@@ -70,8 +70,8 @@ class Llama3Tokenizer(BytePairTokenizer):
         misc_special_tokens: other tokens matched whole in text. None: every ``<|name|>``
             token of the vocabulary (or a tokenizer.json's special tokens).
         pad_token: None pads with id 0, as KerasHub.
-        stop_tokens: tokens ending generation besides ``eos_token``. None: ``<|eot_id|>`` and
-            ``<|eom_id|>`` where present.
+        stop_tokens: tokens ending generation besides ``eos_token``. None: ``<|eot_id|>``,
+            ``<|eom_id|>`` and ``<|end_of_text|>`` where present (Meta's stop tokens).
         pretokenizer, ignore_merges: see `BytePairTokenizer` (Llama 3's regex, and True).
     """
 
