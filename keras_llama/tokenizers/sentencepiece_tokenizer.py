@@ -178,7 +178,13 @@ def build_sentencepiece_proto(
     Returns:
         bytes: a serialized ModelProto for ``SentencePieceTokenizer(proto=...)``.
     """
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    try:  # sentencepiece ships the ModelProto module; it needs `protobuf` (kagglehub's dep)
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError as e:
+        raise ImportError(
+            "`build_sentencepiece_proto` needs the `protobuf` package for sentencepiece's "
+            f"ModelProto (pip install protobuf). Original error: {e}"
+        ) from e
 
     pieces, scores, types = list(pieces), list(scores), list(types)
     if not (len(pieces) == len(scores) == len(types)) or not pieces:
