@@ -15,6 +15,8 @@ arrays (ragged batch). ``detokenize([1, 2])`` -> ``str``; ``detokenize([[1, 2], 
 2-D array -> ``list[str]``.
 """
 
+import inspect
+
 import keras
 import numpy as np
 
@@ -357,8 +359,6 @@ def _int_list(seq):
 
 def _drop_keras_hub_keys(cls, config):
     """Drop config keys KerasHub writes that this class has no parameter for."""
-    import inspect
-
     params = inspect.signature(cls.__init__).parameters
     config = dict(config)
     for key, default in _KERAS_HUB_DEFAULTS.items():
