@@ -111,6 +111,17 @@ class Task(keras.Model):
             for layer in self._flatten_layers():
                 layer._track_variables()
 
+    # --- whole-model saving (`model.save()`): the tokenizer's files travel as Keras assets ---
+    def save_assets(self, dir_path):
+        tokenizer = getattr(self.preprocessor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_assets(dir_path)
+
+    def load_assets(self, dir_path):
+        tokenizer = getattr(self.preprocessor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.load_assets(dir_path)
+
     # --- presets -------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
