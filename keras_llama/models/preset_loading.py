@@ -291,9 +291,7 @@ def load_preprocessor(cls, preset, **kwargs):
     saved settings (``sequence_length``, ``add_start_token``, ...)."""
     src = open_preset(preset)
     preprocessor_cls = _pick_class(cls, _family(src), "preprocessor", src.source)
-    tokenizer = kwargs.pop("tokenizer", None) or load_tokenizer(
-        preprocessor_cls.tokenizer_cls, src
-    )
+    tokenizer = kwargs.pop("tokenizer", None) or load_tokenizer(preprocessor_cls.tokenizer_cls, src)
     if isinstance(src, Checkpoint):
         config = dict(src.preprocessor)
     elif src.preprocessor is not None:
@@ -405,7 +403,9 @@ def _write_backbone(writer, backbone, max_shard_size=None):
         },
     )
     writer.remove_weights()
-    size_gb = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in backbone.weights) / 1024**3
+    size_gb = (
+        sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in backbone.weights) / 1024**3
+    )
     if max_shard_size and size_gb > max_shard_size:
         backbone.save_weights(
             writer.path(keras_format.SHARDED_WEIGHTS_FILE), max_shard_size=max_shard_size

@@ -48,7 +48,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-BUILTIN_TEMPLATES = {"llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE}
+BUILTIN_TEMPLATES = {
+    "llama2": LLAMA2_TEMPLATE,
+    "llama3": LLAMA3_TEMPLATE,
+    "chatml": CHATML_TEMPLATE,
+}
 
 
 def builtin_template_for(has_token):
@@ -98,8 +102,10 @@ def _check_messages(messages):
             f"Received: messages={messages!r}"
         )
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not (
-            isinstance(message.get("content"), str)
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not (isinstance(message.get("content"), str))
         ):
             raise ValueError(
                 "Each message must be a dict with a string 'role' and a string 'content'. "

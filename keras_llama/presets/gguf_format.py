@@ -185,15 +185,25 @@ def _llama3_rope_from_factors(tensor, config, source):
     inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / inv_freq
     factor = float(factors.max())
-    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
-        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+    medium = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+        candidates = [8192, 4096, 2048, 16384, 32768, 65536, 131072]
+        if medium.any():  # solve 1/f_i = (1 - s)/factor + s for s, then s for the context
+            i = int(np.argmax(medium))
+            smooth = (1 / factors[i] - 1 / factor) / (1 - 1 / factor)
+            candidates.insert(0, round(wavelen[i] * (smooth * (high - low) + low)))
+        elif (factors == 1).any() and (factors == factor).any():
+            # No band in between: any context between the two bands gives these factors.
+            lo, hi = wavelen[factors == 1].max() * high, wavelen[factors == factor].min() * low
+            candidates.insert(0, float(np.sqrt(lo * hi)))
+        for original in candidates:
             smooth = (original / wavelen - low) / (high - low)
             expected = np.where(
                 wavelen < original / high,
                 1.0,
                 np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
             )
-            if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-4):
+            if np.allclose(expected, factors, rtol=1e-4):
                 return {
                     "rope_frequency_adjustment_factor": factor,
                     "rope_low_freq_factor": low,

@@ -243,7 +243,9 @@ def safe_join(root, relative):
     make us read ``../../secret``. Symlinks are resolved before the check.
     """
     if not isinstance(relative, str) or not relative:
-        raise ValueError(f"A preset file reference must be a non-empty string. Received: {relative!r}")
+        raise ValueError(
+            f"A preset file reference must be a non-empty string. Received: {relative!r}"
+        )
     if os.path.isabs(relative) or relative.startswith(("/", "\\")) or ":" in relative[:3]:
         raise ValueError(
             "A preset may only reference files inside its own folder. Received the absolute "

@@ -50,7 +50,9 @@ def convert_backbone_config(hf_config):
         )
     for flag in ("attention_bias", "mlp_bias"):
         if hf_config.get(flag):
-            raise ValueError(f"Llama checkpoints with biases are not supported. Received: {flag}=True")
+            raise ValueError(
+                f"Llama checkpoints with biases are not supported. Received: {flag}=True"
+            )
     act = hf_config.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"Only the silu activation is supported. Received: hidden_act={act!r}")
@@ -216,7 +218,9 @@ class SafetensorsFile:
         shape = tuple(entry["shape"])
         if end == start:
             return np.zeros(shape, dtype)
-        array = np.memmap(self.path, dtype=dtype, mode="r", offset=self._offset + start, shape=shape)
+        array = np.memmap(
+            self.path, dtype=dtype, mode="r", offset=self._offset + start, shape=shape
+        )
         return np.asarray(array, dtype="float32") if bfloat16 else array
 
 

@@ -104,7 +104,11 @@ def class_name(serialized):
 
 
 def _check_serialized(value, name, source):
-    if not (isinstance(value, dict) and isinstance(value.get("config"), dict) and value.get("class_name")):
+    if not (
+        isinstance(value, dict)
+        and isinstance(value.get("config"), dict)
+        and value.get("class_name")
+    ):
         raise ValueError(
             f"{name} of the preset {source!r} is not a serialized Keras object "
             "(expected keys 'class_name' and 'config'). "
@@ -229,7 +233,8 @@ def atomic_preset(target):
 
 def _looks_like_preset(folder):
     return any(
-        os.path.exists(os.path.join(folder, n)) for n in (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE)
+        os.path.exists(os.path.join(folder, n))
+        for n in (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE)
     )
 
 

@@ -108,7 +108,9 @@ def convert_backbone_config(params, first_shard, num_shards, source):
     """`LlamaBackbone` keyword arguments from ``params.json`` (+ tensor shapes)."""
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
-            raise ValueError(f"{source!r}: params.json has no {key!r}. Received keys: {sorted(params)}")
+            raise ValueError(
+                f"{source!r}: params.json has no {key!r}. Received keys: {sorted(params)}"
+            )
     dim = params["dim"]
     try:
         ffn = first_shard["layers.0.feed_forward.w1.weight"].shape[0] * num_shards
