@@ -12,7 +12,14 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from keras_llama.models import CausalLM, Llama3CausalLM, LlamaCausalLM
 from tests.hf_reference import hf_logits, make_hf_model
-from tests.presets.helpers import BPE_MERGES, BPE_VOCAB, SPM_PROTO, bpe_tokenizer_json, logits, token_batch
+from tests.presets.helpers import (
+    BPE_MERGES,
+    BPE_VOCAB,
+    SPM_PROTO,
+    bpe_tokenizer_json,
+    logits,
+    token_batch,
+)
 
 ATOL = 1e-4
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -168,7 +175,11 @@ def test_gguf_gpt2_tokenizer_llama31_rope_tied(tmp_path):
     # llama.cpp's converter (LlamaModel.generate_extra_tensors) turns rope_scaling into factors.
     head_dim = c.hidden_size // c.num_attention_heads
     base, factor = rope["rope_theta"], rope["factor"]
-    low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    low, high, old = (
+        rope["low_freq_factor"],
+        rope["high_freq_factor"],
+        rope["original_max_position_embeddings"],
+    )
     factors = []
     for freq in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)):
         wavelen = 2 * math.pi / freq

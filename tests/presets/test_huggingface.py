@@ -10,7 +10,13 @@ import sentencepiece as spm
 
 from keras_llama.models import Backbone, CausalLM, Llama3CausalLM, LlamaCausalLM
 from tests.hf_reference import hf_logits, make_hf_model
-from tests.presets.helpers import SPM_PROTO, bpe_tokenizer_json, logits, token_batch, write_spm_tokenizer
+from tests.presets.helpers import (
+    SPM_PROTO,
+    bpe_tokenizer_json,
+    logits,
+    token_batch,
+    write_spm_tokenizer,
+)
 
 ATOL = 1e-4
 
