@@ -30,6 +30,13 @@ class Backbone(keras.Model):
         self.__dict__.pop("quantize", None)
         # Layers rebuilt from a quantized config get back what their dtype policy implies.
         for layer in self._flatten_layers(include_self=False):
+            # A layer built from a `DTypePolicyMap` (int8 presets) keeps the whole map as its
+            # policy, and parts of Keras read `layer.dtype_policy.quantization_mode` directly
+            # (None on a map: saving an int8 ReversibleEmbedding then fails). Give each layer
+            # its own entry.
+            policy = layer._dtype_policy
+            if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and layer.path:
+                layer._dtype_policy = policy[layer.path]
             quantization.apply_layer_hooks(layer)
 
     def __setattr__(self, name, value):
