@@ -32,7 +32,9 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "d
 TEXTS = ["the quick brown fox", "a lazy dog jumps over the fox"]
 TOKEN_IDS = np.array([[1, 5, 17, 42, 8, 3, 29, 11], [1, 9, 33, 2, 7, 14, 0, 0]], "int32")
 PADDING_MASK = np.array([[1] * 8, [1] * 6 + [0] * 2], "int32")
-TINY = dict(num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2)
+TINY = dict(
+    num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2
+)
 
 
 def spm_proto():

