@@ -13,6 +13,11 @@ Writes under ``tests/data/keras_hub/``:
     expected.npz    KerasHub's logits on fixed token ids for each preset (``{name}_logits``,
                     with ``token_ids`` / ``padding_mask``), and KerasHub's tokenizer output on
                     ``TEXTS`` (``{name}_tokens_{i}``)
+
+With ``--check-ours DIR`` (a preset keras-llama saved from ``tests/data/keras_hub/llama3``) it
+checks the other direction: KerasHub's backbone class built from our ``config.json`` loads our
+``model.weights.h5`` and gives KerasHub's logits. (KerasHub's ``from_preset`` itself refuses
+the folder: it looks classes up by their registered names, ``keras_llama>...``.)
 """
 
 import io
@@ -160,5 +165,21 @@ def main():
     print(json.dumps({k: list(v.shape) for k, v in expected.items()}), file=sys.stderr)
 
 
+def check_ours(path):
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    backbone = getattr(keras_hub.models, config["class_name"]).from_config(config["config"])
+    backbone.load_weights(os.path.join(path, "model.weights.h5"))
+    expected = np.load(os.path.join(OUT, "expected.npz"))
+    causal_lm = keras_hub.models.Llama3CausalLM(backbone)
+    mask = PADDING_MASK.astype(bool)
+    diff = np.abs(logits(causal_lm) - expected["llama3_logits"])[mask].max()
+    print(f"KerasHub {config['class_name']} on our config and weights: max |diff| = {diff}")
+    assert diff < 1e-5
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--check-ours"]:
+        check_ours(sys.argv[2])
+    else:
+        main()
