@@ -16,12 +16,14 @@ import datetime
 import inspect
 import math
 import os
+import sys
 
 import keras
 import numpy as np
 
 from keras_llama.presets import gguf_format, handles, huggingface, keras_format, meta_format
 from keras_llama.presets.checkpoint import Checkpoint
+from keras_llama.tokenizers import tokenizer as _tokenizer_module
 
 # KerasHub writes these keys into layer configs; our plain-Python tokenizers and preprocessors
 # have no such arguments.
@@ -437,3 +439,7 @@ def save_task(task, preset_dir, max_shard_size=10):
             "registered_name": f"keras_llama>{type(task).__name__}",
         }
         writer.write_json(keras_format.TASK_FILE, serialized)
+
+
+# Tokenizers cannot import this module (imports flow tokenizers -> models); hand it to them.
+_tokenizer_module.register_preset_api(sys.modules[__name__])

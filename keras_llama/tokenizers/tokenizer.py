@@ -38,6 +38,24 @@ _KERAS_HUB_DEFAULTS = {
 _ANY_VALUE = {"name", "trainable", "dtype", "config_file", "unsplittable_tokens"}
 
 
+# `keras_llama.models.preset_loading`, registered by it when `keras_llama.models` is imported
+# (which `import keras_llama` always does): tokenizers sit below models and never import them.
+_PRESET_API = None
+
+
+def register_preset_api(module):
+    """Called by `keras_llama.models.preset_loading` with itself (``load_tokenizer``,
+    ``save_tokenizer``, ``presets_for``)."""
+    global _PRESET_API
+    _PRESET_API = module
+
+
+def _preset_api():
+    if _PRESET_API is None:
+        raise RuntimeError("Presets need `keras_llama.models`: run `import keras_llama` first.")
+    return _PRESET_API
+
+
 @keras.saving.register_keras_serializable(package="keras_llama")
 class Tokenizer:
     """Base class for tokenizers (KerasHub's `keras_hub.tokenizers.Tokenizer`).
@@ -200,20 +218,17 @@ class Tokenizer:
     def from_preset(cls, preset, **kwargs):
         """Instantiate a tokenizer from a preset: a built-in name, ``kaggle://...``,
         ``hf://...``, a local folder or a ``.gguf`` file. ``kwargs`` override the config."""
-        from keras_llama.models.preset_loading import load_tokenizer
-
+        load_tokenizer = _preset_api().load_tokenizer
         return load_tokenizer(cls, preset, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Save the tokenizer config and assets to a preset folder."""
-        from keras_llama.models.preset_loading import save_tokenizer
-
+        save_tokenizer = _preset_api().save_tokenizer
         save_tokenizer(self, preset_dir)
 
     @classmethod
     def _presets_table(cls):
-        from keras_llama.models.preset_loading import presets_for
-
+        presets_for = _preset_api().presets_for
         return presets_for(cls)
 
     @classproperty

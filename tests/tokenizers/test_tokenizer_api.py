@@ -88,6 +88,10 @@ def test_presets_and_preset_delegation(monkeypatch, tmp_path):
     fake.save_tokenizer = lambda tok, preset_dir: calls.append(("save", tok, preset_dir))
     fake.presets_for = lambda cls: {"tiny": {"class": cls.__name__}}
     monkeypatch.setitem(sys.modules, "keras_llama.models.preset_loading", fake)
+    # Tokenizers reach preset_loading through the module it registers (no upward import).
+    import keras_llama.tokenizers.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "_PRESET_API", fake)
     Llama3Tokenizer.from_preset("llama3_8b_en", pad_token="<|eot_id|>")
     tokenizer = Tokenizer()
     tokenizer.save_to_preset(str(tmp_path))
