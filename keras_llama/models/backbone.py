@@ -109,9 +109,9 @@ class Backbone(keras.Model):
         """Quantize the weights in place.
 
         Args:
-            mode: ``"int8_weight_only"`` (recommended: int8 kernels with per-output-channel
-                scales, float activations, float embeddings), ``"int8"`` (KerasHub's W8A8:
-                weights and per-token activations, embeddings included) or ``"int4"``
+            mode: ``"int8_weight_only"`` (recommended: int8 kernels and embedding with
+                per-output-channel scales, float activations), ``"int8"`` (KerasHub's W8A8:
+                the same int8 weights plus per-token int8 activations) or ``"int4"``
                 (weights only, blocks of 128). See `keras_llama.quantization`.
             config: optional `keras.quantizers.QuantizationConfig` passed on to Keras for
                 ``"int8"``/``"int4"`` (custom quantizers, int4 ``block_size``).
