@@ -1,5 +1,7 @@
 """Task base class: a backbone plus an optional preprocessor, as one Keras model."""
 
+import types
+
 import keras
 
 from keras_llama.models import training_data
@@ -74,6 +76,8 @@ class Task(keras.Model):
         the preprocessor batch by batch; preprocessed ``(x, y, sample_weight)`` data passes
         through unchanged. See `keras_llama.models.training_data`."""
         x, y, sample_weight, batch_size = self._adapt_data(x, y, sample_weight, batch_size, shuffle)
+        if isinstance(x, types.GeneratorType):
+            shuffle = False  # a generator is read in order (Keras would warn on every call)
         validation_data = training_data.adapt_validation_data(
             self.preprocessor, validation_data, batch_size=kwargs.get("validation_batch_size")
         )
