@@ -59,11 +59,12 @@ class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
     quantizer that Keras's int8 build adds by default.
 
     Args:
+        mode: ``"int8"`` (the only mode; the argument keeps `QuantizedDTypePolicy`'s signature).
         source_name: the float policy the layer computes in (``"float32"``, ``"bfloat16"``...).
             Defaults to the global policy.
     """
 
-    def __init__(self, source_name=None, mode="int8"):
+    def __init__(self, mode="int8", source_name=None):
         if mode != "int8":
             raise ValueError(
                 f"`Int8WeightOnlyDTypePolicy` only supports mode='int8'. Received: mode={mode!r}"
@@ -71,9 +72,6 @@ class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
         super().__init__("int8", source_name)
         # Distinct from Keras's "int8_from_<source>", so the two never compare equal.
         self._name = f"int8_weight_only_from_{self._source_name}"
-
-    def get_config(self):
-        return {"source_name": self._source_name}
 
 
 def check_mode(mode):

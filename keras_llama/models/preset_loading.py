@@ -189,6 +189,7 @@ _DTYPE_POLICY_CLASSES = (
     "GPTQDTypePolicy",
     "AWQDTypePolicy",
     "DTypePolicyMap",
+    "Int8WeightOnlyDTypePolicy",  # keras_llama.quantization: int8 weights, float activations
 )
 
 
