@@ -20,6 +20,7 @@ the compiled code. On other backends the same functions run eagerly under ``torc
 
 import contextlib
 import sys
+import threading
 from typing import NamedTuple
 
 import keras
@@ -228,6 +229,8 @@ class GenerationEngine:
 
             self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
             self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
+            self._compiled = set()  # decode shapes compiled or compiling
+            self._compiling = []  # background compilations to wait for
 
     def matches(self, model, sampler):
         return sampler is self.sampler and len(model.variables) == len(self.variables)
@@ -241,8 +244,9 @@ class GenerationEngine:
             return bucket_length(max(lengths)), bucket_length(prompts.max_length), steps
         return max(lengths), steps, steps
 
-    def prefill(self, prompts):
-        """Runs every prompt through the model once; returns ``(state, steps)``."""
+    def prefill(self, prompts, stop_token_ids=()):
+        """Runs every prompt through the model once; returns ``(state, steps)``. On JAX, the
+        decode loop for these shapes (and this many ``stop_token_ids``) starts compiling too."""
         width, buffer_width, steps = self.plan(prompts)
         token_ids = np.full((len(prompts.rows), width), PAD_TOKEN, "int32")
         for i, row in enumerate(prompts.rows):
@@ -250,19 +254,22 @@ class GenerationEngine:
         lengths = np.array([len(r) for r in prompts.rows], "int32")
         limits = (prompts.max_length - lengths).astype("int32")
         if self.jax:
-            values = [v.value for v in self.variables]
-            return self._prefill_jit(values, token_ids, lengths, limits, buffer_width), steps
+            args = ([v.value for v in self.variables], token_ids, lengths, limits, buffer_width)
+            self._compile_decode_in_background(args, stop_token_ids)
+            return self._prefill_jit(*args), steps
         with _no_grad():
             return self._prefill(None, token_ids, lengths, limits, buffer_width), steps
 
     def decode(self, state, stop_at, stop_token_ids):
         """Decodes until every row is done or ``stop_at`` steps have been taken."""
-        stop_ids = np.array(stop_token_ids or (-1,), "int32")
+        stop_ids = _stop_array(stop_token_ids)
         stop_at = np.array(stop_at, "int32")
         if not self.jax:
             with _no_grad():
                 stop_ids = ops.convert_to_tensor(stop_ids)
                 return run_decode_loop(self.sampler, self._step, state, stop_at, stop_ids)[0]
+        while self._compiling:
+            self._compiling.pop().join()
         values = [v.value for v in self.variables]
         seeds = [v.value for v in self.sampler.variables]
         state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids)
@@ -272,9 +279,27 @@ class GenerationEngine:
 
     def run(self, prompts, stop_token_ids):
         """Prefill, decode and finalize one batch: the sampler's result (numpy)."""
-        state, steps = self.prefill(prompts)
+        state, steps = self.prefill(prompts, stop_token_ids)
         state = self.decode(state, steps, stop_token_ids)
         return self.sampler.finalize(state)
+
+    def _compile_decode_in_background(self, prefill_args, stop_token_ids):
+        """On the first use of a shape, traces the decode loop now and compiles it on another
+        thread while the prefill compiles and runs (XLA compiles without holding the GIL)."""
+        import jax
+
+        key = (prefill_args[1].shape, prefill_args[4], len(stop_token_ids or (-1,)))
+        if key in self._compiled:
+            return
+        self._compiled.add(key)
+        state = jax.eval_shape(self._prefill_jit, *prefill_args)
+        seeds = [v.value for v in self.sampler.variables]
+        lowered = self._decode_jit.lower(
+            prefill_args[0], state, seeds, np.array(0, "int32"), _stop_array(stop_token_ids)
+        )
+        thread = threading.Thread(target=lowered.compile, daemon=True)
+        thread.start()
+        self._compiling.append(thread)
 
     # --- the traced functions ---------------------------------------------------------------
     def _prefill(self, values, token_ids, lengths, limits, buffer_width):
@@ -325,6 +350,11 @@ class GenerationEngine:
         if values is None:
             return contextlib.nullcontext()
         return keras.StatelessScope(state_mapping=list(zip(self.variables, values)))
+
+
+def _stop_array(stop_token_ids):
+    # int32 [n]; -1 (never generated) when there are none, so the shape is never empty.
+    return np.array(stop_token_ids or (-1,), "int32")
 
 
 def _as_tuples(caches):
@@ -436,7 +466,7 @@ def _stream_text(model, engine, prompts, stop_ids):
 def stream_token_ids(engine, prompts, stop_ids, chunk=STREAM_CHUNK):
     """Yields the generated token ids of a one-row batch (a growing numpy array) after every
     ``chunk`` steps, driving the same compiled decode loop as `generate`."""
-    state, steps = engine.prefill(prompts)
+    state, steps = engine.prefill(prompts, stop_ids)
     index = 0
     while True:
         index = min(index + chunk, steps)
