@@ -21,6 +21,7 @@ import sys
 import keras
 import numpy as np
 
+from keras_llama.models import weights as _weights
 from keras_llama.presets import gguf_format, handles, huggingface, keras_format, meta_format
 from keras_llama.presets.checkpoint import Checkpoint
 from keras_llama.tokenizers import tokenizer as _tokenizer_module
@@ -146,17 +147,19 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
     backbone_cls = _pick_class(cls, _family(src), "backbone", src.source)
     if isinstance(src, Checkpoint):
         config = {**src.backbone_config, **kwargs}
-        backbone = backbone_cls(**config)
-        if load_weights:
-            from keras_llama.models.weights import assign_weights
-
-            assign_weights(backbone, src.read_weights(config), source=f"checkpoint {src.source!r}")
-        return backbone
-    config = dict(src.backbone["config"])
-    config["dtype"] = _resolve_dtype(config.get("dtype"), kwargs.pop("dtype", None))
-    config.update(kwargs)
-    backbone = backbone_cls(**config)
-    if load_weights:
+    else:
+        config = dict(src.backbone["config"])
+        config["dtype"] = _resolve_dtype(config.get("dtype"), kwargs.pop("dtype", None))
+        config.update(kwargs)
+    if not load_weights:
+        return backbone_cls(**config)  # random initialization, as the constructor does
+    # Weights will overwrite every variable: skip drawing random initial values.
+    backbone = _weights.build_uninitialized(backbone_cls, **config)
+    if isinstance(src, Checkpoint):
+        _weights.assign_weights(
+            backbone, src.read_weights(config), source=f"checkpoint {src.source!r}"
+        )
+    else:
         _load_keras_weights(backbone, src)
     return backbone
 
@@ -217,6 +220,8 @@ def _load_keras_weights(backbone, src):
             f"{keras_format.SHARDED_WEIGHTS_FILE} in {src.path!r}. Use load_weights=False for "
             "a randomly initialised model."
         )
+    # Keras' loader assigns into existing values: start from zeros rather than random draws.
+    _weights.fill_uninitialized(backbone)
     try:
         backbone.load_weights(src.weights_path)
     except Exception as e:  # h5py OSError for truncated files, Keras ValueError for mismatches

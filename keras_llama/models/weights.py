@@ -1,13 +1,88 @@
-"""Assigning converted weights ({variable path: array}) to a model's variables."""
+"""Assigning converted weights ({variable path: array}) to a model's variables.
 
+Loading a checkpoint into a freshly built model would normally draw every variable from its
+random initializer first (for a 135M-parameter model on CPU, seconds of work: JAX compiles a
+random-number kernel per variable shape) and then overwrite it. `build_uninitialized` builds the
+model with Keras' deferred variable initialization instead (variables created under a
+``keras.StatelessScope`` get a shape and an initializer but no value, as Keras does for
+symbolic builds), and `assign_weights` / `load_keras_weights` give each variable its first
+value straight from the checkpoint.
+"""
+
+import keras
 import numpy as np
+
+
+def build_uninitialized(constructor, **kwargs):
+    """``constructor(**kwargs)`` without drawing initial values for its variables.
+
+    Every variable of the result must then get a value, from `assign_weights` (which checks
+    that) or `fill_uninitialized`. Where deferred initialization does not apply (inside a
+    stateless scope, under a `keras.distribution` whose layouts are set at initialization, or a
+    Keras without the mechanism) this is a plain ``constructor(**kwargs)``.
+    """
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    if in_stateless_scope() or keras.distribution.distribution() is not None:
+        return constructor(**kwargs)
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key) or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            model = constructor(**kwargs)
+    finally:
+        # Keras keeps a global list of deferred variables and initializes them (randomly) when
+        # the next outermost stateless scope closes: ours are taken off it, and initialized by
+        # the loader instead.
+        earlier = {id(v) for v in before}
+        mine = [v for v in global_state.get_global_attribute(key) or [] if id(v) not in earlier]
+        global_state.set_global_attribute(key, before)
+    weights = {id(w) for w in model.weights}
+    for variable in mine:  # state outside `weights` (e.g. seed generators) starts as usual
+        if id(variable) not in weights:
+            variable._deferred_initialize()
+    return model
+
+
+def is_uninitialized(variable):
+    """True for a variable created by `build_uninitialized` that has no value yet."""
+    return getattr(variable, "_value", 0) is None and callable(getattr(variable, "_initializer", None))
+
+
+def _initialize_with(variable, array):
+    """Give an uninitialized variable its first value (the backend's own initialization path,
+    so that the value gets the variable's device and, on torch, becomes its Parameter)."""
+    variable._initializer = lambda shape, dtype=None: array
+    variable._deferred_initialize()
+
+
+def fill_uninitialized(model, value=0):
+    """Give every still-uninitialized variable of ``model`` a constant value (zeros by default),
+    e.g. before Keras' ``load_weights`` overwrites them all."""
+    for variable in model.weights:
+        if is_uninitialized(variable):
+            try:
+                dtype = np.dtype(variable.dtype)
+            except TypeError:  # a dtype numpy lacks (float8...): use the variable's initializer
+                variable._deferred_initialize()
+                continue
+            _initialize_with(variable, np.full(variable.shape, value, dtype))
+
+
+def initialize_randomly(model):
+    """Draw values for any uninitialized variable of ``model`` from its own initializer."""
+    for variable in model.weights:
+        if is_uninitialized(variable):
+            variable._deferred_initialize()
 
 
 def assign_weights(backbone, named_arrays, source="checkpoint"):
     """Assign ``(path, array)`` pairs to ``backbone``'s variables, matched by variable path.
 
     Every variable must be assigned exactly once and every array must fit its variable; errors
-    name the path and both shapes.
+    name the path and both shapes. Variables left uninitialized by `build_uninitialized` take
+    the array as their first value.
     """
     variables = {v.path: v for v in backbone.weights}
     assigned = set()
@@ -23,7 +98,11 @@ def assign_weights(backbone, named_arrays, source="checkpoint"):
                 f"Shape mismatch for weight `{path}` from the {source}: expected "
                 f"{tuple(variable.shape)}, received {tuple(array.shape)}"
             )
-        variable.assign(np.asarray(array).astype(variable.dtype, copy=False))
+        array = np.asarray(array).astype(variable.dtype, copy=False)
+        if is_uninitialized(variable):
+            _initialize_with(variable, array)
+        else:
+            variable.assign(array)
         assigned.add(path)
     missing = sorted(set(variables) - assigned)
     if missing:
