@@ -1,5 +1,6 @@
 """Backbone base class: a functional Keras model holding a model's core architecture."""
 
+import functools
 import os
 
 import keras
@@ -19,6 +20,11 @@ class Backbone(keras.Model):
     Subclasses build a functional model in ``__init__`` and list their constructor arguments
     in ``get_config()``. ``from_preset`` picks the subclass named by the preset's config.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _explain_layout_errors(cls.__dict__["__init__"])
 
     def __init__(self, *args, dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -292,6 +298,37 @@ class Backbone(keras.Model):
 
     def _layers_by_path(self):
         return {layer.path: layer for layer in self._flatten_layers(include_self=False)}
+
+
+class LayoutMapError(ValueError):
+    """A distribution's layout map shards a weight over a mesh axis that does not divide it."""
+
+
+def _explain_layout_errors(init):
+    """Wrap a backbone ``__init__`` so that a weight the active distribution cannot shard evenly
+    (JAX's ``IndivisibleError``, raised while the layers create their variables) becomes a
+    `LayoutMapError` naming the mesh and what to change."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return init(self, *args, **kwargs)
+        except LayoutMapError:
+            raise
+        except Exception as e:
+            if type(e).__name__ != "IndivisibleError" and "evenly divide" not in str(e):
+                raise
+            mesh = getattr(keras.distribution.distribution(), "device_mesh", None)
+            axes = dict(zip(mesh.axis_names, mesh.shape)) if mesh is not None else "unknown"
+            raise LayoutMapError(
+                "The distribution's layout map does not fit this model: a weight dimension is "
+                f"not divisible by the size of the mesh axis it is sharded over (mesh axes: "
+                f"{axes}). Use a mesh axis size that divides the sharded dimensions (for "
+                "`get_layout_map`: num_query_heads, num_key_value_heads, vocabulary_size and "
+                f"intermediate_dim). Received: {type(e).__name__}: {e}"
+            ) from e
+
+    return wrapped
 
 
 def _compile_filters(filters):

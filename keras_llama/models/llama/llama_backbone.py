@@ -198,9 +198,22 @@ class LlamaBackbone(Backbone):
     def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
         """A `keras.distribution.LayoutMap` sharding the weights over ``model_parallel_dim_name``.
 
-        Embeddings are split along the hidden dimension, attention kernels along the heads, the
-        feed-forward kernels along ``intermediate_dim``; norms are replicated. Use it with
-        ``keras.distribution.ModelParallel(layout_map=..., batch_dim_name=data_parallel_dim_name)``.
+        Megatron-style tensor parallelism: the embedding and output projection are split along
+        the vocabulary, the query/key/value kernels along their heads and the attention output
+        kernel along its input heads, the gate/up kernels along ``intermediate_dim`` and the
+        down kernel along its input ``intermediate_dim``; norms are replicated. The size of the
+        model axis must divide ``num_query_heads``, ``num_key_value_heads``,
+        ``vocabulary_size`` and ``intermediate_dim`` (else building the model raises a
+        `LayoutMapError`). Use it with
+        ``keras.distribution.ModelParallel(layout_map=..., batch_dim_name=data_parallel_dim_name)``;
+        the batch is split over ``data_parallel_dim_name``.
+
+        Example (8 devices: 2-way data parallel x 4-way model parallel):
+        >>> mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"],
+        ...                                      devices=keras.distribution.list_devices())
+        >>> layout_map = LlamaBackbone.get_layout_map(mesh)
+        >>> keras.distribution.set_distribution(
+        ...     keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
         """
         if not isinstance(device_mesh, keras.distribution.DeviceMesh):
             raise ValueError(
