@@ -14,10 +14,13 @@ Writes under ``tests/data/keras_hub/``:
                     with ``token_ids`` / ``padding_mask``), and KerasHub's tokenizer output on
                     ``TEXTS`` (``{name}_tokens_{i}``)
 
-With ``--check-ours DIR`` (a preset keras-llama saved from ``tests/data/keras_hub/llama3``) it
-checks the other direction: KerasHub's backbone class built from our ``config.json`` loads our
-``model.weights.h5`` and gives KerasHub's logits. (KerasHub's ``from_preset`` itself refuses
-the folder: it looks classes up by their registered names, ``keras_llama>...``.)
+With ``--check-ours DIR`` it checks the other direction (keras-llama must be importable too,
+e.g. run from the repository root): keras-llama loads each preset above (and builds a tied-
+embedding model), saves it with ``save_to_preset`` into ``DIR/<name>``, and KerasHub's own
+``keras_hub.models.CausalLM.from_preset(DIR/<name>)`` must give keras-llama's logits, token ids
+and greedy generation. One JSON line per preset; exits non-zero on a difference.
+
+    KERAS_BACKEND=jax /work/khvenv/bin/python scripts/make_test_presets.py --check-ours /tmp/ours
 """
 
 import io
@@ -165,17 +168,51 @@ def main():
     print(json.dumps({k: list(v.shape) for k, v in expected.items()}), file=sys.stderr)
 
 
-def check_ours(path):
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    backbone = getattr(keras_hub.models, config["class_name"]).from_config(config["config"])
-    backbone.load_weights(os.path.join(path, "model.weights.h5"))
-    expected = np.load(os.path.join(OUT, "expected.npz"))
-    causal_lm = keras_hub.models.Llama3CausalLM(backbone)
-    mask = PADDING_MASK.astype(bool)
-    diff = np.abs(logits(causal_lm) - expected["llama3_logits"])[mask].max()
-    print(f"KerasHub {config['class_name']} on our config and weights: max |diff| = {diff}")
-    assert diff < 1e-5
+def check_ours(out_dir):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from keras_llama import models as ours
+
+    cases = {name: ours.CausalLM.from_preset(os.path.join(OUT, name)) for name in
+             ("llama", "llama3", "llama_int8")}  # fmt: skip
+    # Tied embeddings: KerasHub cannot save these itself (its config drops the flag).
+    backbone = ours.LlamaBackbone(
+        vocabulary_size=100, layer_norm_epsilon=1e-5, tie_word_embeddings=True, **TINY
+    )
+    randomize(backbone, seed=2)
+    preprocessor = ours.LlamaCausalLMPreprocessor.from_preset(os.path.join(OUT, "llama"))
+    cases["llama_tied"] = ours.LlamaCausalLM(backbone, preprocessor)
+    failures = []
+    for name, our_lm in cases.items():
+        path = os.path.join(out_dir, name)
+        our_lm.save_to_preset(path)
+        their_lm = keras_hub.models.CausalLM.from_preset(path)
+        mask = PADDING_MASK.astype(bool)
+        diff = float(np.abs(logits(their_lm) - logits(our_lm))[mask].max())
+        tokens_equal = all(
+            np.array_equal(their_lm.preprocessor.tokenizer(t), our_lm.preprocessor.tokenizer(t))
+            for t in TEXTS
+        )
+        our_lm.compile(sampler="greedy")
+        their_lm.compile(sampler="greedy")
+        prompt = TEXTS[0]
+        # KerasHub stops at its end token only; keep ours to that too.
+        end = our_lm.preprocessor.tokenizer.end_token_id
+        ours_text = our_lm.generate(prompt, max_length=12, stop_token_ids=[end])
+        theirs_text = their_lm.generate(prompt, max_length=12)
+        result = {
+            "preset": name,
+            "keras_hub_class": type(their_lm).__name__,
+            "keras_hub_version": keras_hub.__version__,
+            "max_abs_logit_diff": diff,
+            "token_ids_equal": tokens_equal,
+            "greedy_generation_equal": ours_text == theirs_text,
+            "generated": theirs_text,
+        }
+        print(json.dumps(result))
+        if diff > 1e-5 or not tokens_equal or ours_text != theirs_text:
+            failures.append(name)
+    if failures:
+        raise SystemExit(f"KerasHub disagrees with keras-llama on: {failures}")
 
 
 if __name__ == "__main__":

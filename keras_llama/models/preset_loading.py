@@ -16,6 +16,7 @@ import datetime
 import inspect
 import math
 import os
+import re
 import sys
 
 import keras
@@ -246,7 +247,7 @@ def load_tokenizer(cls, preset, **kwargs):
             raise FileNotFoundError(
                 f"The preset {src.source!r} has no {keras_format.TOKENIZER_FILE}."
             )
-        config = {**src.tokenizer["config"], **kwargs}
+        config = {**_our_config(src.tokenizer), **kwargs}
         tokenizer = tokenizer_cls.from_config(config)
         if src.tokenizer_assets is None:
             raise FileNotFoundError(
@@ -302,7 +303,8 @@ def load_preprocessor(cls, preset, **kwargs):
     if isinstance(src, Checkpoint):
         config = dict(src.preprocessor)
     elif src.preprocessor is not None:
-        config = {k: v for k, v in src.preprocessor["config"].items() if k not in _KERAS_LAYER_KEYS}
+        config = _our_config(src.preprocessor)
+        config = {k: v for k, v in config.items() if k not in _KERAS_LAYER_KEYS}
     else:
         config = {}
     params = inspect.signature(preprocessor_cls.__init__).parameters
@@ -341,14 +343,103 @@ def _take(kwargs, target_cls, extra=(), skip=("self",)):
 
 
 # --- saving ------------------------------------------------------------------------------------
-def _serialize(obj):
-    cls = type(obj)
-    return {
-        "module": cls.__module__,
-        "class_name": cls.__name__,
-        "config": obj.get_config(),
-        "registered_name": f"keras_llama>{cls.__name__}",
-    }
+# Presets we write name KerasHub's classes exactly as KerasHub's own presets do
+# (``"registered_name": "keras_hub>LlamaBackbone"``, KerasHub's module paths and configs), so
+# that ``keras_hub.models.CausalLM.from_preset(folder)`` loads them. Reading maps the names back
+# to our classes through `_families()` by class name; the ``module`` field is never imported.
+# Settings of ours that KerasHub's configs cannot hold (a tokenizer's special tokens, ...) go
+# under `OUR_CONFIG_KEY` beside ``config``, a key Keras' deserializer ignores.
+KERAS_HUB_MODULES = {
+    "LlamaBackbone": "keras_hub.src.models.llama.llama_backbone",
+    "LlamaCausalLM": "keras_hub.src.models.llama.llama_causal_lm",
+    "LlamaCausalLMPreprocessor": "keras_hub.src.models.llama.llama_causal_lm_preprocessor",
+    "LlamaTokenizer": "keras_hub.src.models.llama.llama_tokenizer",
+    "Llama3Backbone": "keras_hub.src.models.llama3.llama3_backbone",
+    "Llama3CausalLM": "keras_hub.src.models.llama3.llama3_causal_lm",
+    "Llama3CausalLMPreprocessor": "keras_hub.src.models.llama3.llama3_causal_lm_preprocessor",
+    "Llama3Tokenizer": "keras_hub.src.models.llama3.llama3_tokenizer",
+}
+OUR_CONFIG_KEY = "keras_llama_config"
+# KerasHub's defaults for what its Llama 3 tokenizer config may carry.
+_KERAS_HUB_LLAMA3_SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+
+
+def _names(obj):
+    """``module``, ``class_name`` and ``registered_name`` for a serialized ``obj``: KerasHub's
+    for the classes KerasHub has, ours for anything else (e.g. a user's subclass)."""
+    name = type(obj).__name__
+    if name in KERAS_HUB_MODULES and type(obj) in _families_classes():
+        return {"module": KERAS_HUB_MODULES[name], "class_name": name,
+                "registered_name": f"keras_hub>{name}"}  # fmt: skip
+    return {"module": type(obj).__module__, "class_name": name,
+            "registered_name": f"keras_llama>{name}"}  # fmt: skip
+
+
+def _families_classes():
+    return {c for classes in _families().values() for c in classes.values()}
+
+
+def _serialize(obj, config, ours=None):
+    names = _names(obj)
+    serialized = {"module": names["module"], "class_name": names["class_name"], "config": config,
+                  "registered_name": names["registered_name"]}  # fmt: skip
+    if ours is not None:
+        serialized[OUR_CONFIG_KEY] = ours
+    return serialized
+
+
+def _layer_keys(obj, dtype):
+    """The Keras layer keys KerasHub writes first in a tokenizer or preprocessor config."""
+    # Keras' default layer name: LlamaCausalLMPreprocessor -> llama_causal_lm_preprocessor.
+    name = re.sub(r"(.)([A-Z][a-z0-9]+)", r"\1_\2", type(obj).__name__)
+    name = re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+    policy = keras.saving.serialize_keras_object(keras.DTypePolicy(dtype))
+    return {"name": name, "trainable": True, "dtype": policy}
+
+
+def _serialize_tokenizer(tokenizer):
+    """``tokenizer.json``: KerasHub's tokenizer config, plus our full config beside it."""
+    from keras_llama.tokenizers.byte_pair_tokenizer import BytePairTokenizer
+
+    config = {**_layer_keys(tokenizer, "int32"), "config_file": keras_format.TOKENIZER_FILE}
+    if isinstance(tokenizer, BytePairTokenizer):
+        config.update(
+            sequence_length=None, add_prefix_space=False,
+            unsplittable_tokens=list(tokenizer.special_tokens),
+        )  # fmt: skip
+        ours = tokenizer.get_config()
+        for key, default in _KERAS_HUB_LLAMA3_SPECIALS.items():
+            if ours.get(key, default) != default:
+                config[key] = ours[key]
+    else:  # SentencePiece
+        config.update(proto=None, sequence_length=None, add_bos=False, add_eos=False)
+    return _serialize(tokenizer, config, ours=tokenizer.get_config())
+
+
+def _serialize_preprocessor(preprocessor):
+    """``preprocessor.json``: KerasHub's preprocessor config (its tokenizer nested), plus ours."""
+    ours = {k: v for k, v in preprocessor.get_config().items() if k != "tokenizer"}
+    config = _layer_keys(preprocessor, "float32")
+    if preprocessor.tokenizer is not None:
+        config["tokenizer"] = _serialize_tokenizer(preprocessor.tokenizer)
+    config["config_file"] = keras_format.PREPROCESSOR_FILE
+    for key in ("sequence_length", "add_start_token", "add_end_token"):  # KerasHub's arguments
+        if key in ours:
+            config[key] = ours[key]
+    return _serialize(preprocessor, config, ours=ours)
+
+
+def _serialize_backbone(backbone):
+    """``config.json``: the Keras serialization of the backbone under KerasHub's names (its
+    constructor takes the same arguments)."""
+    serialized = _without_build_config(keras.saving.serialize_keras_object(backbone))
+    return _serialize(backbone, serialized["config"])
+
+
+def _our_config(serialized):
+    """The config to build our class from: ours when we wrote the file, else KerasHub's."""
+    ours = serialized.get(OUR_CONFIG_KEY)
+    return dict(ours) if isinstance(ours, dict) else dict(serialized["config"])
 
 
 def _without_build_config(serialized):
@@ -360,9 +451,7 @@ def _without_build_config(serialized):
 def _write_backbone(writer, backbone, max_shard_size=None):
     from keras_llama.version import __version__
 
-    config = _without_build_config(keras.saving.serialize_keras_object(backbone))
-    config["registered_name"] = f"keras_llama>{type(backbone).__name__}"
-    writer.write_json(keras_format.CONFIG_FILE, config)
+    writer.write_json(keras_format.CONFIG_FILE, _serialize_backbone(backbone))
     writer.write_json(
         keras_format.METADATA_FILE,
         {
@@ -386,7 +475,7 @@ def _write_backbone(writer, backbone, max_shard_size=None):
 
 
 def _write_tokenizer(writer, tokenizer):
-    writer.write_json(keras_format.TOKENIZER_FILE, _serialize(tokenizer))
+    writer.write_json(keras_format.TOKENIZER_FILE, _serialize_tokenizer(tokenizer))
     assets = writer.fresh_dir(keras_format.TOKENIZER_ASSETS_DIR)
     tokenizer.save_assets(assets)
     template = getattr(tokenizer, "chat_template", None)
@@ -398,11 +487,9 @@ def _write_tokenizer(writer, tokenizer):
 
 
 def _write_preprocessor(writer, preprocessor):
-    serialized = _serialize(preprocessor)
     if preprocessor.tokenizer is not None:
-        serialized["config"]["tokenizer"] = _serialize(preprocessor.tokenizer)
         _write_tokenizer(writer, preprocessor.tokenizer)
-    writer.write_json(keras_format.PREPROCESSOR_FILE, serialized)
+    writer.write_json(keras_format.PREPROCESSOR_FILE, _serialize_preprocessor(preprocessor))
 
 
 def save_backbone(backbone, preset_dir, max_shard_size=10):
@@ -430,21 +517,16 @@ def save_task(task, preset_dir, max_shard_size=10):
         _write_backbone(writer, task.backbone, max_shard_size)
         if task.preprocessor is not None:
             _write_preprocessor(writer, task.preprocessor)
-        serialized = {
-            "module": type(task).__module__,
-            "class_name": type(task).__name__,
-            "config": {
-                "backbone": _without_build_config(
-                    keras.saving.serialize_keras_object(task.backbone)
-                ),
-                "preprocessor": (
-                    _serialize(task.preprocessor) if task.preprocessor is not None else None
-                ),
-                "name": task.name,
-            },
-            "registered_name": f"keras_llama>{type(task).__name__}",
+        config = {
+            "backbone": _serialize_backbone(task.backbone),
+            "preprocessor": (
+                _serialize_preprocessor(task.preprocessor)
+                if task.preprocessor is not None
+                else None
+            ),
+            "name": task.name,
         }
-        writer.write_json(keras_format.TASK_FILE, serialized)
+        writer.write_json(keras_format.TASK_FILE, _serialize(task, config))
 
 
 # Tokenizers cannot import this module (imports flow tokenizers -> models); hand it to them.
