@@ -142,8 +142,9 @@ def _family(src):
 
 
 # --- backbone ----------------------------------------------------------------------------------
-def load_backbone(cls, preset, load_weights=True, **kwargs):
-    """``cls.from_preset(preset, load_weights, **kwargs)`` for backbones."""
+def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
+    """``cls.from_preset(preset, load_weights, **kwargs)`` for backbones. ``progress``: show a
+    progress bar while converting weights (see `show_progress`)."""
     src = open_preset(preset)
     backbone_cls = _pick_class(cls, _family(src), "backbone", src.source)
     if isinstance(src, Checkpoint):
@@ -157,12 +158,44 @@ def load_backbone(cls, preset, load_weights=True, **kwargs):
     # Weights will overwrite every variable: skip drawing random initial values.
     backbone = _weights.build_uninitialized(backbone_cls, **config)
     if isinstance(src, Checkpoint):
-        _weights.assign_weights(
-            backbone, src.read_weights(config), source=f"checkpoint {src.source!r}"
+        named_arrays = with_progress(
+            src.read_weights(config),
+            total=len(backbone.weights),
+            description=f"Converting {_FORMAT_NAMES.get(src.format, src.format)} weights",
+            progress=progress,
         )
+        _weights.assign_weights(backbone, named_arrays, source=f"checkpoint {src.source!r}")
     else:
         _load_keras_weights(backbone, src)
     return backbone
+
+
+# --- progress ------------------------------------------------------------------------------
+PROGRESS_ENV = "KERAS_LLAMA_PROGRESS"
+_FORMAT_NAMES = {"gguf": "GGUF", "huggingface": "Hugging Face", "meta": "Meta"}
+
+
+def show_progress(progress=None):
+    """Whether to draw a progress bar: ``progress`` if given (True/False); else the
+    ``KERAS_LLAMA_PROGRESS`` environment variable (``1``/``0``); else only when stderr is a
+    terminal (so logs, pipes and tests stay quiet)."""
+    if progress is not None:
+        return bool(progress)
+    setting = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def with_progress(iterable, total, description, progress=None):
+    """``iterable``, drawing a tqdm bar on stderr as it is consumed when `show_progress`."""
+    if not show_progress(progress):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=description, unit="tensor", file=sys.stderr)
 
 
 def _resolve_dtype(saved, requested):
@@ -315,11 +348,12 @@ def load_preprocessor(cls, preset, **kwargs):
 
 def load_task(cls, preset, load_weights=True, **kwargs):
     """``cls.from_preset(preset, load_weights, **kwargs)`` for tasks. ``kwargs`` go to the
-    backbone (its constructor arguments and ``dtype``), the preprocessor (its arguments, e.g.
-    ``sequence_length``) or the task; ``preprocessor=None`` skips the preprocessor."""
+    backbone (its constructor arguments, ``dtype`` and ``progress``), the preprocessor (its
+    arguments, e.g. ``sequence_length``) or the task; ``preprocessor=None`` skips the
+    preprocessor."""
     src = open_preset(preset)
     task_cls = _pick_class(cls, _family(src), "task", src.source)
-    backbone_kwargs = _take(kwargs, task_cls.backbone_cls, extra=("dtype",))
+    backbone_kwargs = _take(kwargs, task_cls.backbone_cls, extra=("dtype", "progress"))
     preprocessor_kwargs = _take(kwargs, task_cls.preprocessor_cls, skip=("tokenizer", "self"))
     if "backbone" not in kwargs:
         kwargs["backbone"] = load_backbone(
