@@ -10,6 +10,7 @@ GGUF files with ``tokenizer.ggml.model == "llama"`` carry the same data as array
 """
 
 import os
+import re
 
 import keras
 import sentencepiece as spm
@@ -33,10 +34,19 @@ PIECE_TYPES = {
 class SentencePieceTokenizer(Tokenizer):
     """A tokenizer running a SentencePiece model with the `sentencepiece` package.
 
-    ``tokenize`` returns exactly ``SentencePieceProcessor.encode(text)`` (no BOS/EOS: the
-    preprocessor adds those); ``detokenize`` is ``SentencePieceProcessor.decode(ids)``, which
-    drops control tokens such as ``<s>``. Special-token strings in text are not matched as
-    tokens, as in SentencePiece.
+    ``tokenize`` returns ``SentencePieceProcessor.encode(text)`` (no BOS/EOS: the preprocessor
+    adds those), except that special-token strings written in the text (the model's control,
+    unknown and user-defined pieces, e.g. ``<s>``, ``</s>``, ``<unk>``) become their own ids:
+    the text is split on them, longest first, and each piece in between is encoded by
+    SentencePiece on its own. That is what llama.cpp (``parse_special``), Meta's Llama 2 chat
+    code (turns encoded separately, joined by BOS/EOS ids) and transformers' SentencePiece
+    Llama tokenizer (``legacy=True``) do, so a rendered multi-turn chat prompt such as
+    ``"[INST] a [/INST] b </s><s>[INST] c [/INST]"`` gets real end/start tokens. Text without
+    such strings gets exactly SentencePiece's ids. ``parse_special_tokens=False`` encodes every
+    string as plain text, as SentencePiece (and KerasHub) do.
+
+    ``detokenize`` is ``SentencePieceProcessor.decode(ids)``, which drops control tokens such
+    as ``<s>``.
 
     Args:
         proto: a path to a SentencePiece ``.model`` file, or the serialized model as bytes.
@@ -44,20 +54,36 @@ class SentencePieceTokenizer(Tokenizer):
         start_token: token prepended by preprocessors, e.g. ``"<s>"``; None for none.
         end_token: token appended by preprocessors and the default stop token; None for none.
         pad_token: padding token; None pads with id 0.
+        parse_special_tokens: match special-token strings in text (see above).
 
     Example:
     ```python
     tokenizer = SentencePieceTokenizer("tokenizer.model", start_token="<s>", end_token="</s>")
     tokenizer("Hello world")                 # array([15043, 3186], dtype=int32)
+    tokenizer("Hi</s><s>Yo")                 # [..."Hi", 2, 1, ..."Yo"]
     ```
     """
 
-    def __init__(self, proto=None, start_token=None, end_token=None, pad_token=None):
+    def __init__(
+        self,
+        proto=None,
+        start_token=None,
+        end_token=None,
+        pad_token=None,
+        parse_special_tokens=True,
+    ):
+        if not isinstance(parse_special_tokens, bool):
+            raise TypeError(
+                "`parse_special_tokens` must be True or False. "
+                f"Received: parse_special_tokens={parse_special_tokens!r}"
+            )
         self.start_token = start_token
         self.end_token = end_token
         self.pad_token = pad_token
+        self.parse_special_tokens = parse_special_tokens
         self.proto = None
         self._processor = None
+        self._special_pattern = None
         self.set_proto(proto)
 
     def set_proto(self, proto):
@@ -92,14 +118,40 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"Could not parse a SentencePiece model from {source}.")
         self.proto, self._processor = bytes(proto), processor
         self._pieces = {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
+        self._special_pieces = _special_pieces(self.proto, processor)
+        self._special_pattern = None
+        if self._special_pieces:
+            alternatives = "|".join(re.escape(p) for p in self._special_pieces)
+            self._special_pattern = re.compile(f"({alternatives})")
         self._check_special_tokens_in_vocabulary([self.start_token, self.end_token, self.pad_token])
+
+    @property
+    def special_pieces(self):
+        """The pieces matched as whole tokens in text when ``parse_special_tokens``: control,
+        unknown and user-defined pieces, longest first."""
+        return list(self._special_pieces) if self._is_ready() else []
 
     # --- hooks ----------------------------------------------------------------------------
     def _is_ready(self):
         return self._processor is not None
 
     def _encode_batch(self, texts):
-        return self._processor.Encode(texts, out_type=int)
+        pattern = self._special_pattern if self.parse_special_tokens else None
+        if pattern is None:
+            return self._processor.Encode(texts, out_type=int)
+        # Split each text into [text, special, text, special, ..., text]; encode all the text
+        # pieces in one batch call, then put the special ids back in between.
+        parts = [pattern.split(text) for text in texts]
+        plain = [piece for pieces in parts for piece in pieces[::2]]
+        encoded = iter(self._processor.Encode(plain, out_type=int))
+        out = []
+        for pieces in parts:
+            ids = list(next(encoded))
+            for special in pieces[1::2]:
+                ids.append(self._pieces[special])
+                ids.extend(next(encoded))
+            out.append(ids)
+        return out
 
     def _decode_batch(self, sequences):
         return self._processor.Decode(sequences)
@@ -134,7 +186,27 @@ class SentencePieceTokenizer(Tokenizer):
             "start_token": self.start_token,
             "end_token": self.end_token,
             "pad_token": self.pad_token,
+            "parse_special_tokens": self.parse_special_tokens,
         }
+
+
+def _special_pieces(proto, processor):
+    """The control, unknown and user-defined pieces of a model (the kinds llama.cpp matches in
+    text), longest first so that a piece never loses to a shorter one it starts with."""
+    user_defined = []
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+        model = model_pb2.ModelProto.FromString(proto)
+        user_defined = [p.piece for p in model.pieces if p.type == PIECE_TYPES["USER_DEFINED"]]
+    except ImportError:  # no protobuf: control and unknown pieces only
+        pass
+    special = [
+        processor.IdToPiece(i)
+        for i in range(processor.GetPieceSize())
+        if processor.IsControl(i) or processor.IsUnknown(i)
+    ]
+    return sorted({p for p in special + user_defined if p}, key=lambda p: (-len(p), p))
 
 
 def build_sentencepiece_proto(

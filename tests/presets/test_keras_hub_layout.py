@@ -135,3 +135,21 @@ def test_loader_maps_names_and_never_imports_module(tmp_path):
     assert type(loaded) is LlamaCausalLM
     ids = token_batch()
     np.testing.assert_array_equal(logits(loaded, ids), logits(source, ids))
+
+
+def test_sentencepiece_special_token_setting_survives(tmp_path):
+    from keras_llama.models import LlamaCausalLMPreprocessor, LlamaTokenizer
+    from tests.presets.helpers import SPM_PROTO
+
+    base = CausalLM.from_preset(os.path.join(KERAS_HUB, "llama"))
+    tokenizer = LlamaTokenizer(SPM_PROTO, parse_special_tokens=False)
+    model = LlamaCausalLM(base.backbone, LlamaCausalLMPreprocessor(tokenizer))
+    model.save_to_preset(str(tmp_path / "p"))
+    loaded = CausalLM.from_preset(str(tmp_path / "p")).preprocessor.tokenizer
+    assert loaded.parse_special_tokens is False
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=SPM_PROTO)
+    assert loaded("the fox</s><s>dog").tolist() == sp.encode("the fox</s><s>dog")
+    parsing = base.preprocessor.tokenizer  # KerasHub's config: our default, parsing
+    assert parsing("the fox</s>").tolist() == sp.encode("the fox") + [2]

@@ -8,8 +8,23 @@ from keras_llama.models import LlamaTokenizer
 from keras_llama.tokenizers import SentencePieceTokenizer, build_sentencepiece_proto
 from tests.tokenizers.references import TEXTS, mistral_v1_path, sentencepiece_processor
 
-# SentencePiece does not match special-token strings in text: they are ordinary text here.
-SPM_TEXTS = TEXTS + ["<s>Hello</s> <unk> [INST] hi [/INST]"]
+# Plain text: exactly SentencePiece's ids.
+SPM_TEXTS = TEXTS
+# Special-token strings in text: matched as tokens by default (llama.cpp, Meta, transformers'
+# SentencePiece tokenizer with legacy=True); plain text for SentencePiece itself.
+SPECIAL_TEXTS = [
+    "<s>Hello</s> <unk> [INST] hi [/INST]",
+    "[INST] Hi [/INST] Hello! </s><s>[INST] Again [/INST]",
+    "a </s> b<unk>c",
+    " <s> x",
+    "x<s>",
+    "</s></s>",
+    "<<s>>",
+    "</s >",
+    " </s>\n<s>\n",
+    "<unk>",
+    "日本語</s>😀<s> tab\there",
+]
 # "▁" is SentencePiece's escaped space: it encodes fine but decodes to " " (lossy).
 LOSSY = ["▁already▁escaped ▁"]
 
@@ -29,6 +44,81 @@ def test_ids_equal_sentencepiece(tokenizer, sp):
         ids = tokenizer.tokenize(text)
         assert ids.dtype == np.int32 and ids.ndim == 1
         assert ids.tolist() == sp.encode(text), text
+    plain = LlamaTokenizer(mistral_v1_path(), parse_special_tokens=False)
+    for text in SPM_TEXTS + SPECIAL_TEXTS:
+        assert plain(text).tolist() == sp.encode(text), text
+    assert [a.tolist() for a in plain(SPECIAL_TEXTS)] == [sp.encode(t) for t in SPECIAL_TEXTS]
+
+
+def test_special_token_strings_equal_transformers_sentencepiece_tokenizer(tokenizer):
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    # transformers' SentencePiece-backed ("slow") Llama tokenizer; legacy=True is the mode
+    # that agrees with llama.cpp and Meta (a dummy-prefix space after each special token).
+    reference = SentencePieceBackend(
+        vocab_file=mistral_v1_path(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        legacy=True,
+    )  # fmt: skip
+    for text in SPECIAL_TEXTS + SPM_TEXTS:
+        expected = reference.encode(text, add_special_tokens=False)
+        assert tokenizer(text).tolist() == expected, text
+    batch = tokenizer(SPECIAL_TEXTS + SPM_TEXTS[:3])  # one batched sentencepiece call
+    assert [b.tolist() for b in batch] == [
+        reference.encode(t, add_special_tokens=False) for t in SPECIAL_TEXTS + SPM_TEXTS[:3]
+    ]
+
+
+def test_llama2_chat_prompt_gets_meta_ids(tokenizer, sp):
+    """A rendered two-turn Llama 2 chat equals Meta's `chat_completion` encoding: each turn
+    `sp.encode(f"[INST] {q} [/INST] {a} ")` between BOS (1) and EOS (2) ids."""
+    from keras_llama.models import LlamaCausalLMPreprocessor
+
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    meta = (
+        [1] + sp.encode("[INST] What is 2+2? [/INST] 4. ") + [2]
+        + [1] + sp.encode("[INST] And 3+3? [/INST]")
+    )  # fmt: skip
+    preprocessor = LlamaCausalLMPreprocessor(tokenizer, sequence_length=64)
+    prompt = preprocessor.apply_chat_template(messages)
+    assert "</s><s>[INST]" in prompt
+    packed = preprocessor.generate_preprocess(prompt)
+    ids, mask = (np.asarray(packed[k]) for k in ("token_ids", "padding_mask"))
+    assert ids[mask.astype(bool)].tolist() == meta
+    # Worked by hand for the turn boundary: "▁" "4" "." "▁" </s> <s> "▁[" "INST" "]".
+    boundary = meta.index(2)
+    assert [sp.id_to_piece(i) for i in meta[boundary - 4 : boundary + 5]] == [
+        "▁", "4", ".", "▁", "</s>", "<s>", "▁[", "INST", "]",
+    ]  # fmt: skip
+
+
+def test_user_defined_pieces_are_split_as_llama_cpp_does(sp):
+    """A GGUF-style vocabulary with a user-defined piece: llama.cpp splits the text on it
+    and encodes each side on its own (a dummy-prefix space after it); SentencePiece itself
+    matches it inline."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    original = model_pb2.ModelProto()
+    with open(mistral_v1_path(), "rb") as f:
+        original.ParseFromString(f.read())
+    pieces = [p.piece for p in original.pieces] + ["<|im_start|>"]
+    scores = [p.score for p in original.pieces] + [0.0]
+    types = [int(p.type) for p in original.pieces] + [4]  # USER_DEFINED
+    proto = build_sentencepiece_proto(pieces, scores, types, unk_id=0, bos_id=1, eos_id=2)
+    ours = SentencePieceTokenizer(proto)
+    assert ours.special_pieces == ["<|im_start|>", "<unk>", "</s>", "<s>"]
+    text = "hi<|im_start|>there"
+    assert ours(text).tolist() == sp.encode("hi") + [32000] + sp.encode("there")
+    import sentencepiece
+
+    native = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    plain = SentencePieceTokenizer(proto, parse_special_tokens=False)
+    assert plain(text).tolist() == native.encode(text) != ours(text).tolist()
+    with pytest.raises(TypeError, match="parse_special_tokens.*Received: parse_special_tokens"):
+        SentencePieceTokenizer(proto, parse_special_tokens="yes")
 
 
 def test_batch_is_ragged_list(tokenizer, sp):
@@ -48,6 +138,9 @@ def test_round_trip_and_detokenize_equals_sentencepiece(tokenizer, sp):
     # Llama's model: identity normalizer, no whitespace collapsing, byte fallback -> lossless.
     for text in SPM_TEXTS:
         assert tokenizer.detokenize(tokenizer(text)) == text
+    # Special-token strings become control ids, which decode to nothing (as in sentencepiece).
+    ids = sp.encode("a") + [2, 1] + sp.encode("b")
+    assert tokenizer.detokenize(tokenizer("a</s><s>b")) == sp.decode(ids) == "a b"
     ids = sp.encode("Hello world")
     assert tokenizer.detokenize(ids) == sp.decode(ids) == "Hello world"
     # Control tokens decode to nothing, as in sentencepiece.

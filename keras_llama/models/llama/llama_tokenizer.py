@@ -10,8 +10,13 @@ from keras_llama.tokenizers.sentencepiece_tokenizer import SentencePieceTokenize
 class LlamaTokenizer(SentencePieceTokenizer):
     """Llama tokenizer: a SentencePiece model run by the `sentencepiece` package.
 
-    Ids equal ``sentencepiece.SentencePieceProcessor(model).encode(text)``. The start token is
-    ``<s>``, the end token ``</s>``; padding uses id 0 (``<unk>``), as in KerasHub.
+    Ids equal ``sentencepiece.SentencePieceProcessor(model).encode(text)``, except that
+    special-token strings in the text (``<s>``, ``</s>``, ``<unk>`` and any control or
+    user-defined piece of the model) become their ids, as in llama.cpp and Meta's chat code:
+    a rendered multi-turn Llama 2 prompt ``"... [/INST] answer </s><s>[INST] ..."`` gets real
+    end/start tokens. ``parse_special_tokens=False`` gives plain SentencePiece ids for every
+    string (KerasHub's behaviour). The start token is ``<s>``, the end token ``</s>``; padding
+    uses id 0 (``<unk>``), as in KerasHub.
 
     Args:
         proto: a path to a SentencePiece ``tokenizer.model`` or its serialized bytes (for a
@@ -19,6 +24,7 @@ class LlamaTokenizer(SentencePieceTokenizer):
             `keras_llama.tokenizers.build_sentencepiece_proto`).
         start_token, end_token: Llama's ``"<s>"`` and ``"</s>"`` by default.
         pad_token: None pads with id 0.
+        parse_special_tokens: match special-token strings in text (see above).
 
     Example:
     ```python
@@ -31,7 +37,18 @@ class LlamaTokenizer(SentencePieceTokenizer):
 
     backbone_cls = LlamaBackbone
 
-    def __init__(self, proto=None, start_token="<s>", end_token="</s>", pad_token=None):
+    def __init__(
+        self,
+        proto=None,
+        start_token="<s>",
+        end_token="</s>",
+        pad_token=None,
+        parse_special_tokens=True,
+    ):
         super().__init__(
-            proto=proto, start_token=start_token, end_token=end_token, pad_token=pad_token
+            proto=proto,
+            start_token=start_token,
+            end_token=end_token,
+            pad_token=pad_token,
+            parse_special_tokens=parse_special_tokens,
         )
