@@ -4,8 +4,12 @@ Layer and attribute names follow KerasHub's so that KerasHub ``model.weights.h5`
 they are (the weight paths are derived from them). Einsum letters used throughout:
 
     b batch   q query positions   s key positions (cache slots)   m hidden_dim
-    u query heads   v key/value heads   g query heads per key/value head   h head_dim
+    u (or a) query heads   v key/value heads   g query heads per key/value head   h head_dim
     f intermediate_dim
+
+The output projection is written ``bqah,ahm->bqm``: with the heads letter sorting before the
+head-dim letter, XLA contracts the kernel in its stored order instead of copying it transposed
+on every call (16-18% of a CPU decode step).
 """
 
 import math
@@ -272,7 +276,7 @@ class LlamaAttention(keras.layers.Layer):
             rate=self.dropout, dtype=self.dtype_policy, name="attention_dropout"
         )
         self._output_dense = keras.layers.EinsumDense(
-            "bquh,uhm->bqm", output_shape=(None, hidden_dim), name="attention_output", **common
+            "bqah,ahm->bqm", output_shape=(None, hidden_dim), name="attention_output", **common
         )
         self._output_dense.build((None, None, u, h))
         self.built = True
