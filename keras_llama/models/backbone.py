@@ -1,6 +1,8 @@
 """Backbone base class: a functional Keras model holding a model's core architecture."""
 
+import contextlib
 import functools
+import gc
 import os
 
 import keras
@@ -153,7 +155,8 @@ class Backbone(keras.Model):
         def keep(layer):
             return scheme_filter(layer) and user_filter(layer)
 
-        keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
+        with _one_garbage_collection():
+            keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
         if mode == "int8_weight_only":
             for layer in self._flatten_layers(include_self=False):
                 if getattr(layer, "_is_quantized", False):
@@ -349,3 +352,19 @@ def _compile_filters(filters):
         )
     patterns = [re.compile(f) for f in filters]
     return lambda layer: any(p.search(layer.path or layer.name) for p in patterns)
+
+
+@contextlib.contextmanager
+def _one_garbage_collection():
+    """Run one ``gc.collect()`` at the end instead of one per replaced variable.
+
+    Keras's ``Layer.__delattr__`` calls ``gc.collect()`` each time a variable is deleted, which
+    `quantize` does for every kernel: ~0.1 s a call, 26 s of a 29 s SmolLM2 quantization.
+    """
+    collect = gc.collect
+    gc.collect = lambda *args, **kwargs: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+        gc.collect()
