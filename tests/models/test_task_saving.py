@@ -4,7 +4,12 @@ import keras
 import numpy as np
 import sentencepiece as spm
 
-from keras_llama.models import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+from keras_llama.models import (
+    LlamaBackbone,
+    LlamaCausalLM,
+    LlamaCausalLMPreprocessor,
+    LlamaTokenizer,
+)
 from tests.data_files import wheel_file
 
 

@@ -2,9 +2,9 @@
 
 import keras
 
+from keras_llama.models.llama.llama_causal_lm import LlamaCausalLM
 from keras_llama.models.llama3.llama3_backbone import Llama3Backbone
 from keras_llama.models.llama3.llama3_causal_lm_preprocessor import Llama3CausalLMPreprocessor
-from keras_llama.models.llama.llama_causal_lm import LlamaCausalLM
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
