@@ -229,6 +229,8 @@ class GenerationEngine:
 
             self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
             self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
+            self._fuse_jit = jax.jit(self._fuse)
+            self._fused = (None, None)  # (the values they were made from, fused kernels)
             self._compiled = set()  # decode shapes compiled or compiling
             self._compiling = []  # background compilations to wait for
 
@@ -272,7 +274,8 @@ class GenerationEngine:
             self._compiling.pop().join()
         values = [v.value for v in self.variables]
         seeds = [v.value for v in self.sampler.variables]
-        state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids)
+        fused = self._fused_kernels(values)
+        state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids, fused)
         for variable, seed in zip(self.sampler.variables, seeds):
             variable.assign(seed)
         return state
@@ -294,8 +297,9 @@ class GenerationEngine:
         self._compiled.add(key)
         state = jax.eval_shape(self._prefill_jit, *prefill_args)
         seeds = [v.value for v in self.sampler.variables]
+        fused = jax.eval_shape(self._fuse_jit, prefill_args[0])
         lowered = self._decode_jit.lower(
-            prefill_args[0], state, seeds, np.array(0, "int32"), _stop_array(stop_token_ids)
+            prefill_args[0], state, seeds, np.array(0, "int32"), _stop_array(stop_token_ids), fused
         )
         thread = threading.Thread(target=lowered.compile, daemon=True)
         thread.start()
@@ -334,11 +338,34 @@ class GenerationEngine:
             )
             return self.sampler.init_state(state, hidden)
 
-    def _decode(self, values, state, seeds, stop_at, stop_token_ids):
+    def _fused_kernels(self, values):
+        """The model's fused decode kernels for these variable values (see `_fuse`), made
+        once and kept until a variable changes (streaming decodes a few steps per call)."""
+        made_from, fused = self._fused
+        if made_from is None or any(a is not b for a, b in zip(made_from, values)):
+            fused = self._fuse_jit(values)
+            self._fused = (values, fused)
+        return fused
+
+    def _fuse(self, values):
+        # Models may concatenate projection kernels for decoding (LlamaCausalLM: q/k/v and
+        # gate/up per block): fewer, larger matmuls per step, and fewer kernels to compile.
+        # None when the model has no such path or cannot use it (quantized, LoRA).
+        fuse = getattr(self.model, "_fused_decode_kernels", None)
+        if fuse is None:
+            return None
+        with self._scope(values):
+            return fuse()
+
+    def _decode(self, values, state, seeds, stop_at, stop_token_ids, fused=None):
         mapping = list(zip(self.variables, values))
-        return run_decode_loop(
-            self.sampler, self._step, state, stop_at, stop_token_ids, mapping, seeds=seeds
-        )
+        scope = contextlib.nullcontext()
+        if fused is not None:
+            scope = self.model._decoding_with_kernels(fused)
+        with scope:
+            return run_decode_loop(
+                self.sampler, self._step, state, stop_at, stop_token_ids, mapping, seeds=seeds
+            )
 
     def _step(self, token_ids, caches, slot, cache_mask, positions):
         logits, hidden, caches = self.model.call_with_layer_caches(

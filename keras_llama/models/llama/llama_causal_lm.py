@@ -1,5 +1,7 @@
 """LlamaCausalLM: the backbone plus the output projection, with a key/value cache."""
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -82,6 +84,38 @@ class LlamaCausalLM(CausalLM):
 
         ``last_logits_only=True`` projects only the last position to the vocabulary (logits
         [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
+        kernels = self.__dict__.get("_active_decode_kernels")
+        return self._call_layers(
+            token_ids, layer_caches, cache_update_index, cache_padding_mask, positions,
+            last_logits_only, kernels,
+        )
+
+    def _fused_decode_kernels(self):
+        """Per decoder block, its `LlamaTransformerDecoder.fused_kernels` (read through the
+        current variable values, so a `keras.StatelessScope` applies), or None when some block
+        is quantized or has LoRA (those keep the layers' own path)."""
+        layers = self.backbone.transformer_layers
+        if not all(layer.fusable() for layer in layers):
+            return None
+        return [layer.fused_kernels() for layer in layers]
+
+    @contextlib.contextmanager
+    def _decoding_with_kernels(self, kernels):
+        """Within this context (while tracing the compiled decode loop), `call_with_layer_caches`
+        runs the blocks through ``kernels`` from `_fused_decode_kernels`: the same logits with
+        fewer, larger matmuls. ``kernels=None`` leaves the layers' own path."""
+        # Set through __dict__: trace-time state, not something Keras should track.
+        previous = self.__dict__.get("_active_decode_kernels")
+        self.__dict__["_active_decode_kernels"] = kernels
+        try:
+            yield
+        finally:
+            self.__dict__["_active_decode_kernels"] = previous
+
+    def _call_layers(
+        self, token_ids, layer_caches, cache_update_index, cache_padding_mask, positions,
+        last_logits_only, kernels,
+    ):
         q_len = ops.shape(token_ids)[1]
         max_length = ops.shape(layer_caches[0][0])[1]
         query_slots = ops.arange(q_len) + cache_update_index  # [q]
@@ -92,14 +126,19 @@ class LlamaCausalLM(CausalLM):
             mask = ops.logical_and(mask, ops.cast(cache_padding_mask, "bool")[:, None, :])
         x = self.backbone.token_embedding(token_ids)
         new_caches = []
-        for layer, layer_cache in zip(self.backbone.transformer_layers, layer_caches):
-            x, layer_cache = layer(
-                x,
-                attention_mask=mask,
-                positions=positions,
-                cache=layer_cache,
-                cache_update_index=cache_update_index,
-            )
+        for i, (layer, layer_cache) in enumerate(zip(self.backbone.transformer_layers, layer_caches)):
+            if kernels is None:
+                x, layer_cache = layer(
+                    x,
+                    attention_mask=mask,
+                    positions=positions,
+                    cache=layer_cache,
+                    cache_update_index=cache_update_index,
+                )
+            else:
+                x, layer_cache = layer.call_with_fused_kernels(
+                    x, kernels[i], mask, positions, layer_cache, cache_update_index
+                )
             new_caches.append(layer_cache)
         hidden = self.backbone.layer_norm(x)
         logits = self.backbone.token_embedding(
