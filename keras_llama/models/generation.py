@@ -213,6 +213,33 @@ def auto_stop_token_ids(tokenizer):
     return tuple(dict.fromkeys(ids))
 
 
+# --- compilation cache ---------------------------------------------------------------------------
+def enable_persistent_compilation_cache():
+    """Let JAX keep compiled prefill/decode programs on disk, so that a later process (a second
+    ``keras-llama generate``) skips most of the compilation of the first ``generate()``.
+
+    The cache lives in ``<keras-llama cache>/jax_compilation_cache``. It is left alone when the
+    user already configured one, and ``KERAS_LLAMA_JAX_CACHE=0`` turns it off.
+    """
+    import os
+
+    import jax
+
+    if os.environ.get("KERAS_LLAMA_JAX_CACHE", "1").lower() in ("0", "false", "no"):
+        return
+    if jax.config.jax_compilation_cache_dir:
+        return
+    from keras_llama.presets.handles import cache_dir
+
+    path = os.path.join(cache_dir(), "jax_compilation_cache")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # a read-only home: compile as usual
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 # --- stages 3 and 4: prefill and decode ----------------------------------------------------------
 class GenerationEngine:
     """Prefill and decode functions of one model with one sampler, compiled once per bucketed
@@ -227,6 +254,7 @@ class GenerationEngine:
         if self.jax:
             import jax
 
+            enable_persistent_compilation_cache()
             self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
             self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
             self._fuse_jit = jax.jit(self._fuse)
