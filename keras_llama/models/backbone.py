@@ -8,14 +8,15 @@ import os
 import keras
 
 from keras_llama import quantization
-from keras_llama.utils.python_utils import classproperty, functional_setattr
+from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.utils.python_utils import functional_setattr
 
 # KerasHub's default LoRA targets: the query and value projections of every attention block.
 DEFAULT_LORA_LAYER_NAMES = ("query_dense", "value_dense", "query", "value")
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
-class Backbone(keras.Model):
+class Backbone(PresetsMixin, keras.Model):
     """Base class for backbones (KerasHub's `keras_hub.models.Backbone`).
 
     A backbone maps preprocessed inputs (``{"token_ids", "padding_mask"}``) to hidden states.
@@ -94,17 +95,6 @@ class Backbone(keras.Model):
         from keras_llama.models.preset_loading import save_backbone
 
         save_backbone(self, preset_dir)
-
-    @classmethod
-    def _presets_table(cls):
-        from keras_llama.models.preset_loading import presets_for
-
-        return presets_for(cls)
-
-    @classproperty
-    def presets(cls):
-        """Built-in presets available on this class, as ``{name: metadata}``."""
-        return dict(cls._presets_table())
 
     # --- quantization --------------------------------------------------------------------------
     @property

@@ -15,11 +15,11 @@ import warnings
 import keras
 import numpy as np
 
-from keras_llama.utils.python_utils import classproperty
+from keras_llama.models.presets_mixin import PresetsMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
-class Preprocessor:
+class Preprocessor(PresetsMixin):
     """Base class for preprocessors (KerasHub's `keras_hub.models.Preprocessor`).
 
     A preprocessor holds a `Tokenizer` and turns raw inputs into what a task's backbone
@@ -77,17 +77,6 @@ class Preprocessor:
         from keras_llama.models.preset_loading import save_preprocessor
 
         save_preprocessor(self, preset_dir)
-
-    @classmethod
-    def _presets_table(cls):
-        from keras_llama.models.preset_loading import presets_for
-
-        return presets_for(cls)
-
-    @classproperty
-    def presets(cls):
-        """Built-in presets available on this class, as ``{name: metadata}``."""
-        return dict(cls._presets_table())
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")

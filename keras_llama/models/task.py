@@ -5,11 +5,12 @@ import types
 import keras
 
 from keras_llama.models import training_data
-from keras_llama.utils.python_utils import classproperty, functional_setattr
+from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.utils.python_utils import functional_setattr
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
-class Task(keras.Model):
+class Task(PresetsMixin, keras.Model):
     """Base class for tasks (KerasHub's `keras_hub.models.Task`).
 
     A task wraps a `Backbone` and an optional `Preprocessor`; calling ``from_preset`` on a base
@@ -142,14 +143,3 @@ class Task(keras.Model):
         from keras_llama.models.preset_loading import save_task
 
         save_task(self, preset_dir)
-
-    @classmethod
-    def _presets_table(cls):
-        from keras_llama.models.preset_loading import presets_for
-
-        return presets_for(cls)
-
-    @classproperty
-    def presets(cls):
-        """Built-in presets available on this class, as ``{name: metadata}``."""
-        return dict(cls._presets_table())
