@@ -255,6 +255,9 @@ class GenerationEngine:
             import jax
 
             enable_persistent_compilation_cache()
+            from keras_llama import kernels
+
+            kernels.ensure_built_in_background()  # built once per machine, then cached
             self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
             self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
             self._fuse_jit = jax.jit(self._fuse)

@@ -195,7 +195,9 @@ class LlamaBackbone(Backbone):
         return config
 
     @staticmethod
-    def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
+    def get_layout_map(
+        device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"
+    ):
         """A `keras.distribution.LayoutMap` sharding the weights over ``model_parallel_dim_name``.
 
         Megatron-style tensor parallelism: the embedding and output projection are split along
@@ -229,9 +231,15 @@ class LlamaBackbone(Backbone):
         layout_map = keras.distribution.LayoutMap(device_mesh)
         layout_map["token_embedding/embeddings"] = (model, None)
         layout_map["token_embedding/reverse_embeddings"] = (None, model)
-        layout_map[r"transformer_layer.*self_attention.*(query|key|value).kernel"] = (None, model, None)
+        layout_map[r"transformer_layer.*self_attention.*(query|key|value).kernel"] = (
+            None,
+            model,
+            None,
+        )
         layout_map[r"transformer_layer.*attention_output.kernel"] = (model, None, None)
-        layout_map[r"transformer_layer.*feedforward_(intermediate|gate)_dense.kernel"] = (None, model)
+        layout_map[r"transformer_layer.*feedforward_(intermediate|gate)_dense.kernel"] = (
+            None,
+            model,
+        )
         layout_map[r"transformer_layer.*feedforward_output_dense.kernel"] = (model, None)
         return layout_map
-

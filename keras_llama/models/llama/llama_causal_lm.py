@@ -1,13 +1,16 @@
 """LlamaCausalLM: the backbone plus the output projection, with a key/value cache."""
 
 import contextlib
+import math
 
 import keras
 from keras import ops
 
+from keras_llama import kernels as native_kernels
 from keras_llama.models.causal_lm import CausalLM
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
+from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -86,18 +89,63 @@ class LlamaCausalLM(CausalLM):
         [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
         kernels = self.__dict__.get("_active_decode_kernels")
         return self._call_layers(
-            token_ids, layer_caches, cache_update_index, cache_padding_mask, positions,
-            last_logits_only, kernels,
+            token_ids,
+            layer_caches,
+            cache_update_index,
+            cache_padding_mask,
+            positions,
+            last_logits_only,
+            kernels,
         )
 
     def _fused_decode_kernels(self):
-        """Per decoder block, its `LlamaTransformerDecoder.fused_kernels` (read through the
-        current variable values, so a `keras.StatelessScope` applies), or None when some block
-        is quantized or has LoRA (those keep the layers' own path)."""
+        """The kernels the compiled decode loop uses (read through the current variable
+        values, so a `keras.StatelessScope` applies): ``{"layers": [...], "head": ...}``.
+
+        With the native decoding kernels (`keras_llama.kernels`, JAX on CPU, float32 or
+        ``"int8_weight_only"`` weights): per block its `LlamaTransformerDecoder.packed_kernels`
+        and the output projection packed. Otherwise, per block its
+        `LlamaTransformerDecoder.fused_kernels` and no head (the embedding's own path). None
+        when some block is quantized otherwise or has LoRA (the layers' own path)."""
         layers = self.backbone.transformer_layers
+        if native_kernels.available():
+            packed = [layer.packed_kernels() for layer in layers]
+            head = self._packed_output_projection()
+            if head is not None and all(p is not None for p in packed):
+                return {"layers": packed, "head": head}
         if not all(layer.fusable() for layer in layers):
             return None
-        return [layer.fused_kernels() for layer in layers]
+        return {"layers": [layer.fused_kernels() for layer in layers], "head": None}
+
+    def _packed_output_projection(self):
+        # The token embedding's reverse projection [hidden, vocab] as a PackedKernel, or None.
+        embedding = self.backbone.token_embedding
+        if embedding.logit_soft_cap is not None or embedding.compute_dtype != "float32":
+            return None
+        if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
+            return None
+        mode = embedding.quantization_mode
+        if mode is None:
+            if embedding.tie_weights:
+                kernel = ops.transpose(ops.convert_to_tensor(embedding.embeddings))
+            else:
+                kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
+            return native_kernels.pack(kernel)
+        if not isinstance(resolved_policy(embedding), Int8WeightOnlyDTypePolicy):
+            return None
+        if embedding.tie_weights:
+            kernel = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
+            scale = ops.convert_to_tensor(embedding.embeddings_scale)
+        else:
+            kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
+            scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
+        vocab = kernel.shape[1]
+        if math.prod(scale.shape) != vocab:  # not one scale per vocabulary entry
+            return None
+        # Keras computes `(x @ kernel) / scale`.
+        return native_kernels.pack_int8(
+            kernel, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,))
+        )
 
     @contextlib.contextmanager
     def _decoding_with_kernels(self, kernels):
@@ -113,8 +161,14 @@ class LlamaCausalLM(CausalLM):
             self.__dict__["_active_decode_kernels"] = previous
 
     def _call_layers(
-        self, token_ids, layer_caches, cache_update_index, cache_padding_mask, positions,
-        last_logits_only, kernels,
+        self,
+        token_ids,
+        layer_caches,
+        cache_update_index,
+        cache_padding_mask,
+        positions,
+        last_logits_only,
+        kernels,
     ):
         q_len = ops.shape(token_ids)[1]
         max_length = ops.shape(layer_caches[0][0])[1]
@@ -126,7 +180,9 @@ class LlamaCausalLM(CausalLM):
             mask = ops.logical_and(mask, ops.cast(cache_padding_mask, "bool")[:, None, :])
         x = self.backbone.token_embedding(token_ids)
         new_caches = []
-        for i, (layer, layer_cache) in enumerate(zip(self.backbone.transformer_layers, layer_caches)):
+        for i, (layer, layer_cache) in enumerate(
+            zip(self.backbone.transformer_layers, layer_caches)
+        ):
             if kernels is None:
                 x, layer_cache = layer(
                     x,
@@ -137,13 +193,15 @@ class LlamaCausalLM(CausalLM):
                 )
             else:
                 x, layer_cache = layer.call_with_fused_kernels(
-                    x, kernels[i], mask, positions, layer_cache, cache_update_index
+                    x, kernels["layers"][i], mask, positions, layer_cache, cache_update_index
                 )
             new_caches.append(layer_cache)
         hidden = self.backbone.layer_norm(x)
-        logits = self.backbone.token_embedding(
-            hidden[:, -1:] if last_logits_only else hidden, reverse=True
-        )
+        projected = hidden[:, -1:] if last_logits_only else hidden
+        if kernels is not None and kernels["head"] is not None:
+            logits = native_kernels.matmul(projected, kernels["head"])
+        else:
+            logits = self.backbone.token_embedding(projected, reverse=True)
         return logits, hidden, new_caches
 
     def _build_layer_caches(self, batch_size, max_length, dtype=None):
@@ -157,7 +215,9 @@ class LlamaCausalLM(CausalLM):
             backbone.hidden_dim // backbone.num_query_heads,
         )
         dtype = dtype or self.compute_dtype
-        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(backbone.num_layers)]
+        return [
+            (ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(backbone.num_layers)
+        ]
 
     def _build_cache(self, batch_size, max_length, dtype=None):
         """An all-zeros cache [batch, num_layers, 2, max_length, num_key_value_heads, head_dim]."""

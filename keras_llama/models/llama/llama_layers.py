@@ -17,6 +17,9 @@ import math
 import keras
 from keras import ops
 
+from keras_llama import kernels as native_kernels
+from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
+
 
 def _kernel_initializer(stddev=0.02):
     return keras.initializers.RandomNormal(stddev=stddev)
@@ -25,6 +28,58 @@ def _kernel_initializer(stddev=0.02):
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def _project(x, kernel):
+    """``x [..., K] @ kernel``: a [K, N] array, or a `keras_llama.kernels.PackedKernel`."""
+    if isinstance(kernel, native_kernels.PackedKernel):
+        return native_kernels.matmul(x, kernel)
+    return ops.matmul(x, kernel)
+
+
+def _as_matrix(array, input_dims):
+    # [i1, .., i_d, o1, ...] -> [i1 * .. * i_d, o1 * ...]
+    rows = math.prod(array.shape[:input_dims])
+    return ops.reshape(array, (rows, -1))
+
+
+def _packable(layers, input_dims):
+    """The kernels of Dense/EinsumDense ``layers`` (all reading the same input), each as a
+    [K, N] matrix (K = the product of its first ``input_dims`` dims), concatenated along N
+    into one `keras_llama.kernels.PackedKernel`: float32 when every layer computes in float32
+    from a float kernel, int8 when every layer is int8 weight-only (`"int8_weight_only"`).
+    None for anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
+    modes = set()
+    for layer in layers:
+        if getattr(layer, "lora_enabled", False) or layer.compute_dtype != "float32":
+            return None
+        if layer.quantization_mode is None:
+            modes.add("float")
+        elif isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy):
+            modes.add("int8")
+        else:
+            return None
+    if modes == {"float"}:
+        matrices = [_as_matrix(ops.convert_to_tensor(x.kernel), input_dims) for x in layers]
+        return native_kernels.pack(ops.concatenate(matrices, axis=1))
+    if modes != {"int8"}:
+        return None
+    matrices, scales = [], []
+    for layer in layers:
+        kernel = ops.convert_to_tensor(layer._kernel)
+        scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
+        if isinstance(layer, keras.layers.EinsumDense):
+            adjust = getattr(layer, "_adjust_scale_for_dequant", None)
+            if adjust is None:  # a Keras without it: keep the layer's own path
+                return None
+            scale = adjust(scale)
+        # Keras dequantizes with `kernel / scale`, one scale per output channel.
+        scale = ops.broadcast_to(scale, kernel.shape)
+        matrices.append(_as_matrix(kernel, input_dims))
+        scales.append(1.0 / _as_matrix(scale, input_dims)[0])
+    return native_kernels.pack_int8(
+        ops.concatenate(matrices, axis=1), ops.concatenate(scales, axis=0)
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -311,20 +366,37 @@ class LlamaAttention(keras.layers.Layer):
         )
 
     def call_with_fused_kernel(
-        self, hidden_states, qkv_kernel, attention_mask, positions, cache, cache_update_index
+        self,
+        hidden_states,
+        qkv_kernel,
+        attention_mask,
+        positions,
+        cache,
+        cache_update_index,
+        output_kernel=None,
     ):
         """`call` with a cache (inference only), projecting queries, keys and values with ONE
         matmul by ``qkv_kernel`` [m, (u + 2v) * h] (the query, key and value kernels
-        concatenated, see `fused_qkv_kernel`): one larger kernel instead of three. Same
+        concatenated, see `fused_qkv_kernel`): one larger kernel instead of three. With
+        `keras_llama.kernels.PackedKernel` s (``qkv_kernel`` and ``output_kernel`` from
+        `packed_kernels`), both projections run through the native decoding kernels. Same
         arguments and result as `call` otherwise."""
         b, q = ops.shape(hidden_states)[0], ops.shape(hidden_states)[1]
         u, v, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
-        projected = ops.matmul(hidden_states, qkv_kernel)  # [b, q, (u + 2v) * h]
+        projected = _project(hidden_states, qkv_kernel)  # [b, q, (u + 2v) * h]
         query = ops.reshape(projected[..., : u * h], (b, q, u, h))
         key = ops.reshape(projected[..., u * h : (u + v) * h], (b, q, v, h))
         value = ops.reshape(projected[..., (u + v) * h :], (b, q, v, h))
         return self._attend_projected(
-            query, key, value, attention_mask, positions, cache, cache_update_index, False
+            query,
+            key,
+            value,
+            attention_mask,
+            positions,
+            cache,
+            cache_update_index,
+            False,
+            output_kernel,
         )
 
     def fused_qkv_kernel(self):
@@ -336,8 +408,27 @@ class LlamaAttention(keras.layers.Layer):
             [ops.reshape(ops.cast(k, self.compute_dtype), (m, -1)) for k in kernels], axis=1
         )
 
+    def packed_kernels(self):
+        """``(qkv, output)`` `keras_llama.kernels.PackedKernel` s for the native decoding
+        kernels: the query/key/value kernels concatenated [m, (u + 2v) * h] and the output
+        kernel [u * h, m], float32 or int8 weight-only; None when a projection is neither."""
+        qkv = _packable([self._query_dense, self._key_dense, self._value_dense], input_dims=1)
+        output = _packable([self._output_dense], input_dims=2)
+        if qkv is None or output is None:
+            return None
+        return qkv, output
+
     def _attend_projected(
-        self, query, key, value, attention_mask, positions, cache, cache_update_index, training
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        positions,
+        cache,
+        cache_update_index,
+        training,
+        output_kernel=None,
     ):
         # query [b, q, u, h], key and value [b, q, v, h], before the rotary embedding.
         q_len = ops.shape(query)[1]
@@ -358,14 +449,14 @@ class LlamaAttention(keras.layers.Layer):
             attention_mask = causal_attention_mask(
                 None, q_len, ops.shape(key)[1], query_offset=start
             )
-        output = self._attend(query, key, value, attention_mask, training)
+        output = self._attend(query, key, value, attention_mask, training, output_kernel)
         if cache is not None:
             return output, (key, value)
         return output
 
-    def _attend(self, query, key, value, attention_mask, training):
+    def _attend(self, query, key, value, attention_mask, training, output_kernel=None):
         if self._use_dot_product_attention(query, training):
-            return self._attend_dot_product(query, key, value, attention_mask)
+            return self._attend_dot_product(query, key, value, attention_mask, output_kernel)
         # query [b, q, u, h] -> [b, q, v, g, h]; keys and values stay [b, s, v, h] (no repeat).
         b, q = ops.shape(query)[0], ops.shape(query)[1]
         query = ops.reshape(
@@ -382,7 +473,7 @@ class LlamaAttention(keras.layers.Layer):
         probs = self._dropout_layer(ops.cast(probs, query.dtype), training=training)
         attended = ops.einsum("bvgqs,bsvh->bqvgh", probs, value)
         attended = ops.reshape(attended, (b, q, self.num_query_heads, self.head_dim))
-        return self._output_dense(attended)
+        return self._project_output(attended, output_kernel)
 
     def _use_dot_product_attention(self, query, training):
         # Multi-token attention (training, scoring, prefill) on JAX. There the grouped einsums
@@ -398,7 +489,7 @@ class LlamaAttention(keras.layers.Layer):
             and not (training and self.dropout > 0)
         )
 
-    def _attend_dot_product(self, query, key, value, attention_mask):
+    def _attend_dot_product(self, query, key, value, attention_mask, output_kernel=None):
         # query [b, q, u, h]; key and value [b, s, v, h] -> [b, s, u, h]; mask [b, 1, q, s].
         # Same math as the einsum path: softmax in float32 over masked, scaled scores.
         key = ops.repeat(ops.cast(key, query.dtype), self.num_key_value_groups, axis=2)
@@ -410,7 +501,14 @@ class LlamaAttention(keras.layers.Layer):
             mask=ops.cast(attention_mask, "bool")[:, None, :, :],
             scale=1.0 / math.sqrt(self.head_dim),
         )
-        return self._output_dense(attended)  # attended [b, q, u, h]
+        return self._project_output(attended, output_kernel)  # attended [b, q, u, h]
+
+    def _project_output(self, attended, output_kernel=None):
+        # attended [b, q, u, h] -> [b, q, m], by the layer or by a packed kernel [u * h, m].
+        if output_kernel is None:
+            return self._output_dense(attended)
+        b, q = ops.shape(attended)[0], ops.shape(attended)[1]
+        return _project(ops.reshape(attended, (b, q, -1)), output_kernel)
 
     def _clone_initializer(self):
         return self.kernel_initializer.__class__.from_config(self.kernel_initializer.get_config())
@@ -511,7 +609,9 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         )
         self._self_attention_layer.build(decoder_sequence_shape)
         self._self_attention_layernorm = LlamaLayerNorm(
-            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="self_attention_layernorm"
+            epsilon=self.layer_norm_epsilon,
+            dtype=self.dtype_policy,
+            name="self_attention_layernorm",
         )
         self._self_attention_layernorm.build(decoder_sequence_shape)
         self._self_attention_dropout = keras.layers.Dropout(
@@ -619,25 +719,46 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         )
         return self._self_attention_layer.fused_qkv_kernel(), gate_up
 
+    def packed_kernels(self):
+        """This block's projections as `keras_llama.kernels.PackedKernel` s for the native
+        decoding kernels (for `call_with_fused_kernels`): a dict with ``qkv``, ``output``,
+        ``gate_up`` and ``down``; None when some projection can be neither float32 nor int8
+        weight-only packed (see `_packable`)."""
+        attention = self._self_attention_layer.packed_kernels()
+        gate_up = _packable(
+            [self._feedforward_gate_dense, self._feedforward_intermediate_dense], input_dims=1
+        )
+        down = _packable([self._feedforward_output_dense], input_dims=1)
+        if attention is None or gate_up is None or down is None:
+            return None
+        return {"qkv": attention[0], "output": attention[1], "gate_up": gate_up, "down": down}
+
     def call_with_fused_kernels(
         self, decoder_sequence, kernels, attention_mask, positions, cache, cache_update_index
     ):
-        """`call` with a cache for inference, with ``kernels`` from `fused_kernels`: two
-        matmuls instead of five for the query/key/value and gate/up projections (fewer, larger
-        kernels: faster decoding and compilation on CPU). Returns ``(output, new_cache)``."""
-        qkv_kernel, gate_up_kernel = kernels
+        """`call` with a cache for inference, with ``kernels`` from `fused_kernels` (two
+        matmuls instead of five for the query/key/value and gate/up projections: fewer, larger
+        kernels, faster decoding and compilation on CPU) or from `packed_kernels` (every
+        projection through the native decoding kernels). Returns ``(output, new_cache)``."""
+        if isinstance(kernels, dict):
+            qkv, output, gate_up_kernel, down = (
+                kernels["qkv"], kernels["output"], kernels["gate_up"], kernels["down"]
+            )  # fmt: skip
+        else:
+            (qkv, gate_up_kernel), output, down = kernels, None, None
         residual = decoder_sequence
         x = self._self_attention_layernorm(decoder_sequence)
         attended, cache = self._self_attention_layer.call_with_fused_kernel(
-            x, qkv_kernel, attention_mask, positions, cache, cache_update_index
+            x, qkv, attention_mask, positions, cache, cache_update_index, output_kernel=output
         )
         x = residual + attended
 
         residual = x
         x = self._feedforward_layernorm(x)
-        gate_up = ops.matmul(x, gate_up_kernel)  # [b, q, 2f]
+        gate_up = _project(x, gate_up_kernel)  # [b, q, 2f]
         gate = self.activation(gate_up[..., : self.intermediate_dim])
-        x = self._feedforward_output_dense(gate * gate_up[..., self.intermediate_dim :])
+        x = gate * gate_up[..., self.intermediate_dim :]
+        x = self._feedforward_output_dense(x) if down is None else _project(x, down)
         return residual + x, cache
 
     def compute_output_shape(self, decoder_sequence_shape):

@@ -1,0 +1,237 @@
+// Skinny matrix products for decoding on CPU: y[M, N] = x[M, K] @ W[K, N] for a few rows
+// (M <= 8 per pass: one token per sequence of a small batch), with W pre-packed into panels.
+//
+// Decoding one token reads every weight once and does little arithmetic with it, so its speed
+// is the speed at which the weights stream from memory. The kernels here stream each weight
+// exactly once, in the order it lies in memory, with every row of x kept in registers:
+//
+//   packed W: [P, K, NB] float32 (or int8 plus one float scale per column), panel p holding
+//   columns p*NB .. p*NB+NB-1 of W, zero-padded past N. Panel p, row k is NB contiguous values.
+//
+// Panels are shared between the calling thread and XLA's intra-op thread pool through an
+// atomic counter (dynamic scheduling); the caller waits only for panels other threads have
+// claimed, so a helper task that starts late finds no work and never blocks the caller.
+//
+// Written with GCC/Clang vector extensions (intrinsics only to widen int8 on x86): built with -march=native, the
+// 16-float vectors become AVX-512 registers (two AVX2 registers, four NEON registers, ...).
+// Built and loaded at first use by keras_llama/kernels/__init__.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 32;  // NB: columns per panel (two 16-float vectors)
+constexpr int kMaxRows = 8;     // rows of x per pass over the weights
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16u __attribute__((vector_size(64), aligned(4)));
+typedef int8_t i8x16u __attribute__((vector_size(16), aligned(1)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
+
+inline f32x16 load(const int8_t* p) {
+  // Sign-extend 16 int8 to int32, then convert to float. GCC scalarizes the generic
+  // int8 -> int32 vector conversion, so x86 gets the one-instruction forms explicitly.
+#if defined(__AVX512F__)
+  const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512 f = _mm512_cvtepi32_ps(wide);
+  f32x16 out;
+  std::memcpy(&out, &f, sizeof(out));
+  return out;
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+  f32x16 out;
+  std::memcpy(&out, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+  return out;
+#else
+  const i32x16 wide = __builtin_convertvector(*reinterpret_cast<const i8x16u*>(p), i32x16);
+  return __builtin_convertvector(wide, f32x16);
+#endif
+}
+
+inline void store(float* p, f32x16 v, int64_t count) {
+  if (count >= 16) {
+    *reinterpret_cast<f32x16u*>(p) = v;
+  } else if (count > 0) {
+    std::memcpy(p, &v, count * sizeof(float));
+  }
+}
+
+// Rows [0, M) of x (row stride K) times one panel; writes columns [n0, n0 + cols) of y.
+template <int M, typename W>
+void panel_product(const float* x, int64_t K, const W* panel, const float* scale, float* y,
+                   int64_t ldy, int64_t n0, int64_t cols) {
+  f32x16 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = f32x16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const f32x16 w0 = load(panel + k * kPanel);
+    const f32x16 w1 = load(panel + k * kPanel + 16);
+    for (int m = 0; m < M; ++m) {
+      const float xv = x[m * K + k];
+      acc[m][0] += xv * w0;
+      acc[m][1] += xv * w1;
+    }
+  }
+  if (scale != nullptr) {
+    const f32x16 s0 = load(scale + n0);
+    const f32x16 s1 = load(scale + n0 + 16);
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] *= s0;
+      acc[m][1] *= s1;
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    store(y + m * ldy + n0, acc[m][0], cols);
+    store(y + m * ldy + n0 + 16, acc[m][1], cols - 16);
+  }
+}
+
+template <typename W>
+using PanelFn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t,
+                         int64_t, int64_t);
+
+template <typename W>
+PanelFn<W> panel_fn(int rows) {
+  switch (rows) {
+    case 1: return panel_product<1, W>;
+    case 2: return panel_product<2, W>;
+    case 3: return panel_product<3, W>;
+    case 4: return panel_product<4, W>;
+    case 5: return panel_product<5, W>;
+    case 6: return panel_product<6, W>;
+    case 7: return panel_product<7, W>;
+    default: return panel_product<8, W>;
+  }
+}
+
+// One call's work, shared with helper threads (kept alive by whoever still holds it).
+template <typename W>
+struct Work {
+  const float* x;
+  const W* packed;
+  const float* scale;  // [P * kPanel] or nullptr
+  float* y;
+  int64_t M, K, N, panels, chunk;
+  int64_t num_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  // Claims chunks of panels until none is left.
+  void run() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= num_chunks) return;
+      const int64_t first = c * chunk, last = std::min(panels, first + chunk);
+      for (int64_t r = 0; r < M; r += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
+        const PanelFn<W> fn = panel_fn<W>(rows);
+        for (int64_t p = first; p < last; ++p) {
+          const int64_t n0 = p * kPanel;
+          fn(x + r * K, K, packed + p * K * kPanel, scale, y + r * N, N, n0,
+             std::min(kPanel, N - n0));
+        }
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+template <typename W>
+ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const W* packed,
+                       const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                       int64_t panels) {
+  if (panels * kPanel < N) {
+    return ffi::Error::InvalidArgument("packed weights hold fewer columns than n");
+  }
+  auto work = std::make_shared<Work<W>>();
+  work->x = x;
+  work->packed = packed;
+  work->scale = scale;
+  work->y = y;
+  work->M = M;
+  work->K = K;
+  work->N = N;
+  work->panels = (N + kPanel - 1) / kPanel;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // About 4 chunks per thread, each at least 64 KB of weights.
+  const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / (K * kPanel * sizeof(W)));
+  work->chunk = std::max(min_panels, (work->panels + 4 * threads - 1) / (4 * threads));
+  work->num_chunks = (work->panels + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min<int64_t>(threads - 1, work->num_chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([work] { work->run(); });
+  }
+  work->run();
+  int64_t spins = 0;
+  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
+    pause();
+    if (++spins > 4096) std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error decode_matmul_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> packed, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel ||
+      pd[1] != xd[1] || yd[0] != xd[0]) {
+    return ffi::Error::InvalidArgument("decode_matmul_f32: expected x [M, K], packed [P, K, 32], y [M, N]");
+  }
+  return run_product<float>(pool, x.typed_data(), packed.typed_data(), nullptr,
+                            y->typed_data(), xd[0], xd[1], yd[1], pd[0]);
+}
+
+ffi::Error decode_matmul_i8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> scale,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel ||
+      pd[1] != xd[1] || yd[0] != xd[0] || scale.element_count() != pd[0] * kPanel) {
+    return ffi::Error::InvalidArgument(
+        "decode_matmul_i8: expected x [M, K], packed [P, K, 32], scale [P * 32], y [M, N]");
+  }
+  return run_product<int8_t>(pool, x.typed_data(), packed.typed_data(), scale.typed_data(),
+                             y->typed_data(), xd[0], xd[1], yd[1], pd[0]);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeMatmulF32, decode_matmul_f32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeMatmulI8, decode_matmul_i8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
