@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_llama import samplers
+from keras_llama import losses, samplers
 from keras_llama.models import generation
 from keras_llama.models.task import Task
 
@@ -31,6 +31,9 @@ class CausalLM(Task):
             loss: ``"auto"`` (sparse categorical cross-entropy from logits, averaged over the
                 tokens whose sample weight is non-zero, so padding never dilutes the loss: the
                 loss of Hugging Face's ``labels=`` with padding set to -100), a name or a loss.
+                Keras's ``SparseCategoricalCrossentropy`` becomes the equivalent
+                `keras_llama.losses.SparseCategoricalCrossentropy` (same values, cheaper
+                gradient over a large vocabulary).
             weighted_metrics: ``"auto"`` (sparse categorical accuracy) or a list of metrics.
             sampler: a sampler name (``"greedy"``, ``"random"``, ``"top_k"``, ``"top_p"``,
                 ``"beam"``, ``"contrastive"``) or a `keras_llama.samplers.Sampler`.
@@ -39,9 +42,11 @@ class CausalLM(Task):
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
         if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(
+            loss = losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="mean_with_sample_weight"
             )
+        # Keras's sparse cross-entropy -> the same loss with a one-pass gradient (losses.py).
+        loss = losses.faster_equivalent(loss)
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         super().compile(

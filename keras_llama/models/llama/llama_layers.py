@@ -682,8 +682,21 @@ class LlamaTransformerDecoder(keras.layers.Layer):
 
         residual = x
         x = self._feedforward_layernorm(x)
-        gate = self._feedforward_gate_dense(x)
-        x = self._feedforward_output_dense(gate * self._feedforward_intermediate_dense(x))
+        if keras.config.backend() == "jax" and self.fusable():
+            # One matmul by the gate and up kernels side by side: on XLA:CPU one larger
+            # matmul and its gradient beat two (about 3% of a SmolLM2-135M training step).
+            kernels = [
+                self._feedforward_gate_dense.kernel,
+                self._feedforward_intermediate_dense.kernel,
+            ]
+            gate_up = ops.matmul(
+                x, ops.concatenate([ops.cast(k, self.compute_dtype) for k in kernels], axis=1)
+            )
+            gate = self.activation(gate_up[..., : self.intermediate_dim])
+            x = gate * gate_up[..., self.intermediate_dim :]
+        else:
+            x = self._feedforward_gate_dense(x) * self._feedforward_intermediate_dense(x)
+        x = self._feedforward_output_dense(x)
         x = residual + self._self_attention_dropout(x, training=training)
         if cache is not None:
             return x, cache
