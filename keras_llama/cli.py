@@ -45,15 +45,21 @@ def _make_sampler(args):
         kwargs["seed"] = args.seed
     if args.top_k is not None:
         if args.sampler not in ("top_k", "top_p", "contrastive"):
-            raise SystemExit(f"--top-k applies to top_k, top_p and contrastive. Received: --sampler {args.sampler}")
+            raise SystemExit(
+                f"--top-k applies to top_k, top_p and contrastive. Received: --sampler {args.sampler}"
+            )
         kwargs["k"] = args.top_k
     if args.top_p is not None:
         if args.sampler != "top_p":
-            raise SystemExit(f"--top-p applies to the top_p sampler. Received: --sampler {args.sampler}")
+            raise SystemExit(
+                f"--top-p applies to the top_p sampler. Received: --sampler {args.sampler}"
+            )
         kwargs["p"] = args.top_p
     if args.num_beams is not None:
         if args.sampler != "beam":
-            raise SystemExit(f"--num-beams applies to the beam sampler. Received: --sampler {args.sampler}")
+            raise SystemExit(
+                f"--num-beams applies to the beam sampler. Received: --sampler {args.sampler}"
+            )
         kwargs["num_beams"] = args.num_beams
     sampler_cls = type(samplers.get(args.sampler))
     try:
@@ -68,7 +74,9 @@ def _load(args):
     kwargs = {} if args.dtype is None else {"dtype": args.dtype}
     causal_lm = CausalLM.from_preset(args.preset, **kwargs)
     if causal_lm.preprocessor is None:
-        raise SystemExit(f"error: the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}")
+        raise SystemExit(
+            f"error: the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}"
+        )
     causal_lm.compile(sampler=_make_sampler(args))
     return causal_lm
 
@@ -221,7 +229,9 @@ def main(argv=None, out=None):
         if keras.config.backend() != args.backend:
             # Keras fixes its backend at import: start again with the requested one.
             os.environ["KERAS_BACKEND"] = args.backend
-            os.execv(sys.executable, [sys.executable, "-m", "keras_llama.cli", *(argv or sys.argv[1:])])
+            os.execv(
+                sys.executable, [sys.executable, "-m", "keras_llama.cli", *(argv or sys.argv[1:])]
+            )
     command, _ = COMMANDS[args.command]
     try:
         return command(args, out or sys.stdout)

@@ -220,9 +220,7 @@ class Backbone(PresetsMixin, keras.Model):
 
         paths = getattr(self, "_lora_layer_paths", None)
         if not paths:
-            raise ValueError(
-                "There are no LoRA weights to save: call `enable_lora(rank)` first."
-            )
+            raise ValueError("There are no LoRA weights to save: call `enable_lora(rank)` first.")
         filepath = os.fspath(filepath)
         if not filepath.endswith(".lora.h5"):
             raise ValueError(

@@ -49,9 +49,7 @@ class CausalLM(Task):
         loss = losses.faster_equivalent(loss)
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
-        super().compile(
-            optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
-        )
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
         self.sampler = samplers.get(sampler)
         self.generate_function = None
 
@@ -119,9 +117,7 @@ class CausalLM(Task):
         >>> for piece in causal_lm.stream("Tell me a story", max_length=200):
         ...     print(piece, end="", flush=True)
         """
-        return generation.stream(
-            self, inputs, max_length=max_length, stop_token_ids=stop_token_ids
-        )
+        return generation.stream(self, inputs, max_length=max_length, stop_token_ids=stop_token_ids)
 
     def compile_from_config(self, config):
         """Re-compile after `keras.saving.load_model` with the saved optimizer, loss and metrics."""

@@ -83,7 +83,11 @@ def _normalize_batch(batch):
         return [_to_str(batch)]
     if isinstance(batch, np.ndarray) and batch.dtype.kind in "USO":
         batch = batch.tolist()
-    if isinstance(batch, (list, tuple)) and batch and all(isinstance(x, (str, bytes)) for x in batch):
+    if (
+        isinstance(batch, (list, tuple))
+        and batch
+        and all(isinstance(x, (str, bytes)) for x in batch)
+    ):
         return [_to_str(x) for x in batch]
     raise ValueError(
         "Each batch must be a non-empty list of strings or a dict with `token_ids`. "
@@ -110,9 +114,13 @@ def _to_str(x):
 def preprocess(model, batch, max_length):
     """Tokenizes a batch of strings with the preprocessor, or reads a token dict."""
     if max_length is not None and (
-        isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2
+        isinstance(max_length, bool)
+        or not isinstance(max_length, (int, np.integer))
+        or max_length < 2
     ):
-        raise ValueError(f"`max_length` must be an integer >= 2. Received: max_length={max_length!r}")
+        raise ValueError(
+            f"`max_length` must be an integer >= 2. Received: max_length={max_length!r}"
+        )
     if isinstance(batch, dict):
         if "token_ids" not in batch:
             raise ValueError(
@@ -121,7 +129,11 @@ def preprocess(model, batch, max_length):
             )
         token_ids = np.asarray(ops.convert_to_numpy(batch["token_ids"]))
         mask = batch.get("padding_mask")
-        mask = np.ones(token_ids.shape, bool) if mask is None else np.asarray(ops.convert_to_numpy(mask))
+        mask = (
+            np.ones(token_ids.shape, bool)
+            if mask is None
+            else np.asarray(ops.convert_to_numpy(mask))
+        )
         if token_ids.ndim != 2 or mask.shape != token_ids.shape:
             raise ValueError(
                 "`token_ids` and `padding_mask` must both be [batch, length]. Received: "
@@ -351,7 +363,11 @@ class GenerationEngine:
             )
             caches = self.model._build_layer_caches(batch, cache_length)
             logits, hidden, caches = self.model.call_with_layer_caches(
-                ops.convert_to_tensor(token_ids), caches, 0, cache_mask, positions,
+                ops.convert_to_tensor(token_ids),
+                caches,
+                0,
+                cache_mask,
+                positions,
                 last_logits_only=True,
             )
             limits = ops.convert_to_tensor(limits)
@@ -488,7 +504,9 @@ def generate(model, inputs, max_length=None, stop_token_ids="auto", strip_prompt
     for batch in batches:
         prompts = preprocess(model, batch, max_length)
         result = engine.run(prompts, stop_ids)
-        outputs.append(postprocess(model, prompts, result, strip_prompt, not isinstance(batch, dict)))
+        outputs.append(
+            postprocess(model, prompts, result, strip_prompt, not isinstance(batch, dict))
+        )
     return concatenate_outputs(outputs, is_scalar)
 
 
@@ -537,7 +555,10 @@ def stream_token_ids(engine, prompts, stop_ids, chunk=STREAM_CHUNK):
 
 def _detokenize(model, ids):
     out = model.preprocessor.generate_postprocess(
-        {"token_ids": np.asarray(ids, "int32")[None, :], "padding_mask": np.ones((1, len(ids)), bool)}
+        {
+            "token_ids": np.asarray(ids, "int32")[None, :],
+            "padding_mask": np.ones((1, len(ids)), bool),
+        }
     )
     return _to_str(out if isinstance(out, (str, bytes)) else out[0])
 

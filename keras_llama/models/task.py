@@ -70,8 +70,16 @@ class Task(PresetsMixin, keras.Model):
         return cls(**config)
 
     # --- training and inference on raw data ----------------------------------------------------
-    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None,
-            shuffle=True, **kwargs):
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        sample_weight=None,
+        validation_data=None,
+        shuffle=True,
+        **kwargs,
+    ):
         """`keras.Model.fit`, where ``x`` may also be raw strings (a list, a numpy array, a
         generator, a `keras.utils.PyDataset` or a ``tf.data.Dataset`` of them), which go through
         the preprocessor batch by batch; preprocessed ``(x, y, sample_weight)`` data passes
@@ -83,15 +91,21 @@ class Task(PresetsMixin, keras.Model):
             self.preprocessor, validation_data, batch_size=kwargs.get("validation_batch_size")
         )
         return super().fit(
-            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight,
-            validation_data=validation_data, shuffle=shuffle, **kwargs,
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            sample_weight=sample_weight,
+            validation_data=validation_data,
+            shuffle=shuffle,
+            **kwargs,
         )
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.evaluate`, taking raw strings as `fit` does."""
         x, y, sample_weight, batch_size = self._adapt_data(x, y, sample_weight, batch_size, False)
-        return super().evaluate(x=x, y=y, batch_size=batch_size, sample_weight=sample_weight,
-                                **kwargs)
+        return super().evaluate(
+            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+        )
 
     def predict(self, x, batch_size=None, **kwargs):
         """`keras.Model.predict`, taking raw strings as `fit` does."""

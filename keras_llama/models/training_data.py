@@ -51,7 +51,12 @@ def adapt(preprocessor, x, y=None, sample_weight=None, batch_size=None, shuffle=
     if _is_tf_dataset(x):
         num_batches = _tf_cardinality(x)
         if num_batches is None:  # unknown length: one pass, as Keras does for generators
-            return _preprocess_generator(preprocessor, x.as_numpy_iterator()), y, sample_weight, None
+            return (
+                _preprocess_generator(preprocessor, x.as_numpy_iterator()),
+                y,
+                sample_weight,
+                None,
+            )
         return PreprocessedIterable(preprocessor, x, num_batches), y, sample_weight, None
     if isinstance(x, (types.GeneratorType, map, filter)) or (
         hasattr(x, "__next__") and hasattr(x, "__iter__")

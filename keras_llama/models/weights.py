@@ -47,7 +47,9 @@ def build_uninitialized(constructor, **kwargs):
 
 def is_uninitialized(variable):
     """True for a variable created by `build_uninitialized` that has no value yet."""
-    return getattr(variable, "_value", 0) is None and callable(getattr(variable, "_initializer", None))
+    return getattr(variable, "_value", 0) is None and callable(
+        getattr(variable, "_initializer", None)
+    )
 
 
 def _initialize_with(variable, array):

@@ -32,7 +32,7 @@ class DecodeState(NamedTuple):
 
     logits: Any  # float32 [r, V]: logits of the next token (from the prefill or the last step)
     hidden: Any  # [r, m]: final hidden state of the last token fed to the model
-    caches: Any  # tuple over layers of (key, value), each [r, S, kv_heads, head_dim]
+    caches: Any  # tuple over layers of (key, value), each [r, kv_heads, S, head_dim]
     cache_mask: Any  # bool [r, S]: False for the left-padding slots of the prompt
     offsets: Any  # int32 [r]: left padding of each row; rotary position = slot - offset
     tokens: Any  # int32 [r, N]: generated tokens; PAD_TOKEN once a row has stopped
@@ -45,7 +45,7 @@ class DecodeState(NamedTuple):
 
 def prompt_width(state):
     """``P``: the cache slot of generated token 0 (static: cache length minus buffer width)."""
-    return state.caches[0][0].shape[1] - state.tokens.shape[1]
+    return state.cache_mask.shape[1] - state.tokens.shape[1]
 
 
 def feed(state, token, step_fn, rows=None):
@@ -77,9 +77,7 @@ def advance(state, token, stop_token_ids, **updates):
     )
 
 
-def run_decode_loop(
-    sampler, step_fn, state, stop_at, stop_token_ids, scope_mapping=(), seeds=None
-):
+def run_decode_loop(sampler, step_fn, state, stop_at, stop_token_ids, scope_mapping=(), seeds=None):
     """Runs ``sampler.step`` until every row is done or ``state.index == stop_at``.
 
     Args:

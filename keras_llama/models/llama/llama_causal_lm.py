@@ -66,11 +66,24 @@ class LlamaCausalLM(CausalLM):
         Returns:
             ``(logits [batch, q, vocab], hidden_states [batch, q, hidden_dim], cache)``.
         """
-        layer_caches = [(cache[:, i, 0], cache[:, i, 1]) for i in range(cache.shape[1])]
+        # KerasHub's [b, s, v, h] per key/value <-> our heads-major layer caches [b, v, s, h].
+        layer_caches = [
+            (
+                ops.transpose(cache[:, i, 0], (0, 2, 1, 3)),
+                ops.transpose(cache[:, i, 1], (0, 2, 1, 3)),
+            )
+            for i in range(cache.shape[1])
+        ]
         logits, hidden, layer_caches = self.call_with_layer_caches(
             token_ids, layer_caches, cache_update_index, cache_padding_mask, positions
         )
-        cache = ops.stack([ops.stack(kv, axis=1) for kv in layer_caches], axis=1)
+        cache = ops.stack(
+            [
+                ops.stack([ops.transpose(c, (0, 2, 1, 3)) for c in kv], axis=1)
+                for kv in layer_caches
+            ],
+            axis=1,
+        )
         return logits, hidden, cache
 
     def call_with_layer_caches(
@@ -83,7 +96,8 @@ class LlamaCausalLM(CausalLM):
         last_logits_only=False,
     ):
         """As `call_with_cache`, with the cache as a list of per-layer ``(key, value)`` arrays
-        of shape [batch, max_length, num_key_value_heads, head_dim] (no stacking copies).
+        of shape [batch, num_key_value_heads, max_length, head_dim] (heads-major: the layout
+        attention reads, so no copies per step; no stacking copies either).
 
         ``last_logits_only=True`` projects only the last position to the vocabulary (logits
         [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
@@ -171,7 +185,7 @@ class LlamaCausalLM(CausalLM):
         kernels,
     ):
         q_len = ops.shape(token_ids)[1]
-        max_length = ops.shape(layer_caches[0][0])[1]
+        max_length = ops.shape(layer_caches[0][0])[2]
         query_slots = ops.arange(q_len) + cache_update_index  # [q]
         if positions is None:
             positions = query_slots[None, :]
@@ -206,12 +220,13 @@ class LlamaCausalLM(CausalLM):
 
     def _build_layer_caches(self, batch_size, max_length, dtype=None):
         """All-zeros per-layer ``(key, value)`` caches, each
-        [batch, max_length, num_key_value_heads, head_dim], for `call_with_layer_caches`."""
+        [batch, num_key_value_heads, max_length, head_dim] (heads-major), for
+        `call_with_layer_caches`."""
         backbone = self.backbone
         shape = (
             batch_size,
-            max_length,
             backbone.num_key_value_heads,
+            max_length,
             backbone.hidden_dim // backbone.num_query_heads,
         )
         dtype = dtype or self.compute_dtype
