@@ -4,7 +4,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_llama.samplers.sampler import PAD_TOKEN, Sampler, _check_positive_int, advance, feed
+from keras_llama.samplers.sampler import (
+    PAD_TOKEN,
+    Sampler,
+    _check_positive_int,
+    advance,
+    feed,
+    repeat_rows,
+    take_rows,
+)
 
 # Log-probability standing in for "impossible" (finite, so that sums never give NaN).
 _IMPOSSIBLE = -1e9
@@ -43,7 +51,8 @@ class BeamSampler(Sampler):
         # Every beam starts as a copy of its prompt; only beam 0 is live, so that the first step
         # does not pick the same continuation num_beams times.
         beams = self.num_beams
-        repeat = lambda x: ops.repeat(x, beams, axis=0)  # noqa: E731
+        batch = state.tokens.shape[0]
+        repeat = lambda x: repeat_rows(x, beams, batch)  # noqa: E731
         fields = {k: v for k, v in state._asdict().items() if k not in ("index", "extra")}
         state = state._replace(**keras.tree.map_structure(repeat, fields))
         batch = state.tokens.shape[0] // beams
@@ -65,7 +74,8 @@ class BeamSampler(Sampler):
         token = ops.reshape(flat % vocabulary_size, (-1,))
         source_rows = ops.reshape(ops.arange(batch)[:, None] * beams + source_beam, (-1,))
 
-        take = lambda x: ops.take(x, source_rows, axis=0)  # noqa: E731
+        rows = state.tokens.shape[0]
+        take = lambda x: take_rows(x, source_rows, rows)  # noqa: E731
         state = state._replace(
             caches=keras.tree.map_structure(take, state.caches),
             tokens=take(state.tokens),

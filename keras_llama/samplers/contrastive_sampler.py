@@ -10,6 +10,8 @@ from keras_llama.samplers.sampler import (
     advance,
     feed,
     prompt_width,
+    repeat_rows,
+    take_rows,
 )
 
 
@@ -60,7 +62,7 @@ class ContrastiveSampler(Sampler):
         top_probabilities, candidates = ops.top_k(probabilities, k=k, sorted=True)  # [b, k]
 
         # Feed all candidates at once, each on its own copy of its row's cache.
-        repeat = lambda x: ops.repeat(x, k, axis=0)  # noqa: E731
+        repeat = lambda x: repeat_rows(x, k, batch)  # noqa: E731
         rows = (
             keras.tree.map_structure(repeat, state.caches),
             repeat(state.cache_mask),
@@ -83,7 +85,7 @@ class ContrastiveSampler(Sampler):
 
         best = ops.cast(ops.argmax(score, axis=-1), "int32")  # [b]
         chosen = ops.arange(batch, dtype="int32") * k + best
-        take = lambda x: ops.take(x, chosen, axis=0)  # noqa: E731
+        take = lambda x: take_rows(x, chosen, batch * k)  # noqa: E731
         token = take(flat_candidates)
         hidden = take(hidden)
         past = ops.slice_update(past, (0, slot, 0), ops.cast(hidden, past.dtype)[:, None, :])

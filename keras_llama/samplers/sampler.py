@@ -32,7 +32,8 @@ class DecodeState(NamedTuple):
 
     logits: Any  # float32 [r, V]: logits of the next token (from the prefill or the last step)
     hidden: Any  # [r, m]: final hidden state of the last token fed to the model
-    caches: Any  # tuple over layers of (key, value), each [r, kv_heads, S, head_dim]
+    caches: Any  # tuple over layers of (key, value), each [r * k, S, ...] (k entries per row,
+    # e.g. LlamaCausalLM's [r * kv_heads, S, head_dim]): see `repeat_rows` and `take_rows`
     cache_mask: Any  # bool [r, S]: False for the left-padding slots of the prompt
     offsets: Any  # int32 [r]: left padding of each row; rotary position = slot - offset
     tokens: Any  # int32 [r, N]: generated tokens; PAD_TOKEN once a row has stopped
@@ -59,6 +60,26 @@ def feed(state, token, step_fn, rows=None):
     slot = prompt_width(state) + state.index
     positions = ops.expand_dims(slot - offsets, 1)
     return step_fn(ops.expand_dims(token, 1), caches, slot, cache_mask, positions)
+
+
+def repeat_rows(x, times, num_rows):
+    """Repeats each of the ``num_rows`` rows of ``x`` ``times`` times along axis 0. Caches may
+    hold ``k`` entries per row ([num_rows * k, ...]): those repeat as blocks of ``k``."""
+    k = x.shape[0] // num_rows
+    if k == 1:
+        return ops.repeat(x, times, axis=0)
+    blocks = ops.reshape(x, (num_rows, k, *x.shape[1:]))
+    return ops.reshape(ops.repeat(blocks, times, axis=0), (-1, *x.shape[1:]))
+
+
+def take_rows(x, rows, num_rows):
+    """The rows ``rows`` [n] of ``x`` (``num_rows`` rows along axis 0, each ``k`` entries
+    long for caches [num_rows * k, ...])."""
+    k = x.shape[0] // num_rows
+    if k == 1:
+        return ops.take(x, rows, axis=0)
+    blocks = ops.reshape(x, (num_rows, k, *x.shape[1:]))
+    return ops.reshape(ops.take(blocks, rows, axis=0), (-1, *x.shape[1:]))
 
 
 def advance(state, token, stop_token_ids, **updates):

@@ -66,22 +66,22 @@ class LlamaCausalLM(CausalLM):
         Returns:
             ``(logits [batch, q, vocab], hidden_states [batch, q, hidden_dim], cache)``.
         """
-        # KerasHub's [b, s, v, h] per key/value <-> our heads-major layer caches [b, v, s, h].
-        layer_caches = [
-            (
-                ops.transpose(cache[:, i, 0], (0, 2, 1, 3)),
-                ops.transpose(cache[:, i, 1], (0, 2, 1, 3)),
-            )
-            for i in range(cache.shape[1])
-        ]
+        # KerasHub's [b, s, v, h] per key/value <-> our layer caches [b * v, s, h].
+        b, _, _, s, v, h = cache.shape
+        b = ops.shape(cache)[0] if b is None else b
+
+        def ours(x):
+            return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (b * v, s, h))
+
+        def theirs(x):
+            return ops.transpose(ops.reshape(x, (b, v, s, h)), (0, 2, 1, 3))
+
+        layer_caches = [(ours(cache[:, i, 0]), ours(cache[:, i, 1])) for i in range(cache.shape[1])]
         logits, hidden, layer_caches = self.call_with_layer_caches(
             token_ids, layer_caches, cache_update_index, cache_padding_mask, positions
         )
         cache = ops.stack(
-            [
-                ops.stack([ops.transpose(c, (0, 2, 1, 3)) for c in kv], axis=1)
-                for kv in layer_caches
-            ],
+            [ops.stack([theirs(c) for c in kv], axis=1) for kv in layer_caches],
             axis=1,
         )
         return logits, hidden, cache
@@ -96,8 +96,9 @@ class LlamaCausalLM(CausalLM):
         last_logits_only=False,
     ):
         """As `call_with_cache`, with the cache as a list of per-layer ``(key, value)`` arrays
-        of shape [batch, num_key_value_heads, max_length, head_dim] (heads-major: the layout
-        attention reads, so no copies per step; no stacking copies either).
+        of shape [batch * num_key_value_heads, max_length, head_dim] (heads-major with the
+        batch folded in: the layout decoding attention reads, so no copies per step; no
+        stacking copies either).
 
         ``last_logits_only=True`` projects only the last position to the vocabulary (logits
         [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
@@ -185,7 +186,7 @@ class LlamaCausalLM(CausalLM):
         kernels,
     ):
         q_len = ops.shape(token_ids)[1]
-        max_length = ops.shape(layer_caches[0][0])[2]
+        max_length = ops.shape(layer_caches[0][0])[1]
         query_slots = ops.arange(q_len) + cache_update_index  # [q]
         if positions is None:
             positions = query_slots[None, :]
@@ -220,12 +221,10 @@ class LlamaCausalLM(CausalLM):
 
     def _build_layer_caches(self, batch_size, max_length, dtype=None):
         """All-zeros per-layer ``(key, value)`` caches, each
-        [batch, num_key_value_heads, max_length, head_dim] (heads-major), for
-        `call_with_layer_caches`."""
+        [batch * num_key_value_heads, max_length, head_dim], for `call_with_layer_caches`."""
         backbone = self.backbone
         shape = (
-            batch_size,
-            backbone.num_key_value_heads,
+            batch_size * backbone.num_key_value_heads,
             max_length,
             backbone.hidden_dim // backbone.num_query_heads,
         )
