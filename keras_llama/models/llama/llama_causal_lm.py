@@ -70,18 +70,22 @@ class LlamaCausalLM(CausalLM):
         b, _, _, s, v, h = cache.shape
         b = ops.shape(cache)[0] if b is None else b
 
-        def ours(x):
-            return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (b * v, s, h))
+        def ours(x, keys):  # keys [b * v, h, s], values [b * v, s, h]
+            x = ops.transpose(x, (0, 2, 3, 1) if keys else (0, 2, 1, 3))
+            return ops.reshape(x, (b * v, h, s) if keys else (b * v, s, h))
 
-        def theirs(x):
-            return ops.transpose(ops.reshape(x, (b, v, s, h)), (0, 2, 1, 3))
+        def theirs(x, keys):
+            x = ops.reshape(x, (b, v, h, s) if keys else (b, v, s, h))
+            return ops.transpose(x, (0, 3, 1, 2) if keys else (0, 2, 1, 3))
 
-        layer_caches = [(ours(cache[:, i, 0]), ours(cache[:, i, 1])) for i in range(cache.shape[1])]
+        layer_caches = [
+            (ours(cache[:, i, 0], True), ours(cache[:, i, 1], False)) for i in range(cache.shape[1])
+        ]
         logits, hidden, layer_caches = self.call_with_layer_caches(
             token_ids, layer_caches, cache_update_index, cache_padding_mask, positions
         )
         cache = ops.stack(
-            [ops.stack([theirs(c) for c in kv], axis=1) for kv in layer_caches],
+            [ops.stack([theirs(kv[0], True), theirs(kv[1], False)], axis=1) for kv in layer_caches],
             axis=1,
         )
         return logits, hidden, cache
@@ -96,9 +100,8 @@ class LlamaCausalLM(CausalLM):
         last_logits_only=False,
     ):
         """As `call_with_cache`, with the cache as a list of per-layer ``(key, value)`` arrays
-        of shape [batch * num_key_value_heads, max_length, head_dim] (heads-major with the
-        batch folded in: the layout decoding attention reads, so no copies per step; no
-        stacking copies either).
+        (see `_build_layer_caches`: heads-major with the batch folded in, keys transposed; the
+        layouts decoding attention reads, so no copies per step; no stacking copies either).
 
         ``last_logits_only=True`` projects only the last position to the vocabulary (logits
         [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
@@ -186,7 +189,7 @@ class LlamaCausalLM(CausalLM):
         kernels,
     ):
         q_len = ops.shape(token_ids)[1]
-        max_length = ops.shape(layer_caches[0][0])[1]
+        max_length = ops.shape(layer_caches[0][1])[1]
         query_slots = ops.arange(q_len) + cache_update_index  # [q]
         if positions is None:
             positions = query_slots[None, :]
@@ -220,17 +223,18 @@ class LlamaCausalLM(CausalLM):
         return logits, hidden, new_caches
 
     def _build_layer_caches(self, batch_size, max_length, dtype=None):
-        """All-zeros per-layer ``(key, value)`` caches, each
-        [batch * num_key_value_heads, max_length, head_dim], for `call_with_layer_caches`."""
+        """All-zeros per-layer ``(key, value)`` caches for `call_with_layer_caches`: keys
+        [batch * num_key_value_heads, head_dim, max_length], values
+        [batch * num_key_value_heads, max_length, head_dim]."""
         backbone = self.backbone
-        shape = (
-            batch_size * backbone.num_key_value_heads,
-            max_length,
-            backbone.hidden_dim // backbone.num_query_heads,
-        )
+        rows, head_dim = batch_size * backbone.num_key_value_heads, backbone.head_dim
         dtype = dtype or self.compute_dtype
         return [
-            (ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(backbone.num_layers)
+            (
+                ops.zeros((rows, head_dim, max_length), dtype),
+                ops.zeros((rows, max_length, head_dim), dtype),
+            )
+            for _ in range(backbone.num_layers)
         ]
 
     def _build_cache(self, batch_size, max_length, dtype=None):

@@ -30,11 +30,12 @@ def _check_positive_int(name, value):
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
-def _heads_major(x, dtype):
-    """Keys or values [b, q, v, h] -> [b * v, q, h], the layout of the caches."""
+def _heads_major(x, dtype, keys=False):
+    """Values [b, q, v, h] -> [b * v, q, h], keys -> [b * v, h, q]: the layouts of the caches."""
     b, _, v, h = x.shape
     b = ops.shape(x)[0] if b is None else b
-    return ops.reshape(ops.transpose(ops.cast(x, dtype), (0, 2, 1, 3)), (b * v, -1, h))
+    x = ops.transpose(ops.cast(x, dtype), (0, 2, 3, 1) if keys else (0, 2, 1, 3))
+    return ops.reshape(x, (b * v, h, -1) if keys else (b * v, -1, h))
 
 
 def _project(x, kernel):
@@ -359,8 +360,8 @@ class LlamaAttention(keras.layers.Layer):
                 cache when there is one). Defaults to a causal mask.
             positions: int [b, q], rotary positions of the queries. Defaults to
                 ``cache_update_index + arange(q)``.
-            cache: tuple ``(key_cache, value_cache)``, each [b * v, s, h] (heads-major, the
-                batch folded in: see `_heads_major`), or None.
+            cache: tuple ``(key_cache [b * v, h, s], value_cache [b * v, s, h])`` (heads-major,
+                the batch folded in, keys transposed: see `_heads_major`), or None.
             cache_update_index: int (scalar) cache slot of the first query.
 
         Returns:
@@ -455,7 +456,9 @@ class LlamaAttention(keras.layers.Layer):
             # duplicates the in-place update for a reshaped reader (at batch 1 that copied
             # every cache twice per step: 2.3 ms of 19).
             key_cache, value_cache = cache
-            key = ops.slice_update(key_cache, (0, start, 0), _heads_major(key, key_cache.dtype))
+            key = ops.slice_update(
+                key_cache, (0, 0, start), _heads_major(key, key_cache.dtype, keys=True)
+            )
             value = ops.slice_update(
                 value_cache, (0, start, 0), _heads_major(value, value_cache.dtype)
             )
@@ -480,7 +483,8 @@ class LlamaAttention(keras.layers.Layer):
             )
         if heads_major:  # -> [b, v, s, h]
             b = ops.shape(query)[0]
-            key = ops.reshape(key, (b, self.num_key_value_heads, -1, self.head_dim))
+            key = ops.reshape(key, (b, self.num_key_value_heads, self.head_dim, -1))
+            key = ops.transpose(key, (0, 1, 3, 2))
             value = ops.reshape(value, (b, self.num_key_value_heads, -1, self.head_dim))
         if self._use_dot_product_attention(query, training):
             if heads_major:
@@ -517,7 +521,7 @@ class LlamaAttention(keras.layers.Layer):
         query = ops.reshape(query, (b * v, g, h)) * ops.cast(1.0 / math.sqrt(h), query.dtype)
         key = ops.cast(key, query.dtype)
         value = ops.cast(value, query.dtype)
-        scores = ops.cast(ops.einsum("ngh,nsh->ngs", query, key), "float32")
+        scores = ops.cast(ops.einsum("ngh,nhs->ngs", query, key), "float32")
         mask = ops.cast(attention_mask, "bool")[:, None]  # [b, 1, 1, s]
         mask = ops.broadcast_to(mask, (b, v, 1, ops.shape(mask)[-1]))
         mask = ops.reshape(mask, (b * v, 1, -1))
