@@ -739,9 +739,11 @@ class LlamaTransformerDecoder(keras.layers.Layer):
 
         residual = x
         x = self._feedforward_layernorm(x)
-        if keras.config.backend() == "jax" and self.fusable():
-            # One matmul by the gate and up kernels side by side: on XLA:CPU one larger
-            # matmul and its gradient beat two (about 3% of a SmolLM2-135M training step).
+        if training and keras.config.backend() == "jax" and self.fusable():
+            # Training: one matmul by the gate and up kernels side by side. On XLA:CPU one
+            # larger matmul and its gradient beat two (7% of a SmolLM2-135M training step),
+            # despite the copy of the kernels (XLA:CPU concatenates slowly: inference, where
+            # that copy would cost more than it saves, keeps two matmuls).
             kernels = [
                 self._feedforward_gate_dense.kernel,
                 self._feedforward_intermediate_dense.kernel,
