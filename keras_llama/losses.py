@@ -13,6 +13,8 @@ written directly in one pass (`jax.custom_vjp`), with the one-hot never material
 ``SparseCategoricalCrossentropy`` (or its name) passed as the loss.
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -42,12 +44,15 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
 
 
 def _logits_cross_entropy(logits, labels):
+    return _cross_entropy_with_vjp()(logits, labels)
+
+
+@functools.cache
+def _cross_entropy_with_vjp():
+    # Built once (JAX is imported only on this path): per-position loss from logits [..., V]
+    # and int labels [...], with the one-pass gradient.
     import jax
     import jax.numpy as jnp
-
-    @jax.custom_vjp
-    def cross_entropy(logits, labels):
-        return forward(logits, labels)[0]
 
     def forward(logits, labels):
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -61,8 +66,9 @@ def _logits_cross_entropy(logits, labels):
         one_hot = (vocab == labels[..., None]).astype(logits.dtype)
         return (probs - one_hot) * grad[..., None], None
 
+    cross_entropy = jax.custom_vjp(lambda logits, labels: forward(logits, labels)[0])
     cross_entropy.defvjp(forward, backward)
-    return cross_entropy(logits, labels)
+    return cross_entropy
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
