@@ -1,4 +1,4 @@
-"""Native CPU kernels for decoding on the JAX backend.
+"""Native CPU kernels for the JAX backend: decoding matmuls and multi-token attention.
 
 Decoding a token at batch size 1-8 reads every weight once and does little arithmetic with it:
 its speed is the speed at which the weights stream from memory. XLA:CPU's matrix-vector
@@ -14,11 +14,23 @@ that jaxlib ships, and cached under ``<keras-llama cache>/kernels`` (keyed by th
 compiler, jaxlib's version and the CPU). Without a compiler, or with ``KERAS_LLAMA_KERNELS=0``,
 `available()` is False and the model keeps XLA's own matmuls: same results, slower decoding.
 
+Training and scoring spend about a fifth of their time in attention, which XLA:CPU runs as
+many small batched matmuls around full [batch, heads, q, s] score tensors with layout copies
+between them. `attention.cc` computes it a block of query rows at a time with the scores in a
+thread-local buffer (flash-attention style: forward keeps one log-sum-exp per row, backward
+recomputes the probabilities), reading grouped-query operands in their own layout: about 3x
+faster than XLA for fwd+bwd at the SmolLM2-135M training shape, and no score tensors in memory.
+
 API (all JAX):
 
-* `available()` / `ensure_built_in_background()`;
+* `available()` / `ensure_built_in_background()`: the decoding kernels;
 * `pack(kernel)` / `pack_int8(kernel, column_scale)`: a [K, N] kernel as a `PackedKernel`;
-* `matmul(x, packed)`: ``x [..., K] @ kernel`` -> [..., N] in float32.
+* `matmul(x, packed)`: ``x [..., K] @ kernel`` -> [..., N] in float32;
+* `attention_available()` / `attention(query, key, value, mask, scale)`: differentiable
+  masked softmax attention, float32.
+
+Each source builds into its own library, on first use: the attention kernels only when a
+model trains or scores, the decoding kernels when it generates.
 """
 
 import hashlib
@@ -35,11 +47,21 @@ PANEL = 32  # columns per panel; `kPanel` in decode_matmul.cc
 SOURCE = Path(__file__).with_name("decode_matmul.cc")
 TARGETS = {"float32": "KerasLlamaDecodeMatmulF32", "int8": "KerasLlamaDecodeMatmulI8"}
 FFI_NAMES = {"float32": "keras_llama_decode_matmul_f32", "int8": "keras_llama_decode_matmul_i8"}
+ATTENTION_SOURCE = Path(__file__).with_name("attention.cc")
+ATTENTION_TARGETS = {
+    "forward": "KerasLlamaAttentionForward",
+    "backward": "KerasLlamaAttentionBackward",
+}
+ATTENTION_FFI_NAMES = {
+    "forward": "keras_llama_attention_forward",
+    "backward": "keras_llama_attention_backward",
+}
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "thread": None}
+_attention_state = {"loaded": None, "error": None}
 
 
 def enabled():
@@ -117,12 +139,14 @@ def _cpu_identity():
         return platform.processor() + platform.machine()
 
 
-def _build():
+def _build(source=None):
+    """Compiles ``source`` (default `SOURCE`) into a cached shared library; returns its path."""
     import jax
     import jaxlib
 
     from keras_llama.presets.handles import cache_dir
 
+    source = Path(SOURCE if source is None else source)
     compiler = _compiler()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=30
@@ -130,37 +154,39 @@ def _build():
     flags = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
              "-w"]  # fmt: skip
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(),
+    for part in (source.read_bytes(), version.encode(), " ".join(flags).encode(),
                  jaxlib.__version__.encode(), _cpu_identity().encode()):  # fmt: skip
         key.update(part)
     folder = Path(cache_dir()) / "kernels"
-    library = folder / f"decode_matmul-{key.hexdigest()[:16]}.so"
+    library = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         output = Path(tmp) / library.name
-        command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(output)]
+        command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(source), "-o", str(output)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(
-                f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-2000:]}"
+                f"compiling {source.name} failed ({' '.join(command)}):\n{result.stderr[-2000:]}"
             )
         os.replace(output, library)  # atomic: never a half-written library
     return library
 
 
-def _load(library):
+def _load(library, targets=None, ffi_names=None, state=None):
     import ctypes
 
     import jax
 
+    targets = TARGETS if targets is None else targets
+    ffi_names = FFI_NAMES if ffi_names is None else ffi_names
     lib = ctypes.cdll.LoadLibrary(str(library))
-    for dtype, symbol in TARGETS.items():
+    for name, symbol in targets.items():
         jax.ffi.register_ffi_target(
-            FFI_NAMES[dtype], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            ffi_names[name], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
         )
-    _state["library"] = lib  # keep it loaded
+    (_state if state is None else state)["library"] = lib  # keep it loaded
 
 
 # --- packing and calling ----------------------------------------------------------------------
@@ -238,3 +264,118 @@ def matmul(x, packed):
     else:
         y = jax.ffi.ffi_call(FFI_NAMES["int8"], out)(x, packed.panels, packed.scale)
     return jnp.reshape(y, (*lead, packed.n))
+
+
+# --- attention ----------------------------------------------------------------------------------
+def attention_available():
+    """True when the native attention kernels are built, loaded and registered (building them
+    now, once per machine, if needed). Never raises: a failed build logs why and returns False,
+    and the caller keeps XLA's attention."""
+    if not enabled():
+        return False
+    with _lock:
+        state = _attention_state
+        if state["loaded"] is None and state["error"] is None:
+            try:
+                library = _build(ATTENTION_SOURCE)
+                _load(library, ATTENTION_TARGETS, ATTENTION_FFI_NAMES, state)
+                state["loaded"] = True
+            except Exception as e:  # noqa: BLE001 - any failure means "use XLA's attention"
+                state["error"] = e
+                logger.warning(
+                    "keras-llama: native attention kernels unavailable, using XLA's attention "
+                    "(slower training and scoring): %s",
+                    e,
+                )
+        return bool(state["loaded"])
+
+
+def attention_build_error():
+    """Why the attention kernels are unavailable (an exception), or None."""
+    return _attention_state["error"]
+
+
+def attention_supported(query, key, value):
+    """Whether `attention` takes these operands: float32, head size a multiple of 16, query
+    heads a multiple of key/value heads, at least one key."""
+    import jax.numpy as jnp
+
+    if not (query.ndim == key.ndim == value.ndim == 4):
+        return False
+    if any(x.dtype != jnp.float32 for x in (query, key, value)):
+        return False
+    head_dim, heads, kv_heads = query.shape[3], query.shape[2], key.shape[2]
+    return (
+        head_dim % 16 == 0
+        and kv_heads > 0
+        and heads % kv_heads == 0
+        and key.shape[1] > 0
+        and key.shape == value.shape
+    )
+
+
+def _attention_forward(query, key, value, mask, scale):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    b, t, u, _ = query.shape
+    out = (
+        jax.ShapeDtypeStruct(query.shape, jnp.float32),
+        jax.ShapeDtypeStruct((b, u, t), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(ATTENTION_FFI_NAMES["forward"], out, vmap_method="sequential")
+    return call(query, key, value, mask, scale=np.float32(scale))
+
+
+def _attention_backward(query, key, value, mask, output, lse, grad, scale):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value))
+    call = jax.ffi.ffi_call(ATTENTION_FFI_NAMES["backward"], out, vmap_method="sequential")
+    return call(query, key, value, mask, output, lse, grad, scale=np.float32(scale))
+
+
+def _make_attention():
+    import functools
+
+    import jax
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def attention(query, key, value, mask, scale):
+        return _attention_forward(query, key, value, mask, scale)[0]
+
+    def forward(query, key, value, mask, scale):
+        output, lse = _attention_forward(query, key, value, mask, scale)
+        return output, (query, key, value, mask, output, lse)
+
+    def backward(scale, residuals, grad):
+        query, key, value, mask, output, lse = residuals
+        grads = _attention_backward(query, key, value, mask, output, lse, grad, scale)
+        return (*grads, None)
+
+    attention.defvjp(forward, backward)
+    return attention
+
+
+_attention_fn = []
+
+
+def attention(query, key, value, mask, scale):
+    """Masked softmax attention, differentiable (JAX, float32; needs `attention_available()`).
+
+    ``softmax(where(mask, scale * q.k, -inf)) @ v`` for ``query`` [B, T, U, H] over ``key`` and
+    ``value`` [B, S, V, H] (query head u reads key/value head u // (U // V)), ``mask`` bool
+    [B, T, S] (broadcastable). A row whose mask is all False attends to every key uniformly
+    and passes no gradient to its scores (as a very negative masking constant does).
+    Returns [B, T, U, H] float32.
+    """
+    import jax.numpy as jnp
+
+    b, t = query.shape[0], query.shape[1]
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), (b, t, key.shape[1]))
+    if not _attention_fn:
+        _attention_fn.append(_make_attention())
+    return _attention_fn[0](query, key, value, mask, float(scale))

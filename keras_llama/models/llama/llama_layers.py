@@ -487,6 +487,11 @@ class LlamaAttention(keras.layers.Layer):
             key = ops.transpose(key, (0, 1, 3, 2))
             value = ops.reshape(value, (b, self.num_key_value_heads, -1, self.head_dim))
         if self._use_dot_product_attention(query, training):
+            if not heads_major and self._use_native_attention(query, key, value):
+                attended = native_kernels.attention(
+                    query, key, value, attention_mask, 1.0 / math.sqrt(self.head_dim)
+                )
+                return self._project_output(attended, output_kernel)
             if heads_major:
                 key = ops.transpose(key, (0, 2, 1, 3))
                 value = ops.transpose(value, (0, 2, 1, 3))
@@ -545,6 +550,17 @@ class LlamaAttention(keras.layers.Layer):
             and (q_len is None or q_len > 1)
             and not (training and self.dropout > 0)
         )
+
+    def _use_native_attention(self, query, key, value):
+        # `keras_llama.kernels.attention` (JAX on CPU, float32, one device): the scores of a
+        # block of query rows stay in a thread-local buffer, keys and values are read in place
+        # (no repeat, no transposes). About 3x faster fwd+bwd than XLA's attention at the
+        # SmolLM2-135M training shape, and no [b, u, q, s] tensors saved for the backward pass.
+        if keras.distribution.distribution() is not None:
+            return False  # XLA cannot partition a custom call: keep the shardable path
+        return native_kernels.attention_supported(
+            query, key, value
+        ) and native_kernels.attention_available()
 
     def _attend_dot_product(self, query, key, value, attention_mask, output_kernel=None):
         # query [b, q, u, h]; key and value [b, s, v, h] -> [b, s, u, h]; mask [b, 1, q, s].
