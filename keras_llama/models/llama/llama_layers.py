@@ -558,9 +558,10 @@ class LlamaAttention(keras.layers.Layer):
         # SmolLM2-135M training shape, and no [b, u, q, s] tensors saved for the backward pass.
         if keras.distribution.distribution() is not None:
             return False  # XLA cannot partition a custom call: keep the shardable path
-        return native_kernels.attention_supported(
-            query, key, value
-        ) and native_kernels.attention_available()
+        return (
+            native_kernels.attention_supported(query, key, value)
+            and native_kernels.attention_available()
+        )
 
     def _attend_dot_product(self, query, key, value, attention_mask, output_kernel=None):
         # query [b, q, u, h]; key and value [b, s, v, h] -> [b, s, u, h]; mask [b, 1, q, s].
