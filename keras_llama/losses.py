@@ -44,6 +44,16 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
 
 
 def _logits_cross_entropy(logits, labels):
+    from keras_llama import kernels
+
+    if (
+        logits.dtype == "float32"
+        and keras.distribution.distribution() is None  # XLA cannot partition a custom call
+        and kernels.cross_entropy_available()
+    ):
+        # JAX on CPU: the native kernels (same values; 16-wide exponentials, two passes over
+        # the logits forward and one backward, the gradient written over the logits).
+        return kernels.cross_entropy(logits, labels)
     return _cross_entropy_with_vjp()(logits, labels)
 
 
@@ -55,15 +65,20 @@ def _cross_entropy_with_vjp():
     import jax.numpy as jnp
 
     def forward(logits, labels):
+        # A label outside [0, V) has an all-zero one-hot row in Keras: loss 0, gradient 0.
+        valid = (labels >= 0) & (labels < logits.shape[-1])
         lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-        return lse - picked, (logits, lse, labels)
+        safe = jnp.where(valid, labels, 0)
+        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        return jnp.where(valid, lse - picked, 0), (logits, lse, labels)
 
     def backward(residuals, grad):
         logits, lse, labels = residuals
+        valid = (labels >= 0) & (labels < logits.shape[-1])
         vocab = jnp.arange(logits.shape[-1], dtype=labels.dtype)
         probs = jnp.exp(logits - lse[..., None])
         one_hot = (vocab == labels[..., None]).astype(logits.dtype)
+        grad = jnp.where(valid, grad, 0)
         return (probs - one_hot) * grad[..., None], None
 
     cross_entropy = jax.custom_vjp(lambda logits, labels: forward(logits, labels)[0])

@@ -56,12 +56,22 @@ ATTENTION_FFI_NAMES = {
     "forward": "keras_llama_attention_forward",
     "backward": "keras_llama_attention_backward",
 }
+CROSS_ENTROPY_SOURCE = Path(__file__).with_name("cross_entropy.cc")
+CROSS_ENTROPY_TARGETS = {
+    "forward": "KerasLlamaCrossEntropyForward",
+    "backward": "KerasLlamaCrossEntropyBackward",
+}
+CROSS_ENTROPY_FFI_NAMES = {
+    "forward": "keras_llama_cross_entropy_forward",
+    "backward": "keras_llama_cross_entropy_backward",
+}
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "thread": None}
 _attention_state = {"loaded": None, "error": None}
+_cross_entropy_state = {"loaded": None, "error": None}
 
 
 def enabled():
@@ -266,33 +276,57 @@ def matmul(x, packed):
     return jnp.reshape(y, (*lead, packed.n))
 
 
-# --- attention ----------------------------------------------------------------------------------
-def attention_available():
-    """True when the native attention kernels are built, loaded and registered (building them
-    now, once per machine, if needed). Never raises: a failed build logs why and returns False,
-    and the caller keeps XLA's attention."""
+# --- training kernels (attention, cross-entropy) -----------------------------------------------
+def _training_library_available(what, source, targets, ffi_names, state):
+    # Builds (once per machine), loads and registers one training-kernel library; never
+    # raises: a failed build logs why and returns False (the caller keeps XLA's path).
     if not enabled():
         return False
     with _lock:
-        state = _attention_state
         if state["loaded"] is None and state["error"] is None:
             try:
-                library = _build(ATTENTION_SOURCE)
-                _load(library, ATTENTION_TARGETS, ATTENTION_FFI_NAMES, state)
+                _load(_build(source), targets, ffi_names, state)
                 state["loaded"] = True
-            except Exception as e:  # noqa: BLE001 - any failure means "use XLA's attention"
+            except Exception as e:  # noqa: BLE001 - any failure means "use XLA's path"
                 state["error"] = e
                 logger.warning(
-                    "keras-llama: native attention kernels unavailable, using XLA's attention "
-                    "(slower training and scoring): %s",
+                    "keras-llama: native %s kernels unavailable, using XLA's (slower "
+                    "training and scoring): %s",
+                    what,
                     e,
                 )
         return bool(state["loaded"])
 
 
+def attention_available():
+    """True when the native attention kernels are built, loaded and registered (building them
+    now, once per machine, if needed). Never raises: a failed build logs why and returns False,
+    and the caller keeps XLA's attention."""
+    return _training_library_available(
+        "attention", ATTENTION_SOURCE, ATTENTION_TARGETS, ATTENTION_FFI_NAMES, _attention_state
+    )
+
+
 def attention_build_error():
     """Why the attention kernels are unavailable (an exception), or None."""
     return _attention_state["error"]
+
+
+def cross_entropy_available():
+    """True when the native cross-entropy kernels are built, loaded and registered (building
+    them now, once per machine, if needed). Never raises, like `attention_available`."""
+    return _training_library_available(
+        "cross-entropy",
+        CROSS_ENTROPY_SOURCE,
+        CROSS_ENTROPY_TARGETS,
+        CROSS_ENTROPY_FFI_NAMES,
+        _cross_entropy_state,
+    )
+
+
+def cross_entropy_build_error():
+    """Why the cross-entropy kernels are unavailable (an exception), or None."""
+    return _cross_entropy_state["error"]
 
 
 def attention_supported(query, key, value):
@@ -379,3 +413,69 @@ def attention(query, key, value, mask, scale):
     if not _attention_fn:
         _attention_fn.append(_make_attention())
     return _attention_fn[0](query, key, value, mask, float(scale))
+
+
+# --- cross-entropy -------------------------------------------------------------------------------
+def _cross_entropy_forward(logits, labels):
+    import jax
+    import jax.numpy as jnp
+
+    rows = jax.ShapeDtypeStruct(labels.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        CROSS_ENTROPY_FFI_NAMES["forward"], (rows, rows), vmap_method="sequential"
+    )
+    return call(logits, labels)
+
+
+def _cross_entropy_backward(logits, labels, lse, grad):
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct(logits.shape, jnp.float32)
+    # The gradient overwrites the logits when XLA can give their buffer up (they are dead
+    # after this in a training step): no second [tokens, vocabulary] buffer.
+    call = jax.ffi.ffi_call(
+        CROSS_ENTROPY_FFI_NAMES["backward"],
+        out,
+        vmap_method="sequential",
+        input_output_aliases={0: 0},
+    )
+    return call(logits, labels, lse, grad)
+
+
+def _make_cross_entropy():
+    import jax
+
+    @jax.custom_vjp
+    def cross_entropy(logits, labels):
+        return _cross_entropy_forward(logits, labels)[0]
+
+    def forward(logits, labels):
+        loss, lse = _cross_entropy_forward(logits, labels)
+        return loss, (logits, labels, lse)
+
+    def backward(residuals, grad):
+        logits, labels, lse = residuals
+        return _cross_entropy_backward(logits, labels, lse, grad), None
+
+    cross_entropy.defvjp(forward, backward)
+    return cross_entropy
+
+
+_cross_entropy_fn = []
+
+
+def cross_entropy(logits, labels):
+    """Per-row softmax cross-entropy ``logsumexp(logits) - logits[label]`` (JAX, float32
+    ``logits`` [..., V], int ``labels`` [...]; needs `cross_entropy_available()`), with the
+    gradient ``softmax(logits) - one_hot(label)`` in one pass. A label outside [0, V) gives
+    loss 0 and gradient 0 (Keras's one-hot semantics). Returns [...] float32."""
+    import jax.numpy as jnp
+
+    lead = tuple(labels.shape)
+    vocab = logits.shape[-1]
+    flat_logits = jnp.reshape(logits, (-1, vocab))
+    flat_labels = jnp.reshape(jnp.asarray(labels, jnp.int32), (-1,))
+    if not _cross_entropy_fn:
+        _cross_entropy_fn.append(_make_cross_entropy())
+    return jnp.reshape(_cross_entropy_fn[0](flat_logits, flat_labels), lead)

@@ -7,6 +7,7 @@ from keras_llama.models.llama.llama_layers import (
     LlamaLayerNorm,
     LlamaRotaryEmbedding,
     LlamaTransformerDecoder,
+    ReversibleEmbedding,
     _check_positive_int,
     _kernel_initializer,
 )
@@ -104,7 +105,7 @@ class LlamaBackbone(Backbone):
         )
 
         # === Layers ===
-        self.token_embedding = keras.layers.ReversibleEmbedding(
+        self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=tie_word_embeddings,

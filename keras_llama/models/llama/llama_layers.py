@@ -45,6 +45,95 @@ def _project(x, kernel):
     return ops.matmul(x, kernel)
 
 
+def _training_matmuls():
+    """Whether training steps route their projections through `_training_matmul`: JAX on CPU
+    (the fix is for XLA:CPU's choice of matmul for the backward products)."""
+    if keras.config.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+_TRAINING_MATMUL = []
+
+
+def _make_training_matmul():
+    import jax
+
+    barrier = jax.lax.optimization_barrier
+
+    @jax.custom_vjp
+    def matmul(x, kernel):
+        return x @ kernel
+
+    def forward(x, kernel):
+        return x @ kernel, (x, kernel)
+
+    def backward(residuals, dy):
+        # The transposes are materialized (the barriers keep XLA from folding them back
+        # into the dots' dimension numbers): XLA:CPU then runs both products on its fast
+        # matmul path. Left to itself, it copies dy transposed and runs the weight gradient
+        # on a slower one, and the two compete for the cores (a SmolLM2-135M training step's
+        # matmuls ran at ~150 GFLOP/s instead of ~200).
+        x, kernel = residuals
+        dx = dy @ barrier(kernel.T)
+        dkernel = barrier(x.T) @ dy
+        return dx, dkernel
+
+    matmul.defvjp(forward, backward)
+    return matmul
+
+
+def _make_training_matmul_transposed():
+    import jax
+
+    @jax.custom_vjp
+    def matmul(x, table):
+        return x @ table.T
+
+    def forward(x, table):
+        return x @ table.T, (x, table)
+
+    def backward(residuals, dy):
+        # Written out, the products keep their natural layouts and XLA keeps no extra copy
+        # of the [tokens, vocabulary] gradient (its own transpose rule materialized one
+        # transposed: 150 ms and 200 MB of a SmolLM2-135M step).
+        x, table = residuals
+        return dy @ table, dy.T @ x
+
+    matmul.defvjp(forward, backward)
+    return matmul
+
+
+def training_logits(x, table):
+    """``x [..., m] @ table.T`` for a [vocabulary, m] table (a tied embedding) in a training
+    step on JAX CPU (see `_training_matmuls`): same values and gradients as `ops.matmul`."""
+    if not _TRAINING_MATMUL_T:
+        _TRAINING_MATMUL_T.append(_make_training_matmul_transposed())
+    lead = tuple(x.shape[:-1])
+    y = _TRAINING_MATMUL_T[0](ops.reshape(x, (-1, x.shape[-1])), table)
+    return ops.reshape(y, (*lead, table.shape[0]))
+
+
+_TRAINING_MATMUL_T = []
+
+
+def _training_matmul(x, kernel):
+    """``x [..., K] @ kernel [K, N]`` in a training step (see `_training_matmuls`): same
+    values and gradients as `ops.matmul`, faster backward products on XLA:CPU."""
+    if not _TRAINING_MATMUL:
+        _TRAINING_MATMUL.append(_make_training_matmul())
+    lead = tuple(x.shape[:-1])
+    y = _TRAINING_MATMUL[0](ops.reshape(x, (-1, x.shape[-1])), kernel)
+    return ops.reshape(y, (*lead, kernel.shape[-1]))
+
+
+def _dense_matrix(layer, input_dims):
+    """A plain Dense/EinsumDense layer's kernel as a [K, N] matrix in its compute dtype."""
+    return _as_matrix(ops.cast(layer.kernel, layer.compute_dtype), input_dims)
+
+
 def _as_matrix(array, input_dims):
     # [i1, .., i_d, o1, ...] -> [i1 * .. * i_d, o1 * ...]
     rows = math.prod(array.shape[:input_dims])
@@ -88,6 +177,46 @@ def _packable(layers, input_dims):
     return native_kernels.pack_int8(
         ops.concatenate(matrices, axis=1), ops.concatenate(scales, axis=0)
     )
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
+    """`keras.layers.ReversibleEmbedding` (same arguments, variables, results and class name:
+    Keras names a layer's entries in ``.weights.h5`` files after its class, so KerasHub's
+    weight files keep loading) whose
+    reverse projection, in a training step on JAX CPU with plain float weights, runs through
+    `training_logits` / `_training_matmul`: the vocabulary projection's gradient without
+    XLA's transposed copy of the [tokens, vocabulary] gradient (faster, 200 MB less at the
+    SmolLM2-135M training shape)."""
+
+    def call(self, inputs, reverse=False, training=None):
+        if (
+            reverse
+            and training
+            and _training_matmuls()
+            and self.quantization_mode is None
+            and not getattr(self, "lora_enabled", False)
+            and self.reverse_dtype is None
+            and self.logit_soft_cap is None
+        ):
+            if self.tie_weights:
+                table = ops.cast(self.embeddings, self.compute_dtype)
+                return training_logits(ops.cast(inputs, self.compute_dtype), table)
+            kernel = ops.cast(self.reverse_embeddings, self.compute_dtype)
+            return _training_matmul(ops.cast(inputs, self.compute_dtype), kernel)
+        return super().call(inputs, reverse=reverse)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras refuses to quantize subclasses (``type_check``); this one quantizes exactly as
+        # its parent (the training path above only takes plain float weights).
+        super().quantize(mode, type_check=False, config=config)
+
+    # Keras hands quantized layers `call`'s arguments, ``training`` included.
+    def _int8_call(self, inputs, reverse=False, training=None):
+        return super()._int8_call(inputs, reverse=reverse)
+
+    def _int4_call(self, inputs, reverse=False, training=None):
+        return super()._int4_call(inputs, reverse=reverse)
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -367,11 +496,26 @@ class LlamaAttention(keras.layers.Layer):
         Returns:
             ``output`` [b, q, m], or ``(output, (key_cache, value_cache))`` with a cache.
         """
-        query = self._query_dense(hidden_states)
-        key = self._key_dense(hidden_states)
-        value = self._value_dense(hidden_states)
+        if training and cache is None and self._training_matmuls():
+            b, q = ops.shape(hidden_states)[0], ops.shape(hidden_states)[1]
+            u, v, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
+            query, key, value = (
+                ops.reshape(_training_matmul(hidden_states, _dense_matrix(d, 1)), (b, q, n, h))
+                for d, n in ((self._query_dense, u), (self._key_dense, v), (self._value_dense, v))
+            )
+        else:
+            query = self._query_dense(hidden_states)
+            key = self._key_dense(hidden_states)
+            value = self._value_dense(hidden_states)
         return self._attend_projected(
             query, key, value, attention_mask, positions, cache, cache_update_index, training
+        )
+
+    def _training_matmuls(self):
+        # Plain float projections (no LoRA, no quantization) on JAX CPU: `_training_matmul`.
+        denses = (self._query_dense, self._key_dense, self._value_dense, self._output_dense)
+        return _training_matmuls() and all(
+            d.quantization_mode is None and not getattr(d, "lora_enabled", False) for d in denses
         )
 
     def call_with_fused_kernel(
@@ -491,11 +635,13 @@ class LlamaAttention(keras.layers.Layer):
                 attended = native_kernels.attention(
                     query, key, value, attention_mask, 1.0 / math.sqrt(self.head_dim)
                 )
-                return self._project_output(attended, output_kernel)
+                return self._project_output(attended, output_kernel, training)
             if heads_major:
                 key = ops.transpose(key, (0, 2, 1, 3))
                 value = ops.transpose(value, (0, 2, 1, 3))
-            return self._attend_dot_product(query, key, value, attention_mask, output_kernel)
+            return self._attend_dot_product(
+                query, key, value, attention_mask, output_kernel, training
+            )
         # query [b, q, u, h] -> [b, q, v, g, h]; keys and values are not repeated.
         kv = "bvsh" if heads_major else "bsvh"
         b, q = ops.shape(query)[0], ops.shape(query)[1]
@@ -513,7 +659,7 @@ class LlamaAttention(keras.layers.Layer):
         probs = self._dropout_layer(ops.cast(probs, query.dtype), training=training)
         attended = ops.einsum(f"bvgqs,{kv}->bqvgh", probs, value)
         attended = ops.reshape(attended, (b, q, self.num_query_heads, self.head_dim))
-        return self._project_output(attended, output_kernel)
+        return self._project_output(attended, output_kernel, training)
 
     def _attend_one_query(self, query, key, value, attention_mask, training, output_kernel):
         # Decoding: one query per row against the caches [b * v, s, h]. Both products are
@@ -563,7 +709,9 @@ class LlamaAttention(keras.layers.Layer):
             and native_kernels.attention_available()
         )
 
-    def _attend_dot_product(self, query, key, value, attention_mask, output_kernel=None):
+    def _attend_dot_product(
+        self, query, key, value, attention_mask, output_kernel=None, training=False
+    ):
         # query [b, q, u, h]; key and value [b, s, v, h] -> [b, s, u, h]; mask [b, 1, q, s].
         # Same math as the einsum path: softmax in float32 over masked, scaled scores.
         key = ops.repeat(ops.cast(key, query.dtype), self.num_key_value_groups, axis=2)
@@ -575,10 +723,14 @@ class LlamaAttention(keras.layers.Layer):
             mask=ops.cast(attention_mask, "bool")[:, None, :, :],
             scale=1.0 / math.sqrt(self.head_dim),
         )
-        return self._project_output(attended, output_kernel)  # attended [b, q, u, h]
+        return self._project_output(attended, output_kernel, training)  # [b, q, u, h]
 
-    def _project_output(self, attended, output_kernel=None):
+    def _project_output(self, attended, output_kernel=None, training=False):
         # attended [b, q, u, h] -> [b, q, m], by the layer or by a packed kernel [u * h, m].
+        if output_kernel is None and training and self._training_matmuls():
+            b, q = ops.shape(attended)[0], ops.shape(attended)[1]
+            flat = ops.reshape(attended, (b, q, -1))
+            return _training_matmul(flat, _dense_matrix(self._output_dense, 2))
         if output_kernel is None:
             return self._output_dense(attended)
         b, q = ops.shape(attended)[0], ops.shape(attended)[1]
@@ -756,23 +908,15 @@ class LlamaTransformerDecoder(keras.layers.Layer):
 
         residual = x
         x = self._feedforward_layernorm(x)
-        if training and keras.config.backend() == "jax" and self.fusable():
-            # Training: one matmul by the gate and up kernels side by side. On XLA:CPU one
-            # larger matmul and its gradient beat two (7% of a SmolLM2-135M training step),
-            # despite the copy of the kernels (XLA:CPU concatenates slowly: inference, where
-            # that copy would cost more than it saves, keeps two matmuls).
-            kernels = [
-                self._feedforward_gate_dense.kernel,
-                self._feedforward_intermediate_dense.kernel,
-            ]
-            gate_up = ops.matmul(
-                x, ops.concatenate([ops.cast(k, self.compute_dtype) for k in kernels], axis=1)
-            )
-            gate = self.activation(gate_up[..., : self.intermediate_dim])
-            x = gate * gate_up[..., self.intermediate_dim :]
+        if training and _training_matmuls() and self.fusable():
+            # Training on XLA:CPU: `_training_matmul` for its faster backward products.
+            gate = _training_matmul(x, _dense_matrix(self._feedforward_gate_dense, 1))
+            up = _training_matmul(x, _dense_matrix(self._feedforward_intermediate_dense, 1))
+            x = self.activation(gate) * up
+            x = _training_matmul(x, _dense_matrix(self._feedforward_output_dense, 1))
         else:
             x = self._feedforward_gate_dense(x) * self._feedforward_intermediate_dense(x)
-        x = self._feedforward_output_dense(x)
+            x = self._feedforward_output_dense(x)
         x = residual + self._self_attention_dropout(x, training=training)
         if cache is not None:
             return x, cache
