@@ -47,7 +47,7 @@ def _project(x, kernel):
 
 def _training_matmuls():
     """Whether training steps route their projections through `_training_matmul`: JAX on CPU
-    (the fix is for XLA:CPU's choice of matmul for the backward products)."""
+    (what it fixes is how XLA:CPU compiles the backward products)."""
     if keras.config.backend() != "jax":
         return False
     import jax
@@ -61,8 +61,6 @@ _TRAINING_MATMUL = []
 def _make_training_matmul():
     import jax
 
-    barrier = jax.lax.optimization_barrier
-
     @jax.custom_vjp
     def matmul(x, kernel):
         return x @ kernel
@@ -71,15 +69,11 @@ def _make_training_matmul():
         return x @ kernel, (x, kernel)
 
     def backward(residuals, dy):
-        # The transposes are materialized (the barriers keep XLA from folding them back
-        # into the dots' dimension numbers): XLA:CPU then runs both products on its fast
-        # matmul path. Left to itself, it copies dy transposed and runs the weight gradient
-        # on a slower one, and the two compete for the cores (a SmolLM2-135M training step's
-        # matmuls ran at ~150 GFLOP/s instead of ~200).
+        # Written out rather than left to JAX's transpose rule for dot_general: XLA:CPU then
+        # keeps fewer transposed copies alive (300 MB less temporary memory in a SmolLM2-135M
+        # training step) and schedules the products a little faster.
         x, kernel = residuals
-        dx = dy @ barrier(kernel.T)
-        dkernel = barrier(x.T) @ dy
-        return dx, dkernel
+        return dy @ kernel.T, x.T @ dy
 
     matmul.defvjp(forward, backward)
     return matmul
@@ -121,7 +115,7 @@ _TRAINING_MATMUL_T = []
 
 def _training_matmul(x, kernel):
     """``x [..., K] @ kernel [K, N]`` in a training step (see `_training_matmuls`): same
-    values and gradients as `ops.matmul`, faster backward products on XLA:CPU."""
+    values and gradients as `ops.matmul`, less memory and a little faster on XLA:CPU."""
     if not _TRAINING_MATMUL:
         _TRAINING_MATMUL.append(_make_training_matmul())
     lead = tuple(x.shape[:-1])
