@@ -369,7 +369,8 @@ def _attention_backward(query, key, value, mask, output, lse, grad, scale):
 
     out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value))
     call = jax.ffi.ffi_call(ATTENTION_FFI_NAMES["backward"], out, vmap_method="sequential")
-    return call(query, key, value, mask, output, lse, grad, scale=np.float32(scale))
+    passes = np.int32(ATTENTION_BACKWARD_PASSES)
+    return call(query, key, value, mask, output, lse, grad, scale=np.float32(scale), passes=passes)
 
 
 def _make_attention():
@@ -395,6 +396,11 @@ def _make_attention():
 
 
 _attention_fn = []
+
+# The attention backward pass: 0 lets the kernel choose (one pass per (batch, key/value head)
+# when there are at least 4 per thread, else two finer-grained passes); 1 or 2 force one (for
+# tests; read when a computation is traced).
+ATTENTION_BACKWARD_PASSES = 0
 
 
 def attention(query, key, value, mask, scale):

@@ -256,6 +256,7 @@ struct Backward {
   float *dq, *dk, *dv;
   std::unique_ptr<RowRanges> ranges;
   int64_t row_blocks, key_blocks, dq_items, items;
+  bool single_pass;
   std::atomic<int64_t> next{0}, done{0};
 
   // dQ for one block of query rows (all query heads of one key/value head).
@@ -315,8 +316,11 @@ struct Backward {
   }
 
   // dK and dV for one block of keys (from every query head of their key/value head).
+  // With ``with_dq``, also adds this block's share of dQ (unscaled) into dq: the caller owns
+  // every query head of this key/value head (single-pass mode).
   void key_block(int64_t item, std::vector<float>& kt, std::vector<float>& vt,
-                 std::vector<float>& p, std::vector<float>& dp, std::vector<float>& acc) {
+                 std::vector<float>& p, std::vector<float>& dp, std::vector<float>& acc,
+                 bool with_dq) {
     const int64_t blk = item % key_blocks, bv = item / key_blocks;  // earliest (heaviest) first
     const int64_t b = bv / d.V, vh = bv % d.V;
     const int64_t s0 = blk * kKeyBlock, n = std::min(kKeyBlock, d.S - s0), n16 = round16(n);
@@ -368,6 +372,7 @@ struct Backward {
         // dV += P^T dO, dK += dS^T Q over this chunk's rows.
         gemm<true>(p.data(), 1, n16, dout + first * d.H, q_row, dv_acc, d.H, n, d.H, rows);
         gemm<true>(dp.data(), 1, n16, q + first * d.H, q_row, dk_acc, d.H, n, d.H, rows);
+        if (with_dq) gemm<true>(dp.data(), n16, 1, kb, kv_row, dq + first * d.H, q_row, rows, d.H, n);
       }
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -380,15 +385,33 @@ struct Backward {
     }
   }
 
+  // Single pass for one (batch, key/value head): dK and dV block by block, dQ accumulated
+  // along the way (5 products per score block instead of the two-pass 7).
+  void head_pair(int64_t bv, std::vector<float>& kt, std::vector<float>& vt,
+                 std::vector<float>& p, std::vector<float>& dp, std::vector<float>& acc) {
+    const int64_t b = bv / d.V, vh = bv % d.V;
+    for (int64_t t = 0; t < d.T; ++t)
+      std::memset(dq + ((b * d.T + t) * d.U + vh * d.G) * d.H, 0, d.G * d.H * sizeof(float));
+    for (int64_t blk = 0; blk < key_blocks; ++blk)
+      key_block(bv * key_blocks + blk, kt, vt, p, dp, acc, true);
+    const f32x16 vs = splat(scale);
+    for (int64_t t = 0; t < d.T; ++t) {
+      float* row = dq + ((b * d.T + t) * d.U + vh * d.G) * d.H;
+      for (int64_t h = 0; h < d.G * d.H; h += 16) store(row + h, load(row + h) * vs);
+    }
+  }
+
   void run() {
     std::vector<float> kt, vt, p, dp, acc;
     for (;;) {
       const int64_t item = next.fetch_add(1, std::memory_order_relaxed);
       if (item >= items) return;
-      if (item < dq_items) {
+      if (single_pass) {
+        head_pair(item, kt, vt, p, dp, acc);
+      } else if (item < dq_items) {
         query_block(item, kt, vt, p, dp);
       } else {
-        key_block(item - dq_items, kt, vt, p, dp, acc);
+        key_block(item - dq_items, kt, vt, p, dp, acc, false);
       }
       done.fetch_add(1, std::memory_order_release);
     }
@@ -462,7 +485,7 @@ ffi::Error attention_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                               ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o,
                               ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
-                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                              int32_t passes, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                               ffi::ResultBuffer<ffi::F32> dv) {
   Shape d;
   ffi::Error status = check_shapes("attention_backward", q, k, v, mask, &d);
@@ -495,7 +518,13 @@ ffi::Error attention_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   work->row_blocks = (d.T + kRowBlock - 1) / kRowBlock;
   work->key_blocks = (d.S + kKeyBlock - 1) / kKeyBlock;
   work->dq_items = d.B * d.V * work->row_blocks;
-  work->items = work->dq_items + d.B * d.V * work->key_blocks;
+  // One pass per (batch, key/value head) when there are enough of them to keep every thread
+  // busy; otherwise two passes (query blocks for dQ, key blocks for dK and dV) for finer work.
+  // ``passes``: 1 or 2 forces a scheme (tests), 0 chooses.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->single_pass = passes == 1 || (passes == 0 && d.B * d.V >= 4 * threads);
+  work->items = work->single_pass ? d.B * d.V
+                                  : work->dq_items + d.B * d.V * work->key_blocks;
   run_shared(pool, work);
   return ffi::Error::Success();
 }
@@ -524,6 +553,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaAttentionBackward, attention_backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
+                                  .Attr<int32_t>("passes")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

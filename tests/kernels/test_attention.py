@@ -175,10 +175,14 @@ def assert_all(results, expected, magnitudes):
         assert_matches(name, actual, expected[name], magnitudes[name])
 
 
+# The backward kernel runs one pass per (batch, key/value head) when there are enough of them
+# for the threads, else two finer passes: 0 lets it choose, 1 and 2 force each scheme.
+@pytest.mark.parametrize("passes", [0, 1, 2])
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_match_float64(native, case):
+def test_forward_and_gradients_match_float64(native, case, passes, monkeypatch):
     import jax
 
+    monkeypatch.setattr(kernels, "ATTENTION_BACKWARD_PASSES", passes)
     q, k, v, mask, scale, dout = random_problem(case)
     expected, magnitudes = reference_attention(q, k, v, mask, scale, dout)
     out, vjp = jax.vjp(lambda q, k, v: kernels.attention(q, k, v, mask, scale), q, k, v)
