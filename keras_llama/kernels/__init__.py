@@ -27,10 +27,15 @@ API (all JAX):
 * `pack(kernel)` / `pack_int8(kernel, column_scale)`: a [K, N] kernel as a `PackedKernel`;
 * `matmul(x, packed)`: ``x [..., K] @ kernel`` -> [..., N] in float32;
 * `attention_available()` / `attention(query, key, value, mask, scale)`: differentiable
-  masked softmax attention, float32.
+  masked softmax attention, float32;
+* `cross_entropy_available()` / `cross_entropy(logits, labels)`: differentiable per-row
+  softmax cross-entropy from float32 logits (`cross_entropy.cc`: 16-wide exponentials, the
+  gradient written over the logits; 2.5x faster than XLA's and one [tokens, vocabulary] buffer
+  less);
+* `ensure_training_kernels_built_in_background()`: called by `compile()`.
 
-Each source builds into its own library, on first use: the attention kernels only when a
-model trains or scores, the decoding kernels when it generates.
+Each source builds into its own library, on first use: the attention and cross-entropy kernels
+when a model trains or scores, the decoding kernels when it generates.
 """
 
 import hashlib
@@ -72,6 +77,7 @@ _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "thread": None}
 _attention_state = {"loaded": None, "error": None}
 _cross_entropy_state = {"loaded": None, "error": None}
+_training_state = {"thread": None}
 
 
 def enabled():
@@ -305,6 +311,22 @@ def attention_available():
     return _training_library_available(
         "attention", ATTENTION_SOURCE, ATTENTION_TARGETS, ATTENTION_FFI_NAMES, _attention_state
     )
+
+
+def ensure_training_kernels_built_in_background():
+    """Starts building (and loading) the attention and cross-entropy kernels on a thread, so
+    that a first `fit()` compiles them while Keras builds the optimizer and XLA compiles the
+    step; `attention_available()` and `cross_entropy_available()` wait for it (their lock)."""
+    if not enabled() or _training_state["thread"] is not None:
+        return
+
+    def build():
+        attention_available()
+        cross_entropy_available()
+
+    thread = threading.Thread(target=build, daemon=True)
+    _training_state["thread"] = thread
+    thread.start()
 
 
 def attention_build_error():

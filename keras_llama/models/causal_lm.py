@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_llama import losses, samplers
+from keras_llama import kernels, losses, samplers
 from keras_llama.models import generation
 from keras_llama.models.task import Task
 
@@ -50,6 +50,7 @@ class CausalLM(Task):
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+        kernels.ensure_training_kernels_built_in_background()  # once per machine, then cached
         self.sampler = samplers.get(sampler)
         self.generate_function = None
 
