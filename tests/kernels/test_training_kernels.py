@@ -1,0 +1,946 @@
+"""The training fast paths on JAX CPU: the native cross-entropy kernels
+(`keras_llama.kernels.cross_entropy`) and the JAX custom VJP they fall back to, against numpy
+float64 (loss and gradient, vocabularies off the kernels' 16 lanes, out-of-range labels,
+extreme logits, jit, vmap, the gradient written over the logits' buffer); the loss class
+against Keras's own; the written-out matmul VJPs of `llama_layers` against numpy; a training
+step of the whole model against transformers (loss and every gradient, tied and untied
+embeddings), `fit()`, LoRA; the `ReversibleEmbedding` subclass against Keras's own layer
+(quantized, LoRA, weight-file names); a failed build; and mutations that the model-level
+comparison must catch.
+
+The kernels are built with the system C++ compiler. Without one the native tests skip (saying
+so); with one, a failed build fails them."""
+
+import logging
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from keras_llama import kernels, losses
+from keras_llama.models.llama import llama_layers
+from tests.hf_reference import make_hf_model, to_keras_llama
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="the native kernels are a JAX (CPU) fast path"
+)
+
+FORWARD_TARGET = "keras_llama_cross_entropy_forward"
+BACKWARD_TARGET = "keras_llama_cross_entropy_backward"
+INT32 = np.iinfo(np.int32)
+
+
+@pytest.fixture(scope="module")
+def native():
+    """Requires the native cross-entropy kernels: skips only when no C++ compiler exists (or
+    the user opted out with KERAS_LLAMA_KERNELS=0); a compiler that fails to build them fails
+    the test."""
+    if not kernels.enabled():
+        pytest.skip("native kernels disabled (KERAS_LLAMA_KERNELS=0 or not JAX on CPU)")
+    if not kernels.cross_entropy_available():
+        try:
+            kernels._compiler()
+        except RuntimeError as e:
+            pytest.skip(f"no C++ compiler to build the native cross-entropy kernels: {e}")
+        pytest.fail(
+            "a C++ compiler exists but the native cross-entropy kernels failed: "
+            f"{kernels.cross_entropy_build_error()}"
+        )
+
+
+def implementation(name):
+    """The per-row cross-entropy under test: the native kernels or the JAX custom VJP."""
+    if name == "native":
+        return kernels.cross_entropy
+    return losses._cross_entropy_with_vjp()
+
+
+@pytest.fixture(params=["native", "jax"])
+def cross_entropy(request):
+    if request.param == "native":
+        request.getfixturevalue("native")
+    return implementation(request.param)
+
+
+# --- the numpy float64 reference ------------------------------------------------------------
+def reference_cross_entropy(logits, labels, grad):
+    """Softmax cross-entropy in float64 by hand: ``(loss [...], dlogits [..., V], scale [...])``
+    for ``logits`` [..., V], int ``labels`` [...] and the loss's cotangent ``grad`` [...].
+
+    ``loss = logsumexp(x) - x[label]`` and ``dlogits = (softmax(x) - one_hot(label)) * grad``;
+    a label outside [0, V) has an all-zero one-hot row (Keras): loss 0, gradient 0. ``scale``
+    is the size the row's float32 arithmetic works at (its largest finite |logit|, at least 1):
+    rounding errors are bounded relative to it."""
+    x = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    grad = np.asarray(grad, np.float64)
+    vocab = x.shape[-1]
+    valid = (labels >= 0) & (labels < vocab)
+    top = x.max(axis=-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(x - top).sum(axis=-1))
+    picked = np.take_along_axis(x, np.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    loss = np.where(valid, lse - picked, 0.0)
+    one_hot = np.arange(vocab) == labels[..., None]
+    dlogits = (np.exp(x - lse[..., None]) - one_hot) * np.where(valid, grad, 0.0)[..., None]
+    scale = np.maximum(np.where(np.isfinite(x), np.abs(x), 0).max(axis=-1), 1.0)
+    return loss, dlogits, scale
+
+
+def assert_cross_entropy(loss, dlogits, logits, labels, grad, rtol=1e-6):
+    """``loss`` and ``dlogits`` (float32) equal the float64 reference: within ``rtol`` of each
+    row's scale (times |grad| for the gradient); rows with an out-of-range label exactly 0."""
+    expected_loss, expected_grad, scale = reference_cross_entropy(logits, labels, grad)
+    loss, dlogits = np.asarray(loss), np.asarray(dlogits)
+    assert loss.dtype == dlogits.dtype == np.float32
+    assert loss.shape == expected_loss.shape and dlogits.shape == expected_grad.shape
+    labels = np.asarray(labels)
+    invalid = (labels < 0) | (labels >= logits.shape[-1])
+    np.testing.assert_array_equal(loss[invalid], 0.0)
+    np.testing.assert_array_equal(dlogits[invalid], 0.0)
+    finite = np.isfinite(expected_loss)
+    np.testing.assert_array_equal(loss[~finite], expected_loss[~finite])
+    loss_error = np.abs(loss[finite] - expected_loss[finite]) / scale[finite]
+    assert loss_error.max(initial=0) <= rtol, f"loss error {loss_error.max():.3g} x scale"
+    assert np.isfinite(dlogits).all()
+    bound = rtol * (scale * np.abs(np.asarray(grad, np.float64)))[..., None] + 1e-30
+    grad_error = (np.abs(dlogits - expected_grad) / bound).max(initial=0)
+    assert grad_error <= 1.0, f"gradient error {grad_error:.3g} x {rtol:g} of the row's scale"
+
+
+def loss_and_gradient(cross_entropy, logits, labels, grad):
+    """``(loss, dlogits)``: the jitted forward pass and its vjp of ``grad``."""
+    import jax
+
+    def fn(x, labels, grad):
+        loss, vjp = jax.vjp(lambda x: cross_entropy(x, labels), x)
+        return loss, vjp(grad)[0]
+
+    return jax.jit(fn)(logits, labels, grad)
+
+
+def random_labels(lead, vocab, rng, out_of_range=True):
+    """Labels [lead] in [0, V), with a few out of range (-1, V, large, int32 min and max)."""
+    labels = rng.integers(0, vocab, lead).astype("int32")
+    if out_of_range:
+        flat = labels.reshape(-1)
+        bad = [-1, vocab, 10**6, INT32.min, INT32.max]
+        positions = rng.choice(flat.size, min(len(bad), flat.size // 3), replace=False)
+        flat[positions] = bad[: len(positions)]
+    return labels
+
+
+# (leading dims, vocabulary). Rows go to threads 8 at a time, exponentials 16 lanes at a time:
+# sizes off both, a vocabulary of one, exactly one vector, a vector and one.
+CASES = {
+    "n1_v1": ((1,), 1),
+    "n3_v7": ((3,), 7),
+    "n5_v16": ((5,), 16),
+    "n9_v17": ((9,), 17),
+    "n67_v100": ((67,), 100),
+    "n1_v1000": ((1,), 1000),
+    "b2_t33_v1000": ((2, 33), 1000),
+    "b3_t1_v100": ((3, 1), 100),
+}
+
+
+def random_problem(case, seed=0, scale=3.0):
+    lead, vocab = CASES[case]
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.normal(0, 1, (*lead, vocab))).astype("float32")
+    labels = random_labels(lead, vocab, rng, out_of_range=np.prod(lead) >= 3)
+    grad = rng.normal(0, 1, lead).astype("float32")
+    return logits, labels, grad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_gradient_match_float64(cross_entropy, case):
+    logits, labels, grad = random_problem(case)
+    loss, dlogits = loss_and_gradient(cross_entropy, logits, labels, grad)
+    assert_cross_entropy(loss, dlogits, logits, labels, grad)
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    if logits.shape[-1] > 1:  # not vacuous: real losses and gradients on the valid rows
+        assert (np.asarray(loss)[valid] > 1e-3).all()
+        assert np.abs(np.asarray(dlogits)[valid]).max() > 1e-2
+    if labels.size >= 3:
+        assert (~valid).sum() >= 1
+
+
+def test_extreme_logits(cross_entropy):
+    # V = 37: two 16-wide vectors and a tail of 5; -inf entries in a vector and in the tail.
+    vocab = 37
+    rng = np.random.default_rng(3)
+    rows, labels = [], []
+
+    def row(values, label):
+        rows.append(np.asarray(values, np.float32))
+        labels.append(label)
+
+    big = np.full(vocab, 80.0)
+    row(np.where(np.arange(vocab) == 5, -80.0, big), 5)  # the label 160 below the rest
+    row(np.where(np.arange(vocab) == 36, 80.0, -big), 36)  # the label 160 above: loss ~ 0
+    row(-big, 17)  # all equal and tiny: log(V)
+    row(big, 0)  # all equal and large: log(V)
+    with_inf = rng.normal(0, 3, vocab)
+    with_inf[[3, 35]] = -np.inf
+    row(with_inf, 4)  # -inf entries (masked logits) elsewhere: they count 0
+    row(with_inf, 35)  # the label's logit is -inf: loss +inf, gradient still finite
+    row(with_inf, -1)  # out of range: 0 and 0 even with -inf entries
+    row(1e4 * rng.normal(0, 1, vocab), 9)  # huge spread: one entry dominates
+    row(rng.normal(0, 1, vocab) + 1e3, 30)  # large offset, ordinary spread
+    logits, labels = np.stack(rows), np.asarray(labels, "int32")
+    grad = rng.normal(0, 1, len(rows)).astype("float32")
+
+    loss, dlogits = loss_and_gradient(cross_entropy, logits, labels, grad)
+    assert_cross_entropy(loss, dlogits, logits, labels, grad)
+    loss = np.asarray(loss)
+    # Worked out by hand.
+    np.testing.assert_allclose(loss[0], 160 + np.log(36 + np.exp(-160.0)), rtol=1e-6)
+    assert 0.0 <= loss[1] < 1e-30
+    np.testing.assert_allclose(loss[2:4], np.log(vocab), rtol=1e-6)
+    assert loss[5] == np.inf
+    np.testing.assert_allclose(np.asarray(dlogits)[5, 35], -grad[5], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(dlogits)[4, [3, 35]], 0.0)
+    np.testing.assert_array_equal(np.asarray(dlogits)[5, 3], 0.0)
+
+
+def test_empty_batch(native):
+    import jax
+
+    logits = np.zeros((0, 10), np.float32)
+    labels = np.zeros((0,), np.int32)
+    loss, vjp = jax.vjp(lambda x: kernels.cross_entropy(x, labels), logits)
+    assert loss.shape == (0,) and vjp(np.zeros((0,), np.float32))[0].shape == (0, 10)
+
+
+def test_under_jit_grad_and_vmap(native):
+    import jax
+
+    # One jitted function at two shapes (each compiled once), then the first again.
+    def weighted(x, labels, w):
+        return (kernels.cross_entropy(x, labels) * w).sum()
+
+    step = jax.jit(jax.value_and_grad(weighted))
+    for case in ["b2_t33_v1000", "n9_v17", "b2_t33_v1000"]:
+        logits, labels, grad = random_problem(case, seed=1)
+        value, dlogits = step(logits, labels, grad)
+        # d(sum(loss * w))/d(loss) = w: the gradient is the vjp of ``grad``.
+        expected, _, _ = reference_cross_entropy(logits, labels, grad)
+        np.testing.assert_allclose(value, (expected * grad).sum(), rtol=1e-5)
+        assert_cross_entropy(np.asarray(expected, np.float32), dlogits, logits, labels, grad)
+    assert step._cache_size() == 2
+
+    # The logits made inside the jitted function in another layout: transposed.
+    logits, labels, grad = random_problem("n67_v100", seed=2)
+    value, dlogits = jax.jit(jax.value_and_grad(lambda xt: weighted(xt.T, labels, grad)))(
+        np.ascontiguousarray(logits.T)
+    )
+    expected, _, _ = reference_cross_entropy(logits, labels, grad)
+    np.testing.assert_allclose(value, (expected * grad).sum(), rtol=1e-5)
+    assert_cross_entropy(expected.astype("float32"), np.asarray(dlogits).T, logits, labels, grad)
+
+    # vmap (the ffi calls run once per slice): three problems stacked on a new leading axis,
+    # with their own labels and with one set of labels shared by all.
+    problems = [random_problem("b3_t1_v100", seed=i) for i in range(3)]
+    logits, labels, grad = (np.stack(x) for x in zip(*problems))
+
+    def grads(x, labels, w):
+        return jax.grad(weighted)(x, labels, w)
+
+    loss = jax.vmap(kernels.cross_entropy)(logits, labels)
+    shared = jax.jit(jax.vmap(kernels.cross_entropy, in_axes=(0, None)))(logits, labels[0])
+    dlogits = jax.vmap(grads)(logits, labels, grad)
+    shared_grads = jax.jit(jax.vmap(grads, in_axes=(0, None, 0)))(logits, labels[0], grad)
+    for i in range(3):
+        assert_cross_entropy(loss[i], dlogits[i], logits[i], labels[i], grad[i])
+        assert_cross_entropy(shared[i], shared_grads[i], logits[i], labels[0], grad[i])
+
+
+def test_repeated_calls_give_identical_results(native):
+    # Rows are shared between XLA's threads and each writes its own: the same inputs must give
+    # the same bits every time.
+    import jax
+
+    logits, labels, grad = random_problem("b2_t33_v1000", seed=4)
+    step = jax.jit(jax.value_and_grad(lambda x: (kernels.cross_entropy(x, labels) * grad).sum()))
+    first = [np.asarray(x) for x in step(logits)]
+    for _ in range(5):
+        for a, b in zip(step(logits), first):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+# --- the gradient written over the logits -----------------------------------------------------
+def test_gradient_over_the_logits_buffer_never_clobbers_live_logits(native):
+    """The backward kernel aliases its output to the logits (`input_output_aliases`). Where the
+    logits die with the loss XLA may reuse their buffer; where anything still reads them after
+    the backward pass (a returned value, another term of the loss, its own backward pass, the
+    caller's array) they must keep their values."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(5)
+    n, m, vocab = 37, 24, 100
+    h = rng.normal(0, 1, (n, m)).astype("float32")
+    w = rng.normal(0, 0.5, (m, vocab)).astype("float32")
+    labels = random_labels((n,), vocab, rng)
+    c = rng.normal(0, 1, (n, vocab)).astype("float32")
+    logits64 = h.astype(np.float64) @ w
+    logits = logits64.astype("float32")
+    ones = np.ones(n, np.float32)
+    expected_loss, expected_dlogits, _ = reference_cross_entropy(logits64, labels, ones)
+
+    def ce(x):
+        return kernels.cross_entropy(x, labels)
+
+    def close(actual, expected, rtol=2e-5, name=""):
+        actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+        error = np.abs(actual - expected).max()
+        assert error <= rtol * np.abs(expected).max(), (name, error)
+
+    # 1. The logits are dead after the loss: the gradient may take their buffer (it is asked
+    # to: the compiled custom call aliases operand 0).
+    dead = jax.jit(jax.value_and_grad(lambda w: ce(h @ w).sum()))
+    assert "output_to_operand_aliasing" in dead.lower(w).compile().as_text()
+    value, dw = dead(w)
+    close(value, expected_loss.sum(), name="dead loss")
+    close(dw, h.T.astype(np.float64) @ expected_dlogits, name="dead dw")
+
+    # 2. The logits are returned next to the gradient.
+    def loss_and_logits(w):
+        x = h @ w
+        return ce(x).sum(), x
+
+    (value, returned), dw = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))(w)
+    close(returned, logits64, rtol=1e-5, name="returned logits")
+    close(dw, h.T.astype(np.float64) @ expected_dlogits, name="returned dw")
+
+    # 3. The logits also feed another term of the loss, linear (its gradient needs no logits)
+    # and non-linear (its backward pass reads the logits, possibly after the kernel's).
+    def two_terms(x):
+        return ce(x).sum() + (x * c).sum() + jnp.sin(x).sum()
+
+    value, dlogits = jax.jit(jax.value_and_grad(two_terms))(logits)
+    x64 = logits.astype(np.float64)
+    close(value, expected_loss.sum() + (x64 * c).sum() + np.sin(x64).sum(), 1e-5, "sum value")
+    expected = reference_cross_entropy(logits, labels, ones)[1] + c + np.cos(x64)
+    close(dlogits, expected, 1e-5, "sum gradient")
+    value, dw = jax.jit(jax.value_and_grad(lambda w: two_terms(h @ w)))(w)
+    expected = reference_cross_entropy(logits64, labels, ones)[1] + c + np.cos(logits64)
+    close(dw, h.T.astype(np.float64) @ expected, 1e-4, "sum dw")
+
+    # 4. The caller's arrays (a device array, not donated) keep their values, jitted or not,
+    # and the vjp can be pulled twice.
+    device_logits = jnp.asarray(logits)
+    for fn in (jax.grad(lambda x: ce(x).sum()), jax.jit(jax.grad(lambda x: ce(x).sum()))):
+        close(fn(device_logits), expected_dlogits, name="device grad")
+        np.testing.assert_array_equal(np.asarray(device_logits), logits)
+    _, vjp = jax.vjp(ce, device_logits)
+    first = np.asarray(vjp(ones)[0])
+    np.testing.assert_array_equal(np.asarray(vjp(ones)[0]), first)
+    np.testing.assert_array_equal(np.asarray(device_logits), logits)
+
+    # 5. Logits XLA must not write to: a constant of the compiled function (called twice),
+    # and a loop invariant that every iteration differentiates at again.
+    constant = jax.jit(lambda g: jax.vjp(ce, logits)[1](g)[0])
+    for _ in range(2):
+        close(constant(ones), expected_dlogits, name="constant logits")
+
+    def loop(x):
+        def body(i, total):
+            return total + jax.grad(lambda y: ce(y).sum())(x)
+
+        return jax.lax.fori_loop(0, 3, body, jnp.zeros_like(x))
+
+    close(jax.jit(loop)(logits), 3 * expected_dlogits, name="loop invariant")
+
+
+# --- the loss class against Keras's own -------------------------------------------------------
+def keras_problem(seed=6):
+    rng = np.random.default_rng(seed)
+    b, t, vocab = 2, 9, 37
+    logits = rng.normal(0, 3, (b, t, vocab)).astype("float32")
+    labels = rng.integers(0, vocab, (b, t)).astype("int32")
+    labels[0, 2], labels[1, 7] = -1, vocab  # out of range: Keras's one-hot row is all zeros
+    sample_weight = rng.uniform(0, 2, (b, t)).astype("float32")
+    sample_weight[1, 0] = 0.0
+    return logits, labels, sample_weight
+
+
+def loss_value_grad_and_hlo(loss, logits, labels, sample_weight):
+    """``(value, dlogits, HLO text of the jitted value and gradient)`` of ``loss``."""
+    import jax
+
+    def fn(x):
+        value = loss(labels, x, sample_weight=sample_weight)
+        return value.sum(), value  # reduction "none" gives a value per position
+
+    lowered = jax.jit(jax.value_and_grad(fn, has_aux=True)).lower(logits)
+    (_, value), dlogits = lowered.compile()(logits)
+    return np.asarray(value), np.asarray(dlogits), lowered.as_text()
+
+
+REDUCTIONS = ["sum", "sum_over_batch_size", "none", "mean_with_sample_weight"]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_class_equals_keras_on_the_native_path(native, monkeypatch, reduction):
+    logits, labels, sample_weight = keras_problem()
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+    ours = losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+    expected, expected_grad, _ = loss_value_grad_and_hlo(keras_loss, logits, labels, sample_weight)
+    value, dlogits, text = loss_value_grad_and_hlo(ours, logits, labels, sample_weight)
+    assert FORWARD_TARGET in text and BACKWARD_TARGET in text
+    np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dlogits, expected_grad, rtol=0, atol=1e-6)
+    assert np.abs(expected_grad).max() > 1e-2
+    # The out-of-range positions count zero in both.
+    np.testing.assert_array_equal(dlogits[0, 2], 0.0)
+    np.testing.assert_array_equal(dlogits[1, 7], 0.0)
+
+    monkeypatch.setenv("KERAS_LLAMA_KERNELS", "0")
+    assert not kernels.cross_entropy_available()
+    off, off_grad, text = loss_value_grad_and_hlo(ours, logits, labels, sample_weight)
+    assert FORWARD_TARGET not in text and BACKWARD_TARGET not in text
+    np.testing.assert_allclose(off, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(off_grad, expected_grad, rtol=0, atol=1e-6)
+
+
+def test_other_inputs_take_the_jax_path(native):
+    import jax
+
+    logits, labels, _ = keras_problem(seed=7)
+    ones = np.ones(labels.shape, np.float32)
+
+    def value_grad_text(fn, x):
+        lowered = jax.jit(jax.value_and_grad(lambda x: fn(x).sum())).lower(x)
+        value, grad = lowered.compile()(x)
+        return value, grad, lowered.as_text()
+
+    def ours(x):
+        return losses.sparse_categorical_crossentropy(labels, x, from_logits=True)
+
+    # bfloat16 logits: the JAX custom VJP, in bfloat16.
+    bf16 = keras.ops.cast(logits, "bfloat16")
+    value, grad, text = value_grad_text(ours, bf16)
+    assert FORWARD_TARGET not in text and BACKWARD_TARGET not in text
+    rounded = np.asarray(bf16.astype("float32"))
+    expected_loss, expected_grad, scale = reference_cross_entropy(rounded, labels, ones)
+    assert grad.dtype == bf16.dtype
+    np.testing.assert_allclose(float(value), expected_loss.sum(), rtol=2e-2)
+    assert np.abs(np.asarray(grad, np.float32) - expected_grad).max() <= 2e-2
+
+    # Under a Keras distribution (even over one device), XLA must be free to partition.
+    with keras.distribution.DataParallel(devices=jax.devices()).scope():
+        value, grad, text = value_grad_text(ours, logits)
+    assert FORWARD_TARGET not in text and BACKWARD_TARGET not in text
+    expected_loss, expected_grad, _ = reference_cross_entropy(logits, labels, ones)
+    np.testing.assert_allclose(value, expected_loss.sum(), rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-6)
+
+    # Labels [..., 1] as Keras accepts them: the native path, same values.
+    value, grad, text = value_grad_text(
+        lambda x: losses.sparse_categorical_crossentropy(labels[..., None], x, from_logits=True),
+        logits,
+    )
+    assert FORWARD_TARGET in text
+    np.testing.assert_allclose(value, expected_loss.sum(), rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-6)
+
+
+# (labels shape, logits shape) that Keras refuses: the leading dimensions differ.
+MISMATCHED_SHAPES = [((2, 9), (18, 37)), ((2, 1), (2, 9, 37)), ((2, 8), (2, 9, 37))]
+
+
+@pytest.mark.parametrize("path", ["native", "jax"])
+def test_mismatched_label_and_logit_shapes_raise_like_keras(native, monkeypatch, path):
+    # `keras.losses.sparse_categorical_crossentropy` raises a ValueError naming both shapes
+    # when the labels' shape is not the logits' leading shape; ours promises Keras's
+    # arguments and values, so it must refuse them too, on either path, not compute a loss of
+    # some other shape or fail later inside XLA.
+    if path == "jax":
+        monkeypatch.setenv("KERAS_LLAMA_KERNELS", "0")
+    rng = np.random.default_rng(11)
+    problems = []
+    for label_shape, logit_shape in MISMATCHED_SHAPES:
+        labels = rng.integers(0, logit_shape[-1], label_shape).astype("int32")
+        logits = rng.normal(0, 1, logit_shape).astype("float32")
+        with pytest.raises(ValueError, match="shape"):  # the reference
+            keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        try:
+            result = losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            result = np.asarray(result)  # errors inside XLA surface when the value is read
+        except ValueError as e:
+            if str(label_shape) not in str(e) or str(logit_shape) not in str(e):
+                problems.append(f"{label_shape} vs {logit_shape}: unclear ValueError: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - the wrong kind of error is the finding
+            problems.append(
+                f"{label_shape} vs {logit_shape}: {type(e).__name__} instead of a ValueError "
+                f"naming the shapes: {str(e)[:120]}"
+            )
+            continue
+        problems.append(f"{label_shape} vs {logit_shape}: no error, a loss of shape {result.shape}")
+    assert not problems, "\n".join(problems)
+
+
+# --- the written-out matmul VJPs ----------------------------------------------------------------
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2d", "3d"])
+def test_training_matmuls_equal_plain_products(lead):
+    import jax
+
+    rng = np.random.default_rng(8)
+    k, n = 7, 11
+    x = rng.normal(0, 1, (*lead, k)).astype("float32")
+    kernel = rng.normal(0, 1, (k, n)).astype("float32")
+    table = rng.normal(0, 1, (n, k)).astype("float32")
+    dy = rng.normal(0, 1, (*lead, n)).astype("float32")
+    x64, dy64 = x.astype(np.float64).reshape(-1, k), dy.astype(np.float64).reshape(-1, n)
+
+    def check(fn, weight, expected_y, expected_dx, expected_dw):
+        for f in (fn, jax.jit(fn)):
+            y, vjp = jax.vjp(f, x, weight)
+            dx, dw = vjp(dy)
+            assert y.shape == (*lead, n) and dx.shape == x.shape and dw.shape == weight.shape
+            for actual, expected in ((y, expected_y), (dx, expected_dx), (dw, expected_dw)):
+                np.testing.assert_allclose(
+                    np.asarray(actual).reshape(expected.shape), expected, rtol=0, atol=1e-5
+                )
+
+    w64 = kernel.astype(np.float64)
+    check(llama_layers._training_matmul, kernel, x64 @ w64, dy64 @ w64.T, x64.T @ dy64)
+    t64 = table.astype(np.float64)
+    check(llama_layers.training_logits, table, x64 @ t64.T, dy64 @ t64, dy64.T @ x64)
+
+
+# --- the model against transformers -----------------------------------------------------------
+# Two rows of 24 tokens; the second is left-padded (5 positions).
+TOKEN_IDS = np.random.default_rng(9).integers(1, 100, (2, 24)).astype("int32")
+PADDING_MASK = np.ones((2, 24), "int32")
+PADDING_MASK[1, :5] = 0
+# A position is scored when it and the token before it are real.
+SCORED = (PADDING_MASK[:, 1:] * PADDING_MASK[:, :-1]).astype(bool)  # [2, 23]
+INPUTS = {"token_ids": TOKEN_IDS[:, :-1], "padding_mask": PADDING_MASK[:, :-1]}
+M, F, U, V, H, LAYERS = 64, 128, 4, 2, 16, 2
+
+
+def hf_name_and_layout(path):
+    """The transformers parameter behind one of our variable paths, and the function that
+    turns its gradient into our variable's layout."""
+    if path == "token_embedding/embeddings":
+        return "model.embed_tokens.weight", lambda g: g
+    if path == "token_embedding/reverse_embeddings":
+        return "lm_head.weight", lambda g: g.T
+    if path == "sequence_output_layernorm/scale":
+        return "model.norm.weight", lambda g: g
+    layer, rest = path.split("/", 1)
+    prefix = f"model.layers.{int(layer.rsplit('_', 1)[1])}."
+    table = {
+        "self_attention/query/kernel": ("self_attn.q_proj", lambda g: g.T.reshape(M, U, H)),
+        "self_attention/key/kernel": ("self_attn.k_proj", lambda g: g.T.reshape(M, V, H)),
+        "self_attention/value/kernel": ("self_attn.v_proj", lambda g: g.T.reshape(M, V, H)),
+        "self_attention/attention_output/kernel": (
+            "self_attn.o_proj",
+            lambda g: g.T.reshape(U, H, M),
+        ),
+        "feedforward_gate_dense/kernel": ("mlp.gate_proj", lambda g: g.T),
+        "feedforward_intermediate_dense/kernel": ("mlp.up_proj", lambda g: g.T),
+        "feedforward_output_dense/kernel": ("mlp.down_proj", lambda g: g.T),
+        "self_attention_layernorm/scale": ("input_layernorm", lambda g: g),
+        "feedforward_layernorm/scale": ("post_attention_layernorm", lambda g: g),
+    }
+    name, layout = table[rest]
+    return prefix + name + ".weight", layout
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def models(request):
+    """``(tied, transformers model, our LlamaCausalLM, reference)``: ``reference`` holds the
+    transformers loss (``labels=``, padding -100) and the gradient of every parameter (torch
+    autograd) in our variables' layouts, by path."""
+    import torch
+
+    tied = request.param == "tied"
+    hf = make_hf_model("gqa", seed=12, hidden_size=M, intermediate_size=F, tie_word_embeddings=tied)
+    causal_lm = to_keras_llama(hf)
+    assert causal_lm.backbone.token_embedding.tie_weights == tied
+    hf.zero_grad()
+    # transformers shifts the labels itself: labels[t + 1] scores the logits of position t.
+    labels = np.where(np.concatenate([[[False], [False]], SCORED], axis=1), TOKEN_IDS, -100)
+    out = hf(
+        input_ids=torch.as_tensor(TOKEN_IDS).long(),
+        attention_mask=torch.as_tensor(PADDING_MASK),
+        labels=torch.as_tensor(labels).long(),
+    )
+    out.loss.backward()
+    grads = {name: p.grad.numpy().astype(np.float64) for name, p in hf.named_parameters()}
+    hf.zero_grad()
+    reference = {"loss": out.loss.item(), "grads": {}}
+    for v in causal_lm.trainable_variables:
+        name, layout = hf_name_and_layout(v.path)
+        reference["grads"][v.path] = layout(grads[name])
+    return tied, hf, causal_lm, reference
+
+
+def training_step(causal_lm):
+    """Compiles the training loss and its gradients (``stateless_call(training=True)`` and the
+    model's loss, as `fit()` does): ``(HLO text, loss, {path: gradient})``."""
+    import jax
+
+    trainable = [v.value for v in causal_lm.trainable_variables]
+    non_trainable = [v.value for v in causal_lm.non_trainable_variables]
+
+    def loss_fn(values):
+        logits, _ = causal_lm.stateless_call(values, non_trainable, INPUTS, training=True)
+        return causal_lm.loss(TOKEN_IDS[:, 1:], logits, sample_weight=SCORED.astype("float32"))
+
+    lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(trainable)
+    loss, grads = lowered.compile()(trainable)
+    paths = [v.path for v in causal_lm.trainable_variables]
+    return lowered.as_text(), float(loss), {p: np.asarray(g) for p, g in zip(paths, grads)}
+
+
+def grad_errors(grads, reference):
+    return {p: np.abs(g - reference["grads"][p]).max() for p, g in grads.items()}
+
+
+def spy_training_matmuls(monkeypatch):
+    """Records the weight shapes `_training_matmul` and `training_logits` are called with
+    (the layers look them up at call time)."""
+    calls = {"_training_matmul": [], "training_logits": []}
+    for name in calls:
+        original = getattr(llama_layers, name)
+
+        def wrapper(x, w, original=original, name=name):
+            calls[name].append(tuple(w.shape))
+            return original(x, w)
+
+        monkeypatch.setattr(llama_layers, name, wrapper)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def step(native, models):
+    _, _, causal_lm, _ = models
+    with pytest.MonkeyPatch.context() as m:
+        calls = spy_training_matmuls(m)
+        text, loss, grads = training_step(causal_lm)
+    return text, loss, grads, calls
+
+
+def test_training_step_equals_transformers(models, step):
+    tied, _, causal_lm, reference = models
+    text, loss, grads, calls = step
+    assert isinstance(causal_lm.loss, losses.SparseCategoricalCrossentropy)
+    assert FORWARD_TARGET in text and BACKWARD_TARGET in text
+    # Every projection took the written-out VJPs: 7 per block, and the vocabulary head.
+    per_block = [(M, U * H), (M, V * H), (M, V * H), (U * H, M), (M, F), (M, F), (F, M)]
+    head = [] if tied else [(M, 100)]
+    assert calls["_training_matmul"] == per_block * LAYERS + head
+    assert calls["training_logits"] == ([(100, M)] if tied else [])
+
+    np.testing.assert_allclose(loss, reference["loss"], rtol=0, atol=1e-5)
+    assert len(grads) == 9 * LAYERS + (1 if tied else 2) + 1  # blocks, embeddings, final norm
+    for path, error in grad_errors(grads, reference).items():
+        size = np.abs(reference["grads"][path]).max()
+        assert error <= 1e-4 and error <= 1e-4 * size, (path, error, size)
+        assert size > 1e-2, path  # a real gradient
+
+
+def test_model_comparison_catches_a_wrong_cross_entropy_gradient(models, step, monkeypatch):
+    # The comparison above bites: 1% off in the native backward kernel leaves the loss as it
+    # was, not the gradients.
+    _, _, causal_lm, reference = models
+    backward = kernels._cross_entropy_backward
+    monkeypatch.setattr(kernels, "_cross_entropy_backward", lambda *args: backward(*args) * 1.01)
+    text, loss, grads = training_step(causal_lm)
+    assert BACKWARD_TARGET in text
+    np.testing.assert_allclose(loss, reference["loss"], rtol=0, atol=1e-5)
+    errors = grad_errors(grads, reference)
+    assert min(errors.values()) > 1e-4, errors
+
+
+def wrong_weight_gradient(fn):
+    """``fn(x, w)`` with the gradient of ``w`` 1% too large."""
+    import jax
+
+    @jax.custom_vjp
+    def wrong(x, w):
+        return fn(x, w)
+
+    def forward(x, w):
+        return jax.vjp(fn, x, w)
+
+    def backward(vjp, dy):
+        dx, dw = vjp(dy)
+        return dx, dw * 1.01
+
+    wrong.defvjp(forward, backward)
+    return wrong
+
+
+def test_model_comparison_catches_a_wrong_projection_gradient(models, step, monkeypatch):
+    # 1% off in the weight gradient of the written-out VJPs: every projection kernel's
+    # gradient (and the vocabulary head's) fails the comparison; the norm scales, whose
+    # gradients flow through the (correct) input gradients, still pass.
+    tied, _, causal_lm, reference = models
+    for name in ("_training_matmul", "training_logits"):
+        monkeypatch.setattr(llama_layers, name, wrong_weight_gradient(getattr(llama_layers, name)))
+    _, loss, grads = training_step(causal_lm)
+    np.testing.assert_allclose(loss, reference["loss"], rtol=0, atol=1e-5)
+    for path, error in grad_errors(grads, reference).items():
+        size = np.abs(reference["grads"][path]).max()
+        if path.endswith("/scale"):
+            assert error <= 1e-4 * size, (path, error)
+        elif path == "token_embedding/embeddings" and not tied:
+            # Only its lookup's gradient, from the first block's (correct) input gradients.
+            assert error <= 1e-4 * size, (path, error)
+        else:
+            assert error > 1e-3 * size, (path, error)
+
+
+# --- fit() and LoRA on the training path ---------------------------------------------------------
+def fit(causal_lm, epochs, learning_rate):
+    causal_lm.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    history = causal_lm.fit(
+        INPUTS,
+        TOKEN_IDS[:, 1:],
+        sample_weight=SCORED.astype("float32"),
+        batch_size=2,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+    )
+    return history.history["loss"]
+
+
+def spy_cross_entropy(monkeypatch):
+    calls = []
+    original = kernels.cross_entropy
+
+    def cross_entropy(logits, labels):
+        calls.append(tuple(logits.shape))
+        return original(logits, labels)
+
+    monkeypatch.setattr(kernels, "cross_entropy", cross_entropy)
+    return calls
+
+
+def test_fit_runs_on_the_training_path_and_decreases_the_loss(native, models, monkeypatch):
+    tied, hf, _, reference = models
+    causal_lm = to_keras_llama(hf)
+    ce_calls = spy_cross_entropy(monkeypatch)
+    calls = spy_training_matmuls(monkeypatch)
+    history = fit(causal_lm, epochs=4, learning_rate=3e-3)
+    # The training step takes the native kernels and the written-out VJPs for every projection
+    # (in each of Keras's traces of it).
+    assert ce_calls and set(ce_calls) == {(2, 23, 100)}
+    traces = len(calls["_training_matmul"]) // (7 * LAYERS + (0 if tied else 1))
+    assert traces >= 1
+    assert len(calls["_training_matmul"]) == traces * (7 * LAYERS + (0 if tied else 1))
+    assert len(calls["training_logits"]) == traces * (1 if tied else 0)
+    # One batch per epoch: the first epoch's loss is the loss before any update.
+    np.testing.assert_allclose(history[0], reference["loss"], rtol=0, atol=1e-5)
+    assert all(b < a for a, b in zip(history, history[1:])), history
+    assert history[-1] < history[0] - 0.1, history
+
+
+def test_lora_fit_keeps_frozen_weights(native, models, monkeypatch):
+    tied, hf, _, reference = models
+    causal_lm = to_keras_llama(hf)
+    causal_lm.backbone.enable_lora(2)
+    frozen = {v.path: np.array(v) for v in causal_lm.non_trainable_variables}
+    adapters = {v.path: np.array(v) for v in causal_lm.trainable_variables}
+    assert adapters and all("lora" in path for path in adapters)
+    calls = spy_training_matmuls(monkeypatch)
+    history = fit(causal_lm, epochs=2, learning_rate=1e-2)
+    # The adapted projections keep their layers (LoRA), so do the blocks' other projections
+    # (a block runs one way); the frozen float vocabulary head keeps the fast path.
+    assert calls["_training_matmul"] == ([] if tied else [(M, 100)])
+    assert calls["training_logits"] == ([(100, M)] if tied else [])
+    np.testing.assert_allclose(history[0], reference["loss"], rtol=0, atol=1e-5)  # B = 0
+    assert history[1] < history[0]
+    for v in causal_lm.non_trainable_variables:
+        np.testing.assert_array_equal(np.array(v), frozen[v.path], err_msg=v.path)
+    changed = [p for p, v in adapters.items() if p.endswith("lora_kernel_b")]
+    assert changed
+    for v in causal_lm.trainable_variables:
+        if v.path in changed:
+            assert np.abs(np.array(v)).max() > 0, v.path
+
+
+# --- the ReversibleEmbedding subclass against Keras's own layer -----------------------------------
+def keras_quantization(mode):
+    """Keras's own ``(mode, config)`` for one of our modes: int8 weights with float
+    activations for "int8_weight_only", Keras's defaults (int4 in blocks of 128) otherwise."""
+    if mode == "int8_weight_only":
+        return "int8", keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    if mode == "int4":
+        return "int4", keras.quantizers.Int4QuantizationConfig(block_size=128)
+    return "int8", None
+
+
+def plain_copy(embedding):
+    """A `keras.layers.ReversibleEmbedding` with ``embedding``'s configuration and weights."""
+    plain = keras.layers.ReversibleEmbedding(
+        embedding.input_dim, embedding.output_dim, tie_weights=embedding.tie_weights
+    )
+    plain.build()
+    plain.set_weights(embedding.get_weights())
+    return plain
+
+
+def hidden_and_logits(causal_lm):
+    """``(hidden [2, 23, m], {training: logits [2, 23, vocab]})`` for the backbone's output
+    and the model's logits in inference and in training, compiled together (one compilation
+    instead of one per op)."""
+    import jax
+
+    trainable = [v.value for v in causal_lm.trainable_variables]
+    non_trainable = [v.value for v in causal_lm.non_trainable_variables]
+    backbone = causal_lm.backbone
+    backbone_values = [
+        [v.value for v in variables]
+        for variables in (backbone.trainable_variables, backbone.non_trainable_variables)
+    ]
+
+    def call(trainable, non_trainable, backbone_values):
+        hidden, _ = backbone.stateless_call(*backbone_values, INPUTS)
+        logits = {}
+        for training in (False, True):
+            out, _ = causal_lm.stateless_call(trainable, non_trainable, INPUTS, training=training)
+            logits[training] = out
+        return hidden, logits
+
+    return jax.jit(call)(trainable, non_trainable, backbone_values)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8_weight_only", "int4"])
+def test_quantized_embedding_equals_keras_layer(models, mode):
+    tied, hf, _, _ = models
+    causal_lm = to_keras_llama(hf)
+    embedding = causal_lm.backbone.token_embedding
+    assert isinstance(embedding, keras.layers.ReversibleEmbedding)
+    assert type(embedding) is not keras.layers.ReversibleEmbedding
+    plain = plain_copy(embedding)
+    keras_mode, config = keras_quantization(mode)
+    causal_lm.quantize(mode)
+    plain.quantize(keras_mode, config=config)
+    assert embedding.quantization_mode == plain.quantization_mode == keras_mode
+    assert (embedding.inputs_quantizer is None) == (mode != "int8")
+    assert (plain.inputs_quantizer is None) == (mode != "int8")
+    assert [v.path.split("/")[-1] for v in embedding.weights] == [
+        v.path.split("/")[-1] for v in plain.weights
+    ]
+    for ours, theirs in zip(embedding.weights, plain.weights):
+        np.testing.assert_array_equal(np.array(ours), np.array(theirs), err_msg=ours.path)
+
+    hidden, logits = hidden_and_logits(causal_lm)
+    expected = np.asarray(plain(hidden, reverse=True))
+    assert np.abs(expected).max() > 1.0
+    for training, actual in logits.items():
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-5, err_msg=str(training))
+    np.testing.assert_array_equal(
+        np.asarray(embedding(TOKEN_IDS, training=True)), np.asarray(plain(TOKEN_IDS))
+    )
+
+
+FALLBACK_EMBEDDINGS = {
+    # name -> (constructor kwargs, takes the training path)
+    "tied": (dict(tie_weights=True), True),
+    "untied": (dict(tie_weights=False), True),
+    "reverse_dtype": (dict(tie_weights=True, reverse_dtype="float32"), False),
+    "logit_soft_cap": (dict(tie_weights=False, logit_soft_cap=3.0), False),
+    "lora": (dict(tie_weights=True), False),
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACK_EMBEDDINGS))
+def test_embedding_training_call_equals_keras_layer(name, monkeypatch):
+    import jax
+
+    kwargs, fast = FALLBACK_EMBEDDINGS[name]
+    keras.utils.set_random_seed(0)
+    ours = llama_layers.ReversibleEmbedding(37, 16, embeddings_initializer="normal", **kwargs)
+    ours.build()
+    theirs = keras.layers.ReversibleEmbedding(37, 16, **kwargs)
+    theirs.build()
+    theirs.set_weights(ours.get_weights())
+    if name == "lora":
+        for layer in (ours, theirs):
+            layer.enable_lora(2)
+        rng = np.random.default_rng(0)
+        for a, b in zip(ours.weights, theirs.weights):
+            if "lora" in a.path:
+                a.assign(rng.normal(0, 1, a.shape).astype("float32"))
+                b.assign(np.array(a))
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 16)).astype("float32")
+    calls = spy_training_matmuls(monkeypatch)
+
+    def loss_and_grads(layer):
+        frozen = [v.value for v in layer.non_trainable_variables]
+
+        # Keras's layer takes no ``training`` argument in `call` (its `__call__` drops it).
+        training = {"training": True} if layer is ours else {}
+
+        def fn(values, x):
+            logits, _ = layer.stateless_call(values, frozen, x, reverse=True, **training)
+            return (logits * np.arange(37, dtype="float32")).sum() / 100
+
+        values = [v.value for v in layer.trainable_variables]
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(values, x)
+
+    value, (grads, dx) = loss_and_grads(ours)
+    assert len(calls["_training_matmul"]) + len(calls["training_logits"]) == (1 if fast else 0)
+    expected, (expected_grads, expected_dx) = loss_and_grads(theirs)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-6, atol=1e-6)
+    assert len(grads) == len(expected_grads)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_file_names_the_embedding_as_keras_does(models, tmp_path):
+    # Keras names a layer's entries in .weights.h5 after its class: KerasHub's files name the
+    # embedding "reversible_embedding", and ours must too.
+    tied, _, causal_lm, _ = models
+    path = tmp_path / "backbone.weights.h5"
+    causal_lm.backbone.save_weights(path)
+    embedding = causal_lm.backbone.token_embedding
+    with h5py.File(path, "r") as f:
+        group = f["layers/reversible_embedding/vars"]
+        assert sorted(group) == (["0"] if tied else ["0", "1"])
+        np.testing.assert_array_equal(group["0"][()], np.array(embedding.embeddings))
+        if not tied:
+            np.testing.assert_array_equal(group["1"][()], np.array(embedding.reverse_embeddings))
+
+
+# --- a failed build -------------------------------------------------------------------------------
+def test_broken_cross_entropy_source_logs_why_and_the_loss_keeps_jax(
+    native, monkeypatch, tmp_path, caplog
+):
+    broken = tmp_path / "cross_entropy.cc"
+    broken.write_text("int main( { return 0; }\n")  # a syntax error
+    monkeypatch.setattr(kernels, "CROSS_ENTROPY_SOURCE", broken)
+    monkeypatch.setattr(kernels, "_cross_entropy_state", {"loaded": None, "error": None})
+    monkeypatch.setenv("KERAS_LLAMA_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.cross_entropy_available() is False
+    assert "native cross-entropy kernels unavailable" in caplog.text
+    assert "compiling cross_entropy.cc failed" in caplog.text
+    error = kernels.cross_entropy_build_error()
+    assert isinstance(error, RuntimeError) and "cross_entropy.cc" in str(error)
+    # Decided once: no second build, no second warning; the loss is Keras's, on the JAX path.
+    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built twice"))
+    caplog.clear()
+    logits, labels, sample_weight = keras_problem(seed=10)
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        value, dlogits, text = loss_value_grad_and_hlo(
+            losses.SparseCategoricalCrossentropy(from_logits=True), logits, labels, sample_weight
+        )
+    assert caplog.text == ""
+    assert FORWARD_TARGET not in text and BACKWARD_TARGET not in text
+    expected, expected_grad, _ = loss_value_grad_and_hlo(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), logits, labels, sample_weight
+    )
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(dlogits, expected_grad, rtol=0, atol=1e-6)
