@@ -40,6 +40,14 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
     y_pred = ops.convert_to_tensor(y_pred)
     if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == 1:
         y_true = ops.squeeze(y_true, axis=-1)  # Keras accepts labels [..., 1] too
+    labels_shape, leading = tuple(y_true.shape), tuple(y_pred.shape[:-1])
+    if len(labels_shape) != len(leading) or any(
+        a is not None and b is not None and a != b for a, b in zip(labels_shape, leading)
+    ):
+        raise ValueError(
+            "Arguments target and output must have the same shape up until the last "
+            f"dimension: target.shape={labels_shape}, output.shape={tuple(y_pred.shape)}"
+        )
     return _logits_cross_entropy(y_pred, ops.cast(y_true, "int32"))
 
 
