@@ -50,6 +50,7 @@ from pathlib import Path
 
 PANEL = 32  # columns per panel; `kPanel` in decode_matmul.cc
 SOURCE = Path(__file__).with_name("decode_matmul.cc")
+HEADERS_DIR = Path(__file__).parent  # cpu_common.h, shared by the sources
 TARGETS = {"float32": "KerasLlamaDecodeMatmulF32", "int8": "KerasLlamaDecodeMatmulI8"}
 FFI_NAMES = {"float32": "keras_llama_decode_matmul_f32", "int8": "keras_llama_decode_matmul_i8"}
 ATTENTION_SOURCE = Path(__file__).with_name("attention.cc")
@@ -170,7 +171,8 @@ def _build(source=None):
     flags = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
              "-w"]  # fmt: skip
     key = hashlib.sha256()
-    for part in (source.read_bytes(), version.encode(), " ".join(flags).encode(),
+    headers = [h.read_bytes() for h in sorted(HEADERS_DIR.glob("*.h"))]  # cpu_common.h
+    for part in (source.read_bytes(), *headers, version.encode(), " ".join(flags).encode(),
                  jaxlib.__version__.encode(), _cpu_identity().encode()):  # fmt: skip
         key.update(part)
     folder = Path(cache_dir()) / "kernels"
@@ -180,7 +182,8 @@ def _build(source=None):
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         output = Path(tmp) / library.name
-        command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(source), "-o", str(output)]
+        includes = ["-I", str(HEADERS_DIR), "-I", jax.ffi.include_dir()]
+        command = [compiler, *flags, *includes, str(source), "-o", str(output)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(

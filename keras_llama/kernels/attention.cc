@@ -17,63 +17,24 @@
 // an atomic counter, as in decode_matmul.cc. Built and loaded at first use by
 // keras_llama/kernels/__init__.py.
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
+#include <string>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+using namespace keras_llama;  // NOLINT: the shared vector helpers
 
 constexpr int64_t kRowBlock = 32;  // query rows per forward / dQ work item
 constexpr int64_t kKeyBlock = 64;  // keys per dK/dV work item
 constexpr int64_t kRowChunk = 64;  // query rows per step inside a dK/dV work item
 
-inline f32x16 load(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
-inline void store(float* p, f32x16 v) { *reinterpret_cast<f32x16u*>(p) = v; }
-inline f32x16 splat(float x) { return f32x16{} + x; }
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-
-// exp(x) for 16 floats (Cephes' single-precision polynomial; about 1 ulp). Inputs below -87
-// give 0.
-inline f32x16 vexp(f32x16 x) {
-  const f32x16 lo = splat(-87.0f), hi = splat(88.0f);
-  const i32x16 tiny = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  f32x16 fx = x * 1.44269504088896341f + 0.5f;
-  i32x16 n = __builtin_convertvector(fx, i32x16);
-  f32x16 fn = __builtin_convertvector(n, f32x16);
-  const i32x16 over = fn > fx;  // truncation rounded a negative value up: floor it
-  fn = over ? fn - 1.0f : fn;
-  n = __builtin_convertvector(fn, i32x16);
-  const f32x16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  const f32x16 r2 = r * r;
-  f32x16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const i32x16 bits = (n + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const f32x16 out = p * scale;
-  return tiny ? f32x16{} : out;
-}
 
 // C[M, N] (=|+=) A[M, K] B[K, N]: A's element (m, k) at a[m * a_m + k * a_k], B's row k at
 // b + k * ldb (N contiguous floats, N a multiple of 16), C's row m at c + m * ldc.
@@ -120,9 +81,7 @@ void gemm(const float* a, int64_t a_m, int64_t a_k, const float* b, int64_t ldb,
 inline float dot(const float* x, const float* y, int64_t n) {
   f32x16 acc = f32x16{};
   for (int64_t i = 0; i < n; i += 16) acc += load(x + i) * load(y + i);
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += acc[i];
-  return s;
+  return hsum(acc);
 }
 
 // out[h, j] = rows[j][h] for j < n (rows of `width` floats at src + j * stride), zero for
@@ -230,8 +189,7 @@ struct Forward {
               store(p + j, e);
               sum += e;
             }
-            float total = 0.0f;
-            for (int l = 0; l < 16; ++l) total += sum[l];
+            const float total = hsum(sum);
             row_lse = mx + std::log(total);
             const f32x16 inv = splat(1.0f / total);
             for (int64_t j = 0; j < n16; j += 16) store(p + j, load(p + j) * inv);
@@ -417,27 +375,6 @@ struct Backward {
     }
   }
 };
-
-inline void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-template <typename W>
-void run_shared(ffi::ThreadPool& pool, const std::shared_ptr<W>& work) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min<int64_t>(threads - 1, work->items - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  int64_t spins = 0;
-  while (work->done.load(std::memory_order_acquire) < work->items) {
-    pause();
-    if (++spins > 4096) std::this_thread::yield();
-  }
-}
 
 ffi::Error check_shapes(const char* name, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
                         ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& mask, Shape* d) {

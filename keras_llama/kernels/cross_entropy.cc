@@ -16,71 +16,18 @@
 // Rows are shared with XLA's intra-op thread pool through an atomic counter, as in
 // decode_matmul.cc. Built and loaded at first use by keras_llama/kernels/__init__.py.
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+using namespace keras_llama;  // NOLINT: the shared vector helpers
 
 constexpr int64_t kRowsPerItem = 8;
-
-inline f32x16 load(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
-inline void store(float* p, f32x16 v) { *reinterpret_cast<f32x16u*>(p) = v; }
-inline f32x16 splat(float x) { return f32x16{} + x; }
-
-// exp(x) for 16 floats (Cephes' single-precision polynomial; about 1 ulp). Inputs below -87
-// give 0.
-inline f32x16 vexp(f32x16 x) {
-  const f32x16 lo = splat(-87.0f), hi = splat(88.0f);
-  const i32x16 tiny = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  f32x16 fx = x * 1.44269504088896341f + 0.5f;
-  i32x16 n = __builtin_convertvector(fx, i32x16);
-  f32x16 fn = __builtin_convertvector(n, f32x16);
-  const i32x16 over = fn > fx;
-  fn = over ? fn - 1.0f : fn;
-  n = __builtin_convertvector(fn, i32x16);
-  const f32x16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  const f32x16 r2 = r * r;
-  f32x16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const i32x16 bits = (n + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const f32x16 out = p * scale;
-  return tiny ? f32x16{} : out;
-}
-
-inline float hsum(f32x16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-
-inline float hmax(f32x16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
-}
 
 // logsumexp of one row of V floats.
 float row_logsumexp(const float* x, int64_t V) {
@@ -158,26 +105,6 @@ struct Backward : Rows {
     }
   }
 };
-
-inline void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-void run_shared(ffi::ThreadPool& pool, const std::shared_ptr<Rows>& work) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min<int64_t>(threads - 1, work->items - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  int64_t spins = 0;
-  while (work->done.load(std::memory_order_acquire) < work->items) {
-    pause();
-    if (++spins > 4096) std::this_thread::yield();
-  }
-}
 
 bool rows_and_vocab(const ffi::Buffer<ffi::F32>& logits, int64_t* N, int64_t* V) {
   const auto d = logits.dimensions();

@@ -16,32 +16,24 @@
 // 16-float vectors become AVX-512 registers (two AVX2 registers, four NEON registers, ...).
 // Built and loaded at first use by keras_llama/kernels/__init__.py.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace keras_llama;  // NOLINT: the shared vector helpers
+using keras_llama::load;       // overloaded below for int8
+using keras_llama::store;      // overloaded below for a partial vector
+
 constexpr int64_t kPanel = 32;  // NB: columns per panel (two 16-float vectors)
 constexpr int kMaxRows = 8;     // rows of x per pass over the weights
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x16u __attribute__((vector_size(64), aligned(4)));
 typedef int8_t i8x16u __attribute__((vector_size(16), aligned(1)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
 
 inline f32x16 load(const int8_t* p) {
   // Sign-extend 16 int8 to int32, then convert to float. GCC scalarizes the generic
@@ -129,7 +121,7 @@ struct Work {
   const float* scale;  // [P * kPanel] or nullptr
   float* y;
   int64_t M, K, N, panels, chunk;
-  int64_t num_chunks;
+  int64_t items;  // chunks
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
@@ -137,7 +129,7 @@ struct Work {
   void run() {
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= num_chunks) return;
+      if (c >= items) return;
       const int64_t first = c * chunk, last = std::min(panels, first + chunk);
       for (int64_t r = 0; r < M; r += kMaxRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
@@ -152,14 +144,6 @@ struct Work {
     }
   }
 };
-
-inline void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 template <typename W>
 ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const W* packed,
@@ -181,17 +165,8 @@ ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const W* packed,
   // About 4 chunks per thread, each at least 64 KB of weights.
   const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / (K * kPanel * sizeof(W)));
   work->chunk = std::max(min_panels, (work->panels + 4 * threads - 1) / (4 * threads));
-  work->num_chunks = (work->panels + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min<int64_t>(threads - 1, work->num_chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([work] { work->run(); });
-  }
-  work->run();
-  int64_t spins = 0;
-  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
-    pause();
-    if (++spins > 4096) std::this_thread::yield();
-  }
+  work->items = (work->panels + work->chunk - 1) / work->chunk;
+  run_shared(pool, work);
   return ffi::Error::Success();
 }
 

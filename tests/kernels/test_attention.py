@@ -18,6 +18,7 @@ import pytest
 from keras_llama import kernels
 from keras_llama.models.llama.llama_layers import LlamaAttention
 from tests.hf_reference import make_hf_model, to_keras_llama
+from tests.kernels import require_native
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "jax", reason="the native kernels are a JAX (CPU) fast path"
@@ -32,17 +33,7 @@ def native():
     """Requires the native attention kernels: skips only when no C++ compiler exists (or the
     user opted out with KERAS_LLAMA_KERNELS=0); a compiler that fails to build them fails the
     test."""
-    if not kernels.enabled():
-        pytest.skip("native kernels disabled (KERAS_LLAMA_KERNELS=0 or not JAX on CPU)")
-    if not kernels.attention_available():
-        try:
-            kernels._compiler()
-        except RuntimeError as e:
-            pytest.skip(f"no C++ compiler to build the native attention kernels: {e}")
-        pytest.fail(
-            "a C++ compiler exists but the native attention kernels failed: "
-            f"{kernels.attention_build_error()}"
-        )
+    require_native(kernels.attention_available, kernels.attention_build_error, "attention")
 
 
 # --- the numpy float64 reference ------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from keras_llama import kernels
 from tests.hf_reference import hf_logits, make_hf_model, to_keras_llama
+from tests.kernels import require_native
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "jax", reason="the native kernels are a JAX (CPU) fast path"
@@ -28,14 +29,7 @@ pytestmark = pytest.mark.skipif(
 def native():
     """Requires the native kernels: skips only when no C++ compiler exists (or the user opted
     out with KERAS_LLAMA_KERNELS=0); a compiler that fails to build them fails the test."""
-    if not kernels.enabled():
-        pytest.skip("native kernels disabled (KERAS_LLAMA_KERNELS=0 or not JAX on CPU)")
-    if not kernels.available():
-        try:
-            kernels._compiler()
-        except RuntimeError as e:
-            pytest.skip(f"no C++ compiler to build the native kernels: {e}")
-        pytest.fail(f"a C++ compiler exists but the native kernels failed: {kernels.build_error()}")
+    require_native(kernels.available, kernels.build_error, "decoding")
 
 
 # --- products against numpy float64 ---------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from keras_llama import kernels, losses
 from keras_llama.models.llama import llama_layers
 from tests.hf_reference import make_hf_model, to_keras_llama
+from tests.kernels import require_native
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "jax", reason="the native kernels are a JAX (CPU) fast path"
@@ -36,17 +37,9 @@ def native():
     """Requires the native cross-entropy kernels: skips only when no C++ compiler exists (or
     the user opted out with KERAS_LLAMA_KERNELS=0); a compiler that fails to build them fails
     the test."""
-    if not kernels.enabled():
-        pytest.skip("native kernels disabled (KERAS_LLAMA_KERNELS=0 or not JAX on CPU)")
-    if not kernels.cross_entropy_available():
-        try:
-            kernels._compiler()
-        except RuntimeError as e:
-            pytest.skip(f"no C++ compiler to build the native cross-entropy kernels: {e}")
-        pytest.fail(
-            "a C++ compiler exists but the native cross-entropy kernels failed: "
-            f"{kernels.cross_entropy_build_error()}"
-        )
+    require_native(
+        kernels.cross_entropy_available, kernels.cross_entropy_build_error, "cross-entropy"
+    )
 
 
 def implementation(name):
