@@ -32,6 +32,9 @@ API (all JAX):
   softmax cross-entropy from float32 logits (`cross_entropy.cc`: 16-wide exponentials, the
   gradient written over the logits; 2.5x faster than XLA's and one [tokens, vocabulary] buffer
   less);
+* `swiglu_available()` / `swiglu(gate, up)`: differentiable ``silu(gate) * up``, float32
+  (`activations.cc`: one pass each way with 16-wide exponentials, where XLA makes three to
+  five);
 * `ensure_training_kernels_built_in_background()`: called by `compile()`.
 
 Each source builds into its own library, on first use: the attention and cross-entropy kernels
@@ -62,6 +65,12 @@ ATTENTION_FFI_NAMES = {
     "forward": "keras_llama_attention_forward",
     "backward": "keras_llama_attention_backward",
 }
+ACTIVATIONS_SOURCE = Path(__file__).with_name("activations.cc")
+ACTIVATIONS_TARGETS = {"forward": "KerasLlamaSwigluForward", "backward": "KerasLlamaSwigluBackward"}
+ACTIVATIONS_FFI_NAMES = {
+    "forward": "keras_llama_swiglu_forward",
+    "backward": "keras_llama_swiglu_backward",
+}
 CROSS_ENTROPY_SOURCE = Path(__file__).with_name("cross_entropy.cc")
 CROSS_ENTROPY_TARGETS = {
     "forward": "KerasLlamaCrossEntropyForward",
@@ -78,6 +87,7 @@ _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "thread": None}
 _attention_state = {"loaded": None, "error": None}
 _cross_entropy_state = {"loaded": None, "error": None}
+_activations_state = {"loaded": None, "error": None}
 _training_state = {"thread": None}
 
 
@@ -326,6 +336,7 @@ def ensure_training_kernels_built_in_background():
     def build():
         attention_available()
         cross_entropy_available()
+        swiglu_available()
 
     thread = threading.Thread(target=build, daemon=True)
     _training_state["thread"] = thread
@@ -347,6 +358,23 @@ def cross_entropy_available():
         CROSS_ENTROPY_FFI_NAMES,
         _cross_entropy_state,
     )
+
+
+def swiglu_available():
+    """True when the native SwiGLU kernels are built, loaded and registered (building them
+    now, once per machine, if needed). Never raises, like `attention_available`."""
+    return _training_library_available(
+        "SwiGLU",
+        ACTIVATIONS_SOURCE,
+        ACTIVATIONS_TARGETS,
+        ACTIVATIONS_FFI_NAMES,
+        _activations_state,
+    )
+
+
+def swiglu_build_error():
+    """Why the SwiGLU kernels are unavailable (an exception), or None."""
+    return _activations_state["error"]
 
 
 def cross_entropy_build_error():
@@ -510,3 +538,58 @@ def cross_entropy(logits, labels):
     if not _cross_entropy_fn:
         _cross_entropy_fn.append(_make_cross_entropy())
     return jnp.reshape(_cross_entropy_fn[0](flat_logits, flat_labels), lead)
+
+
+# --- SwiGLU --------------------------------------------------------------------------------------
+def _swiglu_forward(gate, up):
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct(gate.shape, jnp.float32)
+    call = jax.ffi.ffi_call(ACTIVATIONS_FFI_NAMES["forward"], out, vmap_method="sequential")
+    return call(gate, up)
+
+
+def _swiglu_backward(gate, up, grad):
+    import jax
+    import jax.numpy as jnp
+
+    out = (jax.ShapeDtypeStruct(gate.shape, jnp.float32),) * 2
+    call = jax.ffi.ffi_call(ACTIVATIONS_FFI_NAMES["backward"], out, vmap_method="sequential")
+    return call(gate, up, grad)
+
+
+def _make_swiglu():
+    import jax
+
+    @jax.custom_vjp
+    def swiglu(gate, up):
+        return _swiglu_forward(gate, up)
+
+    def forward(gate, up):
+        return _swiglu_forward(gate, up), (gate, up)
+
+    def backward(residuals, grad):
+        gate, up = residuals
+        return _swiglu_backward(gate, up, grad)
+
+    swiglu.defvjp(forward, backward)
+    return swiglu
+
+
+_swiglu_fn = []
+
+
+def swiglu(gate, up):
+    """``silu(gate) * up`` (``silu(g) = g * sigmoid(g)``), differentiable (JAX, float32 arrays
+    of one shape; needs `swiglu_available()`). Returns float32 of that shape."""
+    import jax.numpy as jnp
+
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"`gate` and `up` must have the same shape. Received: gate.shape={gate.shape}, "
+            f"up.shape={up.shape}"
+        )
+    if not _swiglu_fn:
+        _swiglu_fn.append(_make_swiglu())
+    return _swiglu_fn[0](jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 FORWARD_TARGET = "keras_llama_cross_entropy_forward"
 BACKWARD_TARGET = "keras_llama_cross_entropy_backward"
+SWIGLU_TARGETS = ("keras_llama_swiglu_forward", "keras_llama_swiglu_backward")
 INT32 = np.iinfo(np.int32)
 
 
@@ -625,6 +626,7 @@ def test_training_step_equals_transformers(models, step):
     text, loss, grads, calls = step
     assert isinstance(causal_lm.loss, losses.SparseCategoricalCrossentropy)
     assert FORWARD_TARGET in text and BACKWARD_TARGET in text
+    assert SWIGLU_TARGETS[0] in text and SWIGLU_TARGETS[1] in text
     # Every projection took the written-out VJPs: 7 per block, and the vocabulary head.
     per_block = [(M, U * H), (M, V * H), (M, V * H), (U * H, M), (M, F), (M, F), (F, M)]
     head = [] if tied else [(M, 100)]
@@ -689,6 +691,80 @@ def test_model_comparison_catches_a_wrong_projection_gradient(models, step, monk
             assert error <= 1e-4 * size, (path, error)
         else:
             assert error > 1e-3 * size, (path, error)
+
+
+def test_model_comparison_catches_a_wrong_swiglu_gradient(models, step, monkeypatch):
+    # 1% off in the native SwiGLU's gate gradient: the gate kernels' gradients (and everything
+    # upstream of the first block's feed-forward) fail the comparison.
+    _, _, causal_lm, reference = models
+    backward = kernels._swiglu_backward
+    monkeypatch.setattr(
+        kernels, "_swiglu_backward", lambda *a: (backward(*a)[0] * 1.01, backward(*a)[1])
+    )
+    text, loss, grads = training_step(causal_lm)
+    assert SWIGLU_TARGETS[1] in text
+    np.testing.assert_allclose(loss, reference["loss"], rtol=0, atol=1e-5)
+    errors = grad_errors(grads, reference)
+    gate = [p for p in errors if "feedforward_gate_dense" in p]
+    assert gate and all(errors[p] > 1e-3 * np.abs(reference["grads"][p]).max() for p in gate)
+
+
+# --- SwiGLU --------------------------------------------------------------------------------------
+def reference_swiglu(gate, up, dout):
+    """``silu(gate) * up`` and its gradients, in float64, by hand."""
+    g, u, d = (np.asarray(a, "float64") for a in (gate, up, dout))
+    s = 1.0 / (1.0 + np.exp(-g))
+    return g * s * u, d * u * s * (1.0 + g * (1.0 - s)), d * g * s
+
+
+@pytest.fixture(scope="module")
+def native_swiglu():
+    require_native(kernels.swiglu_available, kernels.swiglu_build_error, "SwiGLU")
+
+
+# Sizes around the kernel's 16 lanes and 16384-element work blocks.
+@pytest.mark.parametrize("shape", [(1,), (15,), (17,), (3, 33), (2, 7, 96), (16384 + 17,)])
+def test_swiglu_matches_float64(native_swiglu, shape):
+    import jax
+
+    rng = np.random.default_rng(sum(shape))
+    gate = (rng.normal(0, 3, shape)).astype("float32")
+    gate.flat[: min(3, gate.size)] = [-100.0, 100.0, 0.0][: min(3, gate.size)]  # saturation
+    up, dout = (rng.normal(0, 1, shape).astype("float32") for _ in range(2))
+    out, vjp = jax.jit(lambda g, u: jax.vjp(kernels.swiglu, g, u))(gate, up)
+    dgate, dup = vjp(dout)
+    for actual, expected in zip((out, dgate, dup), reference_swiglu(gate, up, dout)):
+        actual = np.asarray(actual)
+        assert actual.dtype == np.float32 and actual.shape == shape
+        scale = max(np.abs(expected).max(), 1e-30)
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-6 * scale)
+
+
+def test_swiglu_rejects_mismatched_shapes(native_swiglu):
+    with pytest.raises(ValueError, match=r"gate.shape=\(2, 3\), up.shape=\(3, 2\)"):
+        kernels.swiglu(np.zeros((2, 3), "float32"), np.zeros((3, 2), "float32"))
+
+
+def test_other_activations_and_dtypes_keep_keras_math(native_swiglu, monkeypatch):
+    import jax
+
+    from keras_llama.models.llama.llama_layers import LlamaTransformerDecoder
+
+    calls = []
+    monkeypatch.setattr(kernels, "swiglu", lambda g, u: calls.append(1) or g * 0)
+    rng = np.random.default_rng(3)
+    gate, up = (rng.normal(0, 2, (2, 5, 8)).astype("float32") for _ in range(2))
+    silu = LlamaTransformerDecoder(8, 2, 1)
+    relu = LlamaTransformerDecoder(8, 2, 1, activation="relu")
+    np.testing.assert_allclose(
+        relu._gated_activation(gate, up), np.maximum(gate, 0) * up, rtol=1e-6
+    )
+    half = silu._gated_activation(jax.numpy.asarray(gate, "bfloat16"), up)
+    expected = reference_swiglu(gate, up, up)[0]
+    np.testing.assert_allclose(np.asarray(half, "float32"), expected, rtol=2e-2, atol=2e-2)
+    assert calls == []  # neither took the native path
+    silu._gated_activation(gate, up)
+    assert calls == [1]  # float32 SiLU does
 
 
 # --- fit() and LoRA on the training path ---------------------------------------------------------
@@ -937,3 +1013,25 @@ def test_broken_cross_entropy_source_logs_why_and_the_loss_keeps_jax(
     )
     np.testing.assert_allclose(value, expected, rtol=1e-6)
     np.testing.assert_allclose(dlogits, expected_grad, rtol=0, atol=1e-6)
+
+
+def test_broken_swiglu_source_logs_why_and_the_block_keeps_keras_math(
+    native_swiglu, monkeypatch, tmp_path, caplog
+):
+    from keras_llama.models.llama.llama_layers import LlamaTransformerDecoder
+
+    broken = tmp_path / "activations.cc"
+    broken.write_text("int main( { return 0; }\n")  # a syntax error
+    monkeypatch.setattr(kernels, "ACTIVATIONS_SOURCE", broken)
+    monkeypatch.setattr(kernels, "_activations_state", {"loaded": None, "error": None})
+    monkeypatch.setenv("KERAS_LLAMA_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.swiglu_available() is False
+    assert "native SwiGLU kernels unavailable" in caplog.text
+    assert "compiling activations.cc failed" in caplog.text
+    rng = np.random.default_rng(4)
+    gate, up = (rng.normal(0, 2, (2, 5, 8)).astype("float32") for _ in range(2))
+    block = LlamaTransformerDecoder(8, 2, 1)
+    np.testing.assert_allclose(
+        block._gated_activation(gate, up), reference_swiglu(gate, up, up)[0], rtol=1e-5, atol=1e-6
+    )

@@ -906,7 +906,7 @@ class LlamaTransformerDecoder(keras.layers.Layer):
             # Training on XLA:CPU: `_training_matmul` for its faster backward products.
             gate = _training_matmul(x, _dense_matrix(self._feedforward_gate_dense, 1))
             up = _training_matmul(x, _dense_matrix(self._feedforward_intermediate_dense, 1))
-            x = self.activation(gate) * up
+            x = self._gated_activation(gate, up)
             x = _training_matmul(x, _dense_matrix(self._feedforward_output_dense, 1))
         else:
             x = self._feedforward_gate_dense(x) * self._feedforward_intermediate_dense(x)
@@ -915,6 +915,19 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         if cache is not None:
             return x, cache
         return x
+
+    def _gated_activation(self, gate, up):
+        # ``activation(gate) * up``; SiLU in float32 on one device through the native SwiGLU
+        # kernels (one pass each way instead of XLA's three to five: ~0.2 s of a SmolLM2-135M
+        # training step).
+        if (
+            self.activation is keras.activations.silu
+            and gate.dtype == "float32"
+            and keras.distribution.distribution() is None
+            and native_kernels.swiglu_available()
+        ):
+            return native_kernels.swiglu(gate, up)
+        return self.activation(gate) * up
 
     def fusable(self):
         """True when every projection is a plain float kernel (no quantization, no LoRA), so
