@@ -86,8 +86,9 @@ def _cross_entropy_with_vjp():
         vocab = jnp.arange(logits.shape[-1], dtype=labels.dtype)
         probs = jnp.exp(logits - lse[..., None])
         one_hot = (vocab == labels[..., None]).astype(logits.dtype)
-        grad = jnp.where(valid, grad, 0)
-        return (probs - one_hot) * grad[..., None], None
+        # An ignored row's gradient is exactly 0, even where its logits are not finite.
+        dlogits = (probs - one_hot) * grad[..., None]
+        return jnp.where(valid[..., None], dlogits, 0), None
 
     cross_entropy = jax.custom_vjp(lambda logits, labels: forward(logits, labels)[0])
     cross_entropy.defvjp(forward, backward)

@@ -198,6 +198,25 @@ def test_extreme_logits(cross_entropy):
     np.testing.assert_array_equal(np.asarray(dlogits)[5, 3], 0.0)
 
 
+def test_ignored_rows_give_zero_even_with_nan_logits(cross_entropy):
+    # A label outside [0, V) ignores its row: loss 0 and gradient exactly 0, whatever the
+    # logits hold (NaN from an upstream overflow, +inf), on both paths; other rows unaffected.
+    vocab = 37
+    rng = np.random.default_rng(12)
+    logits = rng.normal(0, 1, (4, vocab)).astype("float32")
+    logits[0, [2, 20, 36]] = np.nan
+    logits[1, 7] = np.inf
+    labels = np.array([-1, vocab, 3, 36], "int32")
+    grad = rng.normal(0, 1, 4).astype("float32")
+    loss, dlogits = loss_and_gradient(cross_entropy, logits, labels, grad)
+    loss, dlogits = np.asarray(loss), np.asarray(dlogits)
+    np.testing.assert_array_equal(loss[:2], 0.0)
+    np.testing.assert_array_equal(dlogits[:2], 0.0)
+    expected_loss, expected_grad, _ = reference_cross_entropy(logits[2:], labels[2:], grad[2:])
+    np.testing.assert_allclose(loss[2:], expected_loss, rtol=1e-6)
+    np.testing.assert_allclose(dlogits[2:], expected_grad, rtol=0, atol=1e-6)
+
+
 def test_empty_batch(native):
     import jax
 
