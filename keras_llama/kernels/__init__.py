@@ -333,10 +333,19 @@ def ensure_training_kernels_built_in_background():
     if not enabled() or _training_state["thread"] is not None:
         return
 
+    # The libraries as they are now (a test that later swaps a source or a state in is not
+    # raced by this thread).
+    libraries = [
+        ("attention", ATTENTION_SOURCE, ATTENTION_TARGETS, ATTENTION_FFI_NAMES, _attention_state),
+        ("cross-entropy", CROSS_ENTROPY_SOURCE, CROSS_ENTROPY_TARGETS, CROSS_ENTROPY_FFI_NAMES,
+         _cross_entropy_state),
+        ("SwiGLU", ACTIVATIONS_SOURCE, ACTIVATIONS_TARGETS, ACTIVATIONS_FFI_NAMES,
+         _activations_state),
+    ]  # fmt: skip
+
     def build():
-        attention_available()
-        cross_entropy_available()
-        swiglu_available()
+        for library in libraries:
+            _training_library_available(*library)
 
     thread = threading.Thread(target=build, daemon=True)
     _training_state["thread"] = thread

@@ -1054,3 +1054,44 @@ def test_broken_swiglu_source_logs_why_and_the_block_keeps_keras_math(
     np.testing.assert_allclose(
         block._gated_activation(gate, up), reference_swiglu(gate, up, up)[0], rtol=1e-5, atol=1e-6
     )
+
+
+def test_compile_builds_the_training_kernels_in_the_background(native, monkeypatch):
+    # `compile()` starts one thread that builds (or finds cached) and loads all three training
+    # libraries, each with its own source and state; a second `compile()` starts no other, and
+    # an opted-out process none. (A library is registered with XLA once per process: the build
+    # itself is covered by the `*_available()` fixtures and the broken-source tests.)
+    built = []
+    available = kernels._training_library_available
+
+    def spy(what, source, targets, ffi_names, state):
+        built.append((what, source.name, state is getattr(kernels, STATE_NAMES[what])))
+        return available(what, source, targets, ffi_names, state)
+
+    monkeypatch.setattr(kernels, "_training_library_available", spy)
+    monkeypatch.setattr(kernels, "_training_state", {"thread": None})
+    causal_lm = to_keras_llama(make_hf_model("gqa"))
+    causal_lm.compile()
+    thread = kernels._training_state["thread"]
+    assert thread is not None
+    thread.join(timeout=300)
+    assert built == [
+        ("attention", "attention.cc", True),
+        ("cross-entropy", "cross_entropy.cc", True),
+        ("SwiGLU", "activations.cc", True),
+    ]
+    assert kernels.attention_available() and kernels.cross_entropy_available()
+    assert kernels.swiglu_available()
+    causal_lm.compile()
+    assert kernels._training_state["thread"] is thread
+    monkeypatch.setattr(kernels, "_training_state", {"thread": None})
+    monkeypatch.setenv("KERAS_LLAMA_KERNELS", "0")
+    causal_lm.compile()
+    assert kernels._training_state["thread"] is None
+
+
+STATE_NAMES = {
+    "attention": "_attention_state",
+    "cross-entropy": "_cross_entropy_state",
+    "SwiGLU": "_activations_state",
+}
