@@ -54,11 +54,7 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
 def _logits_cross_entropy(logits, labels):
     from keras_llama import kernels
 
-    if (
-        logits.dtype == "float32"
-        and keras.distribution.distribution() is None  # XLA cannot partition a custom call
-        and kernels.cross_entropy_available()
-    ):
+    if kernels.applies(kernels.cross_entropy_available, logits):
         # JAX on CPU: the native kernels (same values; 16-wide exponentials, two passes over
         # the logits forward and one backward, the gradient written over the logits).
         return kernels.cross_entropy(logits, labels)

@@ -41,6 +41,7 @@ Each source builds into its own library, on first use: the attention and cross-e
 when a model trains or scores, the decoding kernels when it generates.
 """
 
+import functools
 import hashlib
 import logging
 import os
@@ -118,19 +119,9 @@ def available():
 
 
 def _build_and_load():
-    with _lock:
-        if _state["loaded"] is None and _state["error"] is None:
-            try:
-                _load(_build())
-                _state["loaded"] = True
-            except Exception as e:  # noqa: BLE001 - any failure means "use XLA's matmuls"
-                _state["error"] = e
-                logger.warning(
-                    "keras-llama: native decoding kernels unavailable, using XLA's matmuls "
-                    "(slower decoding): %s",
-                    e,
-                )
-        return bool(_state["loaded"])
+    return _library_available(
+        "decoding", SOURCE, TARGETS, FFI_NAMES, _state, fallback="XLA's matmuls (slower decoding)"
+    )
 
 
 def ensure_built_in_background():
@@ -203,19 +194,18 @@ def _build(source=None):
     return library
 
 
-def _load(library, targets=None, ffi_names=None, state=None):
+def _load(library, targets, ffi_names, state):
+    # Registers each of ``targets`` (name -> exported symbol) under ``ffi_names[name]``.
     import ctypes
 
     import jax
 
-    targets = TARGETS if targets is None else targets
-    ffi_names = FFI_NAMES if ffi_names is None else ffi_names
     lib = ctypes.cdll.LoadLibrary(str(library))
     for name, symbol in targets.items():
         jax.ffi.register_ffi_target(
             ffi_names[name], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
         )
-    (_state if state is None else state)["library"] = lib  # keep it loaded
+    state["library"] = lib  # keep it loaded
 
 
 # --- packing and calling ----------------------------------------------------------------------
@@ -296,9 +286,11 @@ def matmul(x, packed):
 
 
 # --- training kernels (attention, cross-entropy) -----------------------------------------------
-def _training_library_available(what, source, targets, ffi_names, state):
-    # Builds (once per machine), loads and registers one training-kernel library; never
-    # raises: a failed build logs why and returns False (the caller keeps XLA's path).
+def _library_available(
+    what, source, targets, ffi_names, state, fallback="XLA's (slower training and scoring)"
+):
+    # Builds (once per machine), loads and registers one kernel library; never raises: a
+    # failed build logs why and returns False, and the caller keeps XLA's path.
     if not enabled():
         return False
     with _lock:
@@ -309,10 +301,7 @@ def _training_library_available(what, source, targets, ffi_names, state):
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's path"
                 state["error"] = e
                 logger.warning(
-                    "keras-llama: native %s kernels unavailable, using XLA's (slower "
-                    "training and scoring): %s",
-                    what,
-                    e,
+                    "keras-llama: native %s kernels unavailable, using %s: %s", what, fallback, e
                 )
         return bool(state["loaded"])
 
@@ -321,15 +310,15 @@ def attention_available():
     """True when the native attention kernels are built, loaded and registered (building them
     now, once per machine, if needed). Never raises: a failed build logs why and returns False,
     and the caller keeps XLA's attention."""
-    return _training_library_available(
+    return _library_available(
         "attention", ATTENTION_SOURCE, ATTENTION_TARGETS, ATTENTION_FFI_NAMES, _attention_state
     )
 
 
 def ensure_training_kernels_built_in_background():
-    """Starts building (and loading) the attention and cross-entropy kernels on a thread, so
-    that a first `fit()` compiles them while Keras builds the optimizer and XLA compiles the
-    step; `attention_available()` and `cross_entropy_available()` wait for it (their lock)."""
+    """Starts building (and loading) the attention, cross-entropy and SwiGLU kernels on a
+    thread, so that a first `fit()` compiles them while Keras builds the optimizer and XLA
+    compiles the step; `attention_available()` and the others wait for it (their lock)."""
     if not enabled() or _training_state["thread"] is not None:
         return
 
@@ -345,7 +334,7 @@ def ensure_training_kernels_built_in_background():
 
     def build():
         for library in libraries:
-            _training_library_available(*library)
+            _library_available(*library)
 
     thread = threading.Thread(target=build, daemon=True)
     _training_state["thread"] = thread
@@ -360,7 +349,7 @@ def attention_build_error():
 def cross_entropy_available():
     """True when the native cross-entropy kernels are built, loaded and registered (building
     them now, once per machine, if needed). Never raises, like `attention_available`."""
-    return _training_library_available(
+    return _library_available(
         "cross-entropy",
         CROSS_ENTROPY_SOURCE,
         CROSS_ENTROPY_TARGETS,
@@ -372,7 +361,7 @@ def cross_entropy_available():
 def swiglu_available():
     """True when the native SwiGLU kernels are built, loaded and registered (building them
     now, once per machine, if needed). Never raises, like `attention_available`."""
-    return _training_library_available(
+    return _library_available(
         "SwiGLU",
         ACTIVATIONS_SOURCE,
         ACTIVATIONS_TARGETS,
@@ -389,6 +378,17 @@ def swiglu_build_error():
 def cross_entropy_build_error():
     """Why the cross-entropy kernels are unavailable (an exception), or None."""
     return _cross_entropy_state["error"]
+
+
+def applies(available, *arrays):
+    """Whether a native training kernel takes ``arrays``: all float32, no active
+    `keras.distribution` (XLA cannot partition a custom call: sharded models keep XLA's path),
+    and its library ``available()`` (checked last: it may build the library)."""
+    import keras
+
+    if any(x.dtype != "float32" for x in arrays):
+        return False
+    return keras.distribution.distribution() is None and available()
 
 
 def attention_supported(query, key, value):
@@ -435,9 +435,8 @@ def _attention_backward(query, key, value, mask, output, lse, grad, scale):
     return call(query, key, value, mask, output, lse, grad, scale=np.float32(scale), passes=passes)
 
 
+@functools.cache
 def _make_attention():
-    import functools
-
     import jax
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -456,8 +455,6 @@ def _make_attention():
     attention.defvjp(forward, backward)
     return attention
 
-
-_attention_fn = []
 
 # The attention backward pass: 0 lets the kernel choose (one pass per (batch, key/value head)
 # when there are at least 4 per thread, else two finer-grained passes); 1 or 2 force one (for
@@ -478,9 +475,7 @@ def attention(query, key, value, mask, scale):
 
     b, t = query.shape[0], query.shape[1]
     mask = jnp.broadcast_to(jnp.asarray(mask, bool), (b, t, key.shape[1]))
-    if not _attention_fn:
-        _attention_fn.append(_make_attention())
-    return _attention_fn[0](query, key, value, mask, float(scale))
+    return _make_attention()(query, key, value, mask, float(scale))
 
 
 # --- cross-entropy -------------------------------------------------------------------------------
@@ -511,6 +506,7 @@ def _cross_entropy_backward(logits, labels, lse, grad):
     return call(logits, labels, lse, grad)
 
 
+@functools.cache
 def _make_cross_entropy():
     import jax
 
@@ -530,9 +526,6 @@ def _make_cross_entropy():
     return cross_entropy
 
 
-_cross_entropy_fn = []
-
-
 def cross_entropy(logits, labels):
     """Per-row softmax cross-entropy ``logsumexp(logits) - logits[label]`` (JAX, float32
     ``logits`` [..., V], int ``labels`` [...]; needs `cross_entropy_available()`), with the
@@ -544,9 +537,7 @@ def cross_entropy(logits, labels):
     vocab = logits.shape[-1]
     flat_logits = jnp.reshape(logits, (-1, vocab))
     flat_labels = jnp.reshape(jnp.asarray(labels, jnp.int32), (-1,))
-    if not _cross_entropy_fn:
-        _cross_entropy_fn.append(_make_cross_entropy())
-    return jnp.reshape(_cross_entropy_fn[0](flat_logits, flat_labels), lead)
+    return jnp.reshape(_make_cross_entropy()(flat_logits, flat_labels), lead)
 
 
 # --- SwiGLU --------------------------------------------------------------------------------------
@@ -568,6 +559,7 @@ def _swiglu_backward(gate, up, grad):
     return call(gate, up, grad)
 
 
+@functools.cache
 def _make_swiglu():
     import jax
 
@@ -586,9 +578,6 @@ def _make_swiglu():
     return swiglu
 
 
-_swiglu_fn = []
-
-
 def swiglu(gate, up):
     """``silu(gate) * up`` (``silu(g) = g * sigmoid(g)``), differentiable (JAX, float32 arrays
     of one shape; needs `swiglu_available()`). Returns float32 of that shape."""
@@ -599,6 +588,4 @@ def swiglu(gate, up):
             f"`gate` and `up` must have the same shape. Received: gate.shape={gate.shape}, "
             f"up.shape={up.shape}"
         )
-    if not _swiglu_fn:
-        _swiglu_fn.append(_make_swiglu())
-    return _swiglu_fn[0](jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))
+    return _make_swiglu()(jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))

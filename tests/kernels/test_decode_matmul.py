@@ -370,7 +370,7 @@ def test_without_a_compiler_build_fails_clearly_and_available_is_false(fresh, mo
     assert "no C++ compiler found" in caplog.text
     assert isinstance(kernels.build_error(), RuntimeError)
     # Decided once per process: no second build, no second warning.
-    monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("built twice"))
+    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built twice"))
     caplog.clear()
     assert kernels.available() is False and caplog.text == ""
 
@@ -396,7 +396,7 @@ def test_a_failing_compiler_is_reported_and_leaves_no_library(fresh, monkeypatch
 def test_opting_out_disables_the_kernels_without_building(fresh, monkeypatch, value):
     monkeypatch.setenv("KERAS_LLAMA_KERNELS", value)
     built = []
-    monkeypatch.setattr(kernels, "_build", lambda: built.append(1))
+    monkeypatch.setattr(kernels, "_build", lambda *a: built.append(1))
     assert kernels.enabled() is False
     assert kernels.available() is False
     kernels.ensure_built_in_background()

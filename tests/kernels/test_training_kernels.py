@@ -1062,13 +1062,13 @@ def test_compile_builds_the_training_kernels_in_the_background(native, monkeypat
     # an opted-out process none. (A library is registered with XLA once per process: the build
     # itself is covered by the `*_available()` fixtures and the broken-source tests.)
     built = []
-    available = kernels._training_library_available
+    available = kernels._library_available
 
     def spy(what, source, targets, ffi_names, state):
         built.append((what, source.name, state is getattr(kernels, STATE_NAMES[what])))
         return available(what, source, targets, ffi_names, state)
 
-    monkeypatch.setattr(kernels, "_training_library_available", spy)
+    monkeypatch.setattr(kernels, "_library_available", spy)
     monkeypatch.setattr(kernels, "_training_state", {"thread": None})
     causal_lm = to_keras_llama(make_hf_model("gqa"))
     causal_lm.compile()

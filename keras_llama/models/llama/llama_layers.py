@@ -12,6 +12,7 @@ head-dim letter, XLA contracts the kernel in its stored order instead of copying
 on every call (16-18% of a CPU decode step).
 """
 
+import functools
 import math
 
 import keras
@@ -55,9 +56,7 @@ def _training_matmuls():
     return jax.default_backend() == "cpu"
 
 
-_TRAINING_MATMUL = []
-
-
+@functools.cache
 def _make_training_matmul():
     import jax
 
@@ -79,6 +78,7 @@ def _make_training_matmul():
     return matmul
 
 
+@functools.cache
 def _make_training_matmul_transposed():
     import jax
 
@@ -103,24 +103,24 @@ def _make_training_matmul_transposed():
 def training_logits(x, table):
     """``x [..., m] @ table.T`` for a [vocabulary, m] table (a tied embedding) in a training
     step on JAX CPU (see `_training_matmuls`): same values and gradients as `ops.matmul`."""
-    if not _TRAINING_MATMUL_T:
-        _TRAINING_MATMUL_T.append(_make_training_matmul_transposed())
     lead = tuple(x.shape[:-1])
-    y = _TRAINING_MATMUL_T[0](ops.reshape(x, (-1, x.shape[-1])), table)
+    y = _make_training_matmul_transposed()(ops.reshape(x, (-1, x.shape[-1])), table)
     return ops.reshape(y, (*lead, table.shape[0]))
-
-
-_TRAINING_MATMUL_T = []
 
 
 def _training_matmul(x, kernel):
     """``x [..., K] @ kernel [K, N]`` in a training step (see `_training_matmuls`): same
     values and gradients as `ops.matmul`, less memory and a little faster on XLA:CPU."""
-    if not _TRAINING_MATMUL:
-        _TRAINING_MATMUL.append(_make_training_matmul())
     lead = tuple(x.shape[:-1])
-    y = _TRAINING_MATMUL[0](ops.reshape(x, (-1, x.shape[-1])), kernel)
+    y = _make_training_matmul()(ops.reshape(x, (-1, x.shape[-1])), kernel)
     return ops.reshape(y, (*lead, kernel.shape[-1]))
+
+
+def _plain(*layers):
+    """True when every layer holds plain float weights: no quantization, no LoRA."""
+    return all(
+        x.quantization_mode is None and not getattr(x, "lora_enabled", False) for x in layers
+    )
 
 
 def _dense_matrix(layer, input_dims):
@@ -177,19 +177,17 @@ def _packable(layers, input_dims):
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` (same arguments, variables, results and class name:
     Keras names a layer's entries in ``.weights.h5`` files after its class, so KerasHub's
-    weight files keep loading) whose
-    reverse projection, in a training step on JAX CPU with plain float weights, runs through
-    `training_logits` / `_training_matmul`: the vocabulary projection's gradient without
-    XLA's transposed copy of the [tokens, vocabulary] gradient (faster, 200 MB less at the
-    SmolLM2-135M training shape)."""
+    weight files keep loading) whose reverse projection, in a training step on JAX CPU with
+    plain float weights, runs through `training_logits` / `_training_matmul`: the vocabulary
+    projection's gradient without XLA's transposed copy of the [tokens, vocabulary] gradient
+    (faster, 200 MB less at the SmolLM2-135M training shape)."""
 
     def call(self, inputs, reverse=False, training=None):
         if (
             reverse
             and training
             and _training_matmuls()
-            and self.quantization_mode is None
-            and not getattr(self, "lora_enabled", False)
+            and _plain(self)
             and self.reverse_dtype is None
             and self.logit_soft_cap is None
         ):
@@ -508,9 +506,7 @@ class LlamaAttention(keras.layers.Layer):
     def _training_matmuls(self):
         # Plain float projections (no LoRA, no quantization) on JAX CPU: `_training_matmul`.
         denses = (self._query_dense, self._key_dense, self._value_dense, self._output_dense)
-        return _training_matmuls() and all(
-            d.quantization_mode is None and not getattr(d, "lora_enabled", False) for d in denses
-        )
+        return _training_matmuls() and _plain(*denses)
 
     def call_with_fused_kernel(
         self,
@@ -696,11 +692,8 @@ class LlamaAttention(keras.layers.Layer):
         # block of query rows stay in a thread-local buffer, keys and values are read in place
         # (no repeat, no transposes). About 3x faster fwd+bwd than XLA's attention at the
         # SmolLM2-135M training shape, and no [b, u, q, s] tensors saved for the backward pass.
-        if keras.distribution.distribution() is not None:
-            return False  # XLA cannot partition a custom call: keep the shardable path
-        return (
-            native_kernels.attention_supported(query, key, value)
-            and native_kernels.attention_available()
+        return native_kernels.attention_supported(query, key, value) and native_kernels.applies(
+            native_kernels.attention_available, query, key, value
         )
 
     def _attend_dot_product(
@@ -918,13 +911,10 @@ class LlamaTransformerDecoder(keras.layers.Layer):
 
     def _gated_activation(self, gate, up):
         # ``activation(gate) * up``; SiLU in float32 on one device through the native SwiGLU
-        # kernels (one pass each way instead of XLA's three to five: ~0.2 s of a SmolLM2-135M
-        # training step).
-        if (
-            self.activation is keras.activations.silu
-            and gate.dtype == "float32"
-            and keras.distribution.distribution() is None
-            and native_kernels.swiglu_available()
+        # kernels (one pass each way instead of XLA's three to five: ~0.1 s and 0.36 GB of XLA
+        # temporaries in a SmolLM2-135M training step).
+        if self.activation is keras.activations.silu and native_kernels.applies(
+            native_kernels.swiglu_available, gate, up
         ):
             return native_kernels.swiglu(gate, up)
         return self.activation(gate) * up
@@ -933,7 +923,7 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         """True when every projection is a plain float kernel (no quantization, no LoRA), so
         `call_with_fused_kernels` computes exactly what `call` does."""
         attention = self._self_attention_layer
-        denses = [
+        return _plain(
             attention._query_dense,
             attention._key_dense,
             attention._value_dense,
@@ -941,9 +931,6 @@ class LlamaTransformerDecoder(keras.layers.Layer):
             self._feedforward_gate_dense,
             self._feedforward_intermediate_dense,
             self._feedforward_output_dense,
-        ]
-        return all(
-            d.quantization_mode is None and not getattr(d, "lora_enabled", False) for d in denses
         )
 
     def fused_kernels(self):
