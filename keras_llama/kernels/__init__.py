@@ -589,3 +589,17 @@ def swiglu(gate, up):
             f"up.shape={up.shape}"
         )
     return _make_swiglu()(jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))
+
+
+# TEMPORARY shim (replaced by the kernels branch)
+def build_in_background(*names):
+    ensure_training_kernels_built_in_background()
+
+
+from keras_llama.kernels.library import LIBRARIES, library  # noqa: E402, F401
+from keras_llama.kernels import attention as _attention_module  # noqa: E402, F401
+from keras_llama.kernels import swiglu as _swiglu_module  # noqa: E402, F401
+import importlib as _importlib  # noqa: E402
+
+_importlib.import_module("keras_llama.kernels.attention")
+_importlib.import_module("keras_llama.kernels.swiglu")

@@ -3,6 +3,7 @@
 from keras_llama.models import preset_loading  # noqa: F401  (registers presets with tokenizers)
 from keras_llama.models.backbone import Backbone
 from keras_llama.models.causal_lm import CausalLM
+from keras_llama.models.execution_plan import ExecutionPlan, StagePlan
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_causal_lm import LlamaCausalLM
 from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
@@ -19,6 +20,7 @@ __all__ = [
     "Backbone",
     "CausalLM",
     "CausalLMPreprocessor",
+    "ExecutionPlan",
     "Llama3Backbone",
     "Llama3CausalLM",
     "Llama3CausalLMPreprocessor",
@@ -28,6 +30,7 @@ __all__ = [
     "LlamaCausalLMPreprocessor",
     "LlamaTokenizer",
     "Preprocessor",
+    "StagePlan",
     "Task",
     "Tokenizer",
 ]

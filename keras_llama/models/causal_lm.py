@@ -11,8 +11,12 @@ from keras_llama.models.task import Task
 class CausalLM(Task):
     """Base class for causal language models (KerasHub's `keras_hub.models.CausalLM`).
 
-    Subclasses implement ``call_with_cache`` and ``_build_cache``; this class turns them into
-    ``generate()`` with the sampler chosen in ``compile()``.
+    Subclasses implement ``execution_plan`` and ``native_ops_for`` (what each stage runs),
+    ``logits`` (a forward pass without a cache, for ``call``/``fit``/``score``),
+    ``call_with_layer_caches``, ``decode_weights`` and ``_build_layer_caches`` (prefill and
+    decode steps, driven by `keras_llama.models.generation`), and KerasHub's
+    ``call_with_cache`` / ``_build_cache``. This class turns them into ``generate()`` with the
+    sampler chosen in ``compile()``, and into ``score()`` and ``perplexity()``.
     """
 
     def compile(
@@ -50,9 +54,36 @@ class CausalLM(Task):
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
-        kernels.ensure_training_kernels_built_in_background()  # once per machine, then cached
+        # Native training ops compile (once per machine) while Keras builds the optimizer and
+        # XLA the step; `make_train_function` waits for them before the step is traced.
+        kernels.build_in_background(*self.native_ops_for("training"))
         self.sampler = samplers.get(sampler)
         self.generate_function = None
+
+    def native_ops_for(self, stage):
+        """The names of the native libraries (`keras_llama.kernels.library`) ``stage`` may use."""
+        return ()
+
+    def execution_plan(self, build=True):
+        """Which path each stage takes and why: a `keras_llama.models.ExecutionPlan`.
+
+        ``build``: True (build the native ops of every stage first, where missing), False
+        (only read their status), or a tuple of stage names."""
+        raise NotImplementedError
+
+    # Keras makes each step function before tracing it: the native ops a stage may use are
+    # built (or found unusable) first, so its plan is settled and no build starts mid-trace.
+    def make_train_function(self, force=False):
+        self.execution_plan(build=("training",))
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        self.execution_plan(build=("scoring",))
+        return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        self.execution_plan(build=("scoring",))
+        return super().make_predict_function(force)
 
     # --- generation (stages in keras_llama/models/generation.py) --------------------------------
     def make_generate_function(self):
@@ -170,18 +201,10 @@ class CausalLM(Task):
             )
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
-        if layer_intercept_fn is None:
-
-            def layer_intercept_fn(x, unused_i):
-                return x
-
-        backbone = self.backbone
-        x = layer_intercept_fn(backbone.token_embedding(token_ids), -1)
-        for i, transformer_layer in enumerate(backbone.transformer_layers):
-            x = transformer_layer(x, decoder_padding_mask=padding_mask)
-            x = layer_intercept_fn(x, i)
-        x = backbone.layer_norm(x)
-        logits = backbone.token_embedding(x, reverse=True)
+        self.execution_plan(build=("scoring",))
+        logits = self.logits(
+            token_ids, padding_mask, "scoring", layer_intercept_fn=layer_intercept_fn
+        )
         if scoring_mode == "logits":
             return logits
         per_token_loss = keras.losses.SparseCategoricalCrossentropy(

@@ -19,7 +19,6 @@ the compiled code. On other backends the same functions run eagerly under ``torc
 """
 
 import contextlib
-import sys
 import threading
 from typing import NamedTuple
 
@@ -29,6 +28,7 @@ from keras import ops
 
 from keras_llama import samplers as samplers_lib
 from keras_llama.samplers.sampler import PAD_TOKEN, DecodeState, run_decode_loop
+from keras_llama.utils.validation import is_tf_dataset
 
 # Steps decoded per compiled call while streaming (1: each token is shown as soon as it exists).
 STREAM_CHUNK = 1
@@ -58,7 +58,7 @@ def normalize_inputs(inputs):
         return [[_to_str(inputs)]], True
     if isinstance(inputs, dict):
         return [inputs], False
-    if _is_tf_dataset(inputs):
+    if is_tf_dataset(inputs):
         return (_batch_from_tf(batch) for batch in inputs.as_numpy_iterator()), False
     if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
         inputs = inputs.tolist()
@@ -93,11 +93,6 @@ def _normalize_batch(batch):
         "Each batch must be a non-empty list of strings or a dict with `token_ids`. "
         f"Received: batch={batch!r}"
     )
-
-
-def _is_tf_dataset(inputs):
-    tf = sys.modules.get("tensorflow")  # only if the user already imported TensorFlow
-    return tf is not None and isinstance(inputs, tf.data.Dataset)
 
 
 def _batch_from_tf(batch):
@@ -262,25 +257,29 @@ class GenerationEngine:
         self.model = model
         self.sampler = sampler
         self.variables = list(model.variables)  # the order of the values passed to jit
+        # What prefill and decode run (the native decode op built first, once per machine).
+        self.plan = model.execution_plan(build=("prefill", "decode"))
         self.jax = keras.config.backend() == "jax"
+        self._lock = threading.Lock()  # guards the two sets below across threads
         if self.jax:
             import jax
 
             enable_persistent_compilation_cache()
-            from keras_llama import kernels
-
-            kernels.ensure_built_in_background()  # built once per machine, then cached
             self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
             self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
-            self._fuse_jit = jax.jit(self._fuse)
-            self._fused = (None, None)  # (the values they were made from, fused kernels)
+            self._weights_jit = jax.jit(self._decode_weights)
+            self._weights = (None, None)  # (the values they were made from, decode weights)
             self._compiled = set()  # decode shapes compiled or compiling
             self._compiling = []  # background compilations to wait for
 
     def matches(self, model, sampler):
-        return sampler is self.sampler and len(model.variables) == len(self.variables)
+        return (
+            sampler is self.sampler
+            and len(model.variables) == len(self.variables)
+            and model.execution_plan(build=False) == self.plan
+        )
 
-    def plan(self, prompts):
+    def shapes(self, prompts):
         """``(prompt_width P, buffer_width N, steps)`` for a batch: the cache holds P + N slots
         and the loop runs at most ``steps`` (what the shortest prompt may add)."""
         lengths = [len(r) for r in prompts.rows]
@@ -292,7 +291,7 @@ class GenerationEngine:
     def prefill(self, prompts, stop_token_ids=()):
         """Runs every prompt through the model once; returns ``(state, steps)``. On JAX, the
         decode loop for these shapes (and this many ``stop_token_ids``) starts compiling too."""
-        width, buffer_width, steps = self.plan(prompts)
+        width, buffer_width, steps = self.shapes(prompts)
         token_ids = np.full((len(prompts.rows), width), PAD_TOKEN, "int32")
         for i, row in enumerate(prompts.rows):
             token_ids[i, width - len(row) :] = row  # left padding
@@ -312,13 +311,16 @@ class GenerationEngine:
         if not self.jax:
             with _no_grad():
                 stop_ids = ops.convert_to_tensor(stop_ids)
-                return run_decode_loop(self.sampler, self._step, state, stop_at, stop_ids)[0]
-        while self._compiling:
-            self._compiling.pop().join()
+                step = self._make_step(None)
+                return run_decode_loop(self.sampler, step, state, stop_at, stop_ids)[0]
+        with self._lock:
+            compiling, self._compiling = self._compiling, []
+        for thread in compiling:
+            thread.join()
         values = [v.value for v in self.variables]
         seeds = [v.value for v in self.sampler.variables]
-        fused = self._fused_kernels(values)
-        state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids, fused)
+        weights = self._current_weights(values)
+        state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids, weights)
         for variable, seed in zip(self.sampler.variables, seeds):
             variable.assign(seed)
         return state
@@ -335,18 +337,25 @@ class GenerationEngine:
         import jax
 
         key = (prefill_args[1].shape, prefill_args[4], len(stop_token_ids or (-1,)))
-        if key in self._compiled:
-            return
-        self._compiled.add(key)
+        with self._lock:
+            if key in self._compiled:
+                return
+            self._compiled.add(key)
         state = jax.eval_shape(self._prefill_jit, *prefill_args)
         seeds = [v.value for v in self.sampler.variables]
-        fused = jax.eval_shape(self._fuse_jit, prefill_args[0])
+        weights = jax.eval_shape(self._weights_jit, prefill_args[0])
         lowered = self._decode_jit.lower(
-            prefill_args[0], state, seeds, np.array(0, "int32"), _stop_array(stop_token_ids), fused
+            prefill_args[0],
+            state,
+            seeds,
+            np.array(0, "int32"),
+            _stop_array(stop_token_ids),
+            weights,
         )
         thread = threading.Thread(target=lowered.compile, daemon=True)
         thread.start()
-        self._compiling.append(thread)
+        with self._lock:
+            self._compiling.append(thread)
 
     # --- the traced functions ---------------------------------------------------------------
     def _prefill(self, values, token_ids, lengths, limits, buffer_width):
@@ -369,6 +378,7 @@ class GenerationEngine:
                 cache_mask,
                 positions,
                 last_logits_only=True,
+                stage_plan=self.plan.prefill,
             )
             limits = ops.convert_to_tensor(limits)
             state = DecodeState(
@@ -385,40 +395,43 @@ class GenerationEngine:
             )
             return self.sampler.init_state(state, hidden)
 
-    def _fused_kernels(self, values):
-        """The model's fused decode kernels for these variable values (see `_fuse`), made
-        once and kept until a variable changes (streaming decodes a few steps per call)."""
-        made_from, fused = self._fused
+    def _current_weights(self, values):
+        """The decode weights for these variable values (see `_decode_weights`), made once
+        and kept until a variable changes (streaming decodes a few steps per call)."""
+        made_from, weights = self._weights
         if made_from is None or any(a is not b for a, b in zip(made_from, values)):
-            fused = self._fuse_jit(values)
-            self._fused = (values, fused)
-        return fused
+            weights = self._weights_jit(values)
+            self._weights = (values, weights)
+        return weights
 
-    def _fuse(self, values):
-        # Models may concatenate projection kernels for decoding (LlamaCausalLM: q/k/v and
-        # gate/up per block): fewer, larger matmuls per step, and fewer kernels to compile.
-        # None when the model has no such path or cannot use it (quantized, LoRA).
-        fuse = getattr(self.model, "_fused_decode_kernels", None)
-        if fuse is None:
-            return None
+    def _decode_weights(self, values):
+        # The fused or packed weights of the decode plan (None when it runs the layers).
         with self._scope(values):
-            return fuse()
+            return self.model.decode_weights(self.plan.decode)
 
-    def _decode(self, values, state, seeds, stop_at, stop_token_ids, fused=None):
+    def _decode(self, values, state, seeds, stop_at, stop_token_ids, weights=None):
         mapping = list(zip(self.variables, values))
-        scope = contextlib.nullcontext()
-        if fused is not None:
-            scope = self.model._decoding_with_kernels(fused)
-        with scope:
-            return run_decode_loop(
-                self.sampler, self._step, state, stop_at, stop_token_ids, mapping, seeds=seeds
-            )
-
-    def _step(self, token_ids, caches, slot, cache_mask, positions):
-        logits, hidden, caches = self.model.call_with_layer_caches(
-            token_ids, list(caches), slot, cache_mask, positions
+        step = self._make_step(weights)
+        return run_decode_loop(
+            self.sampler, step, state, stop_at, stop_token_ids, mapping, seeds=seeds
         )
-        return ops.cast(logits[:, -1], "float32"), hidden[:, -1], _as_tuples(caches)
+
+    def _make_step(self, weights):
+        """One decoding step by the decode plan: ``(logits, hidden, caches)`` of one token."""
+
+        def step(token_ids, caches, slot, cache_mask, positions):
+            logits, hidden, caches = self.model.call_with_layer_caches(
+                token_ids,
+                list(caches),
+                slot,
+                cache_mask,
+                positions,
+                stage_plan=self.plan.decode,
+                weights=weights,
+            )
+            return ops.cast(logits[:, -1], "float32"), hidden[:, -1], _as_tuples(caches)
+
+        return step
 
     def _scope(self, values):
         if values is None:

@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 
 from keras_llama.models import Llama3Backbone, Llama3CausalLM, LlamaBackbone, LlamaCausalLM
-from keras_llama.models.llama.llama_layers import (
-    LlamaAttention,
-    LlamaLayerNorm,
-    LlamaRotaryEmbedding,
-    LlamaTransformerDecoder,
-)
+from keras_llama.models.llama.llama_attention import LlamaAttention
+from keras_llama.models.llama.llama_decoder import LlamaTransformerDecoder
+from keras_llama.models.llama.llama_layers import LlamaLayerNorm, LlamaRotaryEmbedding
 
 TINY = dict(
     vocabulary_size=100,
@@ -48,7 +45,9 @@ def _inputs(batch=2, length=5):
             high_freq_factor=4.0,
             pretraining_sequence_length=8192,
         ),
-        LlamaAttention(num_query_heads=4, num_key_value_heads=2, rope_scaling_factor=2.0, dropout=0.1),
+        LlamaAttention(
+            num_query_heads=4, num_key_value_heads=2, rope_scaling_factor=2.0, dropout=0.1
+        ),
         LlamaTransformerDecoder(
             intermediate_dim=64, num_query_heads=4, num_key_value_heads=2, layer_norm_epsilon=1e-5
         ),
@@ -72,11 +71,14 @@ def test_backbone_config_keys_equal_init_params_and_round_trip(cls):
     assert clone.get_config() == config
     clone.set_weights(backbone.get_weights())
     np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(clone(_inputs())), keras.ops.convert_to_numpy(backbone(_inputs()))
+        keras.ops.convert_to_numpy(clone(_inputs())),
+        keras.ops.convert_to_numpy(backbone(_inputs())),
     )
 
 
-@pytest.mark.parametrize("task_cls,backbone_cls", [(LlamaCausalLM, LlamaBackbone), (Llama3CausalLM, Llama3Backbone)])
+@pytest.mark.parametrize(
+    "task_cls,backbone_cls", [(LlamaCausalLM, LlamaBackbone), (Llama3CausalLM, Llama3Backbone)]
+)
 def test_causal_lm_config_round_trip(task_cls, backbone_cls):
     lm = task_cls(backbone_cls(**TINY))
     config = lm.get_config()
@@ -132,7 +134,11 @@ def test_weight_file_paths_are_kerashubs(tmp_path, tie):
         expected.add("layers/reversible_embedding/vars/1")
     assert set(found) == expected
     assert found["layers/reversible_embedding/vars/0"] == (100, 32)
-    assert found["layers/llama_transformer_decoder/_self_attention_layer/_query_dense/vars/0"] == (32, 4, 8)
+    assert found["layers/llama_transformer_decoder/_self_attention_layer/_query_dense/vars/0"] == (
+        32,
+        4,
+        8,
+    )
 
 
 @pytest.mark.parametrize(

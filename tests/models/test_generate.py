@@ -29,13 +29,21 @@ def byte_id(b):
 def lm():
     keras.utils.set_random_seed(0)
     tokenizer = BytePairTokenizer(
-        VOCAB, MERGES, special_tokens=SPECIAL, start_token=SPECIAL[0], end_token=SPECIAL[1],
+        VOCAB,
+        MERGES,
+        special_tokens=SPECIAL,
+        start_token=SPECIAL[0],
+        end_token=SPECIAL[1],
         stop_tokens=[SPECIAL[2]],
     )
     preprocessor = Llama3CausalLMPreprocessor(tokenizer, sequence_length=SEQUENCE_LENGTH)
     backbone = LlamaBackbone(
-        vocabulary_size=len(VOCAB), num_layers=2, num_query_heads=4, hidden_dim=32,
-        intermediate_dim=64, num_key_value_heads=2,
+        vocabulary_size=len(VOCAB),
+        num_layers=2,
+        num_query_heads=4,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_key_value_heads=2,
     )
     # Larger weights than the default initialisation, so that greedy outputs vary.
     for v in backbone.weights:
@@ -55,9 +63,9 @@ def forced(lm, monkeypatch):
         original = type(lm).call_with_layer_caches
 
         def patched(self, token_ids, caches, index, cache_padding_mask=None, positions=None,
-                    last_logits_only=False):  # fmt: skip
+                    **kwargs):  # fmt: skip
             logits, hidden, caches = original(
-                self, token_ids, caches, index, cache_padding_mask, positions, last_logits_only
+                self, token_ids, caches, index, cache_padding_mask, positions, **kwargs
             )
             # The last position predicts generated token number `position + 1 - prompt_length`.
             generated = positions[:, -1] + 1 - ops.convert_to_tensor(np.array(lengths, "int32"))
@@ -147,7 +155,9 @@ def test_iterable_of_batches_is_generated_batch_by_batch(lm):
     a, b = _ids([[5, 6, 7], [8, 9]], 8), _ids([[10, 11]], 8)
     joined = lm.generate([a, b], stop_token_ids=None)
     assert joined["token_ids"].shape == (3, 8)
-    np.testing.assert_array_equal(joined["token_ids"][2], lm.generate(b, stop_token_ids=None)["token_ids"][0])
+    np.testing.assert_array_equal(
+        joined["token_ids"][2], lm.generate(b, stop_token_ids=None)["token_ids"][0]
+    )
 
 
 def test_beam_sampler_return_all_beams_output_forms(lm):
@@ -185,7 +195,10 @@ def test_stop_token_ids_stop_each_row_and_pad_after(lm, forced):
 
 def test_auto_stop_tokens_are_end_and_eot(lm, forced):
     # "he" is [BOS, "he"] (2 tokens); "hello" is [BOS, "he", "ll", "o"] (4 tokens).
-    forced({0: [byte_id(ord("!")), EOT], 1: [byte_id(ord("?")), byte_id(ord("!")), EOS]}, lengths=[2, 4])
+    forced(
+        {0: [byte_id(ord("!")), EOT], 1: [byte_id(ord("?")), byte_id(ord("!")), EOS]},
+        lengths=[2, 4],
+    )
     assert lm.generate(["he", "hello"], max_length=20) == ["he!", "hello?!"]
     assert lm.generate(["he", "hello"], max_length=20, strip_prompt=True) == ["!", "?!"]
     # With stop_token_ids=None the forced end tokens are generated through (and dropped as
@@ -208,7 +221,9 @@ def test_stream_never_splits_characters(lm, forced):
 def test_stream_concatenates_to_generate(lm):
     pieces = list(lm.stream("the", max_length=20, stop_token_ids=None))
     assert len(pieces) > 1
-    assert "".join(pieces) == lm.generate("the", max_length=20, stop_token_ids=None, strip_prompt=True)
+    assert "".join(pieces) == lm.generate(
+        "the", max_length=20, stop_token_ids=None, strip_prompt=True
+    )
     lm.compile(sampler=samplers.BeamSampler(num_beams=2))
     try:  # beam search: the best beam only exists at the end, so one piece
         beam = lm.generate("the", max_length=12, stop_token_ids=None, strip_prompt=True)
@@ -248,7 +263,9 @@ def test_compile_with_another_sampler_changes_generation(lm):
 def test_bad_inputs(lm):
     with pytest.raises(ValueError, match=r"at least one prompt. Received: inputs=\[\]"):
         lm.generate([])
-    with pytest.raises(ValueError, match="longest prompt, which has 3 tokens.*Received: max_length=3"):
+    with pytest.raises(
+        ValueError, match="longest prompt, which has 3 tokens.*Received: max_length=3"
+    ):
         lm.generate(_ids([[5, 6, 7]], 8), max_length=3, stop_token_ids=None)
     with pytest.raises(ValueError, match="longest prompt.*Received: max_length=5"):
         lm.generate("hello world", max_length=5)  # [BOS, he, ll, o, Ġ, w...] is truncated to 5

@@ -187,7 +187,9 @@ def test_contrastive_search_matches_reference(pair):
     hf, lm = pair
     prompts = _prompts([6, 3], seed=5)
     new = 8
-    out = _generate(lm, samplers.ContrastiveSampler(k=3, alpha=0.6), _right_padded(prompts, 6 + new))
+    out = _generate(
+        lm, samplers.ContrastiveSampler(k=3, alpha=0.6), _right_padded(prompts, 6 + new)
+    )
     for i, p in enumerate(prompts):
         expected = _hf_contrastive(hf, p, new, k=3, alpha=0.6)
         np.testing.assert_array_equal(out["token_ids"][i, len(p) : len(p) + new], expected)

@@ -3,14 +3,15 @@
 import keras
 
 from keras_llama.models.backbone import Backbone
+from keras_llama.models.llama import llama_plan
+from keras_llama.models.llama.llama_decoder import LlamaTransformerDecoder
 from keras_llama.models.llama.llama_layers import (
     LlamaLayerNorm,
     LlamaRotaryEmbedding,
-    LlamaTransformerDecoder,
     ReversibleEmbedding,
-    _check_positive_int,
-    _kernel_initializer,
+    kernel_initializer,
 )
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -76,7 +77,7 @@ class LlamaBackbone(Backbone):
             ("intermediate_dim", intermediate_dim),
             ("num_key_value_heads", num_key_value_heads),
         ]:
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if hidden_dim % num_query_heads:
             raise ValueError(
                 "`hidden_dim` must be divisible by `num_query_heads`. Received: "
@@ -109,7 +110,7 @@ class LlamaBackbone(Backbone):
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=tie_word_embeddings,
-            embeddings_initializer=_kernel_initializer(stddev=0.01),
+            embeddings_initializer=kernel_initializer(stddev=0.01),
             dtype=dtype,
             name="token_embedding",
         )
@@ -127,7 +128,7 @@ class LlamaBackbone(Backbone):
                 rope_pretraining_sequence_length=rope_pretraining_sequence_length,
                 layer_norm_epsilon=layer_norm_epsilon,
                 activation="silu",
-                kernel_initializer=_kernel_initializer(stddev=0.02),
+                kernel_initializer=kernel_initializer(stddev=0.02),
                 dropout=dropout,
                 dtype=dtype,
                 name=f"transformer_layer_{i}",
@@ -171,6 +172,60 @@ class LlamaBackbone(Backbone):
     @property
     def head_dim(self):
         return self.hidden_dim // self.num_query_heads
+
+    def call(self, inputs, training=None, mask=None):
+        # Keras's entry point (``backbone(inputs)``, ``fit``, ``predict``): the functional
+        # graph built in ``__init__`` gives the structure; this runs it with the stage's plan.
+        plan = llama_plan.make_plan(self).stage("training" if training else "scoring")
+        return self.run(
+            inputs["token_ids"], plan, padding_mask=inputs["padding_mask"], training=training
+        )
+
+    def run(
+        self,
+        token_ids,
+        stage_plan,
+        padding_mask=None,
+        attention_mask=None,
+        positions=None,
+        caches=None,
+        cache_update_index=None,
+        weights=None,
+        training=None,
+        layer_intercept_fn=None,
+    ):
+        """The final normalised hidden states [b, q, m] of ``token_ids`` [b, q], every block
+        run as ``stage_plan`` (a `StagePlan`) says.
+
+        Without ``caches``, ``padding_mask`` [b, q] makes the causal mask. With ``caches``
+        (see `keras_llama.models.llama.llama_cache`), ``attention_mask`` [b, q, s] and
+        ``cache_update_index``, returns ``(hidden, new_caches)``. ``weights`` are the decode
+        weights of fused or packed plans (`llama_plan.decode_weights`);
+        ``layer_intercept_fn(x, i)`` sees the embeddings (``i = -1``) and each block's output.
+        """
+        routes = llama_plan.block_routes(stage_plan, self, weights)
+        x = self.token_embedding(token_ids)
+        if layer_intercept_fn is not None:
+            x = layer_intercept_fn(x, -1)
+        new_caches = []
+        for i, (block, route) in enumerate(zip(self.transformer_layers, routes)):
+            x = block(
+                x,
+                decoder_padding_mask=padding_mask,
+                attention_mask=attention_mask,
+                positions=positions,
+                cache=None if caches is None else caches[i],
+                cache_update_index=cache_update_index,
+                training=training,
+                route=route,
+            )
+            if caches is not None:
+                x, cache = x
+                new_caches.append(cache)
+            if layer_intercept_fn is not None:
+                x = layer_intercept_fn(x, i)
+        hidden = self.layer_norm(x)
+        return hidden if caches is None else (hidden, new_caches)
 
     def get_config(self):
         config = super().get_config()

@@ -1,16 +1,13 @@
 """LlamaCausalLM: the backbone plus the output projection, with a key/value cache."""
 
-import contextlib
-import math
-
 import keras
 from keras import ops
 
-from keras_llama import kernels as native_kernels
 from keras_llama.models.causal_lm import CausalLM
+from keras_llama.models.execution_plan import STAGES
+from keras_llama.models.llama import llama_cache, llama_plan
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
-from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -45,6 +42,47 @@ class LlamaCausalLM(CausalLM):
         outputs = backbone.token_embedding(hidden_states, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
+    def call(self, inputs, training=None, mask=None):
+        # Keras's entry point (``causal_lm(inputs)``, ``fit``, ``predict``): logits
+        # [b, q, vocabulary] by the training or the scoring plan.
+        return self.logits(
+            inputs["token_ids"], inputs["padding_mask"], "training" if training else "scoring",
+            training=training,
+        )  # fmt: skip
+
+    def logits(self, token_ids, padding_mask, stage, training=None, layer_intercept_fn=None):
+        """Logits [b, q, vocabulary] of ``token_ids`` [b, q] without a cache, run by the
+        plan of ``stage`` (``"training"`` or ``"scoring"``)."""
+        plan = llama_plan.make_plan(self.backbone).stage(stage)
+        hidden = self.backbone.run(
+            token_ids,
+            plan,
+            padding_mask=padding_mask,
+            training=training,
+            layer_intercept_fn=layer_intercept_fn,
+        )
+        return llama_plan.project_to_vocabulary(plan, self.backbone.token_embedding, hidden)
+
+    def execution_plan(self, build=True):
+        """Which path each stage (prefill, decode, training, scoring) takes, and why.
+
+        ``print(causal_lm.execution_plan())`` lists, per stage, how the projections multiply,
+        how attention runs and how the vocabulary projection runs, each with its reason (e.g.
+        ``projections: packed (native decode matmuls: yes, float32 weights packed)``). With
+        ``build=True`` the native ops are built first where they are missing (once per
+        machine), so the answer is what ``generate()`` and ``fit()`` will run; ``False`` only
+        reads their status; a tuple of stage names builds those stages' ops.
+
+        Returns:
+            A `keras_llama.models.ExecutionPlan`.
+        """
+        stages = STAGES if build is True else (build or ())
+        names = dict.fromkeys(name for stage in stages for name in self.native_ops_for(stage))
+        return llama_plan.make_plan(self.backbone, build=tuple(names))
+
+    def native_ops_for(self, stage):
+        return llama_plan.NATIVE_OPS[stage]
+
     def call_with_cache(
         self,
         token_ids,
@@ -66,29 +104,15 @@ class LlamaCausalLM(CausalLM):
         Returns:
             ``(logits [batch, q, vocab], hidden_states [batch, q, hidden_dim], cache)``.
         """
-        # KerasHub's [b, s, v, h] per key/value <-> our layer caches [b * v, s, h].
-        b, _, _, s, v, h = cache.shape
-        b = ops.shape(cache)[0] if b is None else b
-
-        def ours(x, keys):  # keys [b * v, h, s], values [b * v, s, h]
-            x = ops.transpose(x, (0, 2, 3, 1) if keys else (0, 2, 1, 3))
-            return ops.reshape(x, (b * v, h, s) if keys else (b * v, s, h))
-
-        def theirs(x, keys):
-            x = ops.reshape(x, (b, v, h, s) if keys else (b, v, s, h))
-            return ops.transpose(x, (0, 3, 1, 2) if keys else (0, 2, 1, 3))
-
-        layer_caches = [
-            (ours(cache[:, i, 0], True), ours(cache[:, i, 1], False)) for i in range(cache.shape[1])
-        ]
         logits, hidden, layer_caches = self.call_with_layer_caches(
-            token_ids, layer_caches, cache_update_index, cache_padding_mask, positions
+            token_ids,
+            llama_cache.from_stacked(cache),
+            cache_update_index,
+            cache_padding_mask,
+            positions,
         )
-        cache = ops.stack(
-            [ops.stack([theirs(kv[0], True), theirs(kv[1], False)], axis=1) for kv in layer_caches],
-            axis=1,
-        )
-        return logits, hidden, cache
+        stacked = llama_cache.to_stacked(layer_caches, self.backbone.num_key_value_heads)
+        return logits, hidden, stacked
 
     def call_with_layer_caches(
         self,
@@ -98,96 +122,19 @@ class LlamaCausalLM(CausalLM):
         cache_padding_mask=None,
         positions=None,
         last_logits_only=False,
+        stage_plan=None,
+        weights=None,
     ):
-        """As `call_with_cache`, with the cache as a list of per-layer ``(key, value)`` arrays
-        (see `_build_layer_caches`: heads-major with the batch folded in, keys transposed; the
-        layouts decoding attention reads, so no copies per step; no stacking copies either).
+        """As `call_with_cache`, with the cache as a list of per-layer ``(keys, values)``
+        (see `keras_llama.models.llama.llama_cache`: the layouts decoding attention reads, so
+        no copies per step; no stacking copies either).
 
         ``last_logits_only=True`` projects only the last position to the vocabulary (logits
-        [batch, 1, vocab]; a prefill needs no more); hidden states keep every position."""
-        kernels = self.__dict__.get("_active_decode_kernels")
-        return self._call_layers(
-            token_ids,
-            layer_caches,
-            cache_update_index,
-            cache_padding_mask,
-            positions,
-            last_logits_only,
-            kernels,
-        )
-
-    def _fused_decode_kernels(self):
-        """The kernels the compiled decode loop uses (read through the current variable
-        values, so a `keras.StatelessScope` applies): ``{"layers": [...], "head": ...}``.
-
-        With the native decoding kernels (`keras_llama.kernels`, JAX on CPU, float32 or
-        ``"int8_weight_only"`` weights): per block its `LlamaTransformerDecoder.packed_kernels`
-        and the output projection packed. Otherwise, per block its
-        `LlamaTransformerDecoder.fused_kernels` and no head (the embedding's own path). None
-        when some block is quantized otherwise or has LoRA (the layers' own path)."""
-        layers = self.backbone.transformer_layers
-        if native_kernels.available():
-            packed = [layer.packed_kernels() for layer in layers]
-            head = self._packed_output_projection()
-            if head is not None and all(p is not None for p in packed):
-                return {"layers": packed, "head": head}
-        if not all(layer.fusable() for layer in layers):
-            return None
-        return {"layers": [layer.fused_kernels() for layer in layers], "head": None}
-
-    def _packed_output_projection(self):
-        # The token embedding's reverse projection [hidden, vocab] as a PackedKernel, or None.
-        embedding = self.backbone.token_embedding
-        if embedding.logit_soft_cap is not None or embedding.compute_dtype != "float32":
-            return None
-        if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
-            return None
-        mode = embedding.quantization_mode
-        if mode is None:
-            if embedding.tie_weights:
-                kernel = ops.transpose(ops.convert_to_tensor(embedding.embeddings))
-            else:
-                kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
-            return native_kernels.pack(kernel)
-        if not isinstance(resolved_policy(embedding), Int8WeightOnlyDTypePolicy):
-            return None
-        if embedding.tie_weights:
-            kernel = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
-            scale = ops.convert_to_tensor(embedding.embeddings_scale)
-        else:
-            kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
-            scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
-        vocab = kernel.shape[1]
-        if math.prod(scale.shape) != vocab:  # not one scale per vocabulary entry
-            return None
-        # Keras computes `(x @ kernel) / scale`.
-        return native_kernels.pack_int8(
-            kernel, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,))
-        )
-
-    @contextlib.contextmanager
-    def _decoding_with_kernels(self, kernels):
-        """Within this context (while tracing the compiled decode loop), `call_with_layer_caches`
-        runs the blocks through ``kernels`` from `_fused_decode_kernels`: the same logits with
-        fewer, larger matmuls. ``kernels=None`` leaves the layers' own path."""
-        # Set through __dict__: trace-time state, not something Keras should track.
-        previous = self.__dict__.get("_active_decode_kernels")
-        self.__dict__["_active_decode_kernels"] = kernels
-        try:
-            yield
-        finally:
-            self.__dict__["_active_decode_kernels"] = previous
-
-    def _call_layers(
-        self,
-        token_ids,
-        layer_caches,
-        cache_update_index,
-        cache_padding_mask,
-        positions,
-        last_logits_only,
-        kernels,
-    ):
+        [batch, 1, vocab]; a prefill needs no more); hidden states keep every position.
+        ``stage_plan`` is the prefill or decode `StagePlan` (default: the prefill plan, which
+        takes any number of queries) and ``weights`` its `decode_weights`."""
+        if stage_plan is None:
+            stage_plan = llama_plan.make_plan(self.backbone).prefill
         q_len = ops.shape(token_ids)[1]
         max_length = ops.shape(layer_caches[0][1])[1]
         query_slots = ops.arange(q_len) + cache_update_index  # [q]
@@ -196,46 +143,38 @@ class LlamaCausalLM(CausalLM):
         mask = ops.less_equal(ops.arange(max_length)[None, :], query_slots[:, None])[None]
         if cache_padding_mask is not None:
             mask = ops.logical_and(mask, ops.cast(cache_padding_mask, "bool")[:, None, :])
-        x = self.backbone.token_embedding(token_ids)
-        new_caches = []
-        for i, (layer, layer_cache) in enumerate(
-            zip(self.backbone.transformer_layers, layer_caches)
-        ):
-            if kernels is None:
-                x, layer_cache = layer(
-                    x,
-                    attention_mask=mask,
-                    positions=positions,
-                    cache=layer_cache,
-                    cache_update_index=cache_update_index,
-                )
-            else:
-                x, layer_cache = layer.call_with_fused_kernels(
-                    x, kernels["layers"][i], mask, positions, layer_cache, cache_update_index
-                )
-            new_caches.append(layer_cache)
-        hidden = self.backbone.layer_norm(x)
+        hidden, new_caches = self.backbone.run(
+            token_ids,
+            stage_plan,
+            attention_mask=mask,
+            positions=positions,
+            caches=layer_caches,
+            cache_update_index=cache_update_index,
+            weights=weights,
+        )
         projected = hidden[:, -1:] if last_logits_only else hidden
-        if kernels is not None and kernels["head"] is not None:
-            logits = native_kernels.matmul(projected, kernels["head"])
-        else:
-            logits = self.backbone.token_embedding(projected, reverse=True)
+        embedding = self.backbone.token_embedding
+        logits = llama_plan.project_to_vocabulary(stage_plan, embedding, projected, weights)
         return logits, hidden, new_caches
 
+    def decode_weights(self, stage_plan):
+        """The weights ``stage_plan`` multiplies (fused or packed), made from the current
+        variable values; None when it runs the layers (see `llama_plan.decode_weights`)."""
+        return llama_plan.decode_weights(stage_plan, self.backbone)
+
     def _build_layer_caches(self, batch_size, max_length, dtype=None):
-        """All-zeros per-layer ``(key, value)`` caches for `call_with_layer_caches`: keys
+        """All-zeros per-layer ``(keys, values)`` caches for `call_with_layer_caches`: keys
         [batch * num_key_value_heads, head_dim, max_length], values
         [batch * num_key_value_heads, max_length, head_dim]."""
         backbone = self.backbone
-        rows, head_dim = batch_size * backbone.num_key_value_heads, backbone.head_dim
-        dtype = dtype or self.compute_dtype
-        return [
-            (
-                ops.zeros((rows, head_dim, max_length), dtype),
-                ops.zeros((rows, max_length, head_dim), dtype),
-            )
-            for _ in range(backbone.num_layers)
-        ]
+        return llama_cache.zeros(
+            batch_size,
+            backbone.num_layers,
+            backbone.num_key_value_heads,
+            backbone.head_dim,
+            max_length,
+            dtype or self.compute_dtype,
+        )
 
     def _build_cache(self, batch_size, max_length, dtype=None):
         """An all-zeros cache [batch, num_layers, 2, max_length, num_key_value_heads, head_dim]."""
@@ -246,6 +185,6 @@ class LlamaCausalLM(CausalLM):
             2,
             max_length,
             backbone.num_key_value_heads,
-            backbone.hidden_dim // backbone.num_query_heads,
+            backbone.head_dim,
         )
         return ops.zeros(shape, dtype=dtype or self.compute_dtype)

@@ -1,0 +1,316 @@
+"""How a Llama model runs each stage: the plan (`make_plan`) and the routes it gives each block.
+
+`make_plan` looks at the model (backend, dtypes, quantization, LoRA, dropout, distribution)
+and at which native ops are built, and returns an `ExecutionPlan` with a reason for every
+choice. It never builds a native op unless asked to (``build``): inside a traced function it
+only reads their status, so a build never starts while JAX traces. Callers that run outside
+tracing (``generate()``, ``compile()``/``fit()``, ``score()``, ``execution_plan()``) ask.
+
+A stage's plan is then turned into one `BlockRoute` per block (`block_routes`) and a vocabulary
+projection (`project_to_vocabulary`); decoding with fused or packed weights first makes them
+from the variables (`decode_weights`, once per weight change, passed to the compiled loop).
+"""
+
+from keras import ops
+
+from keras_llama import kernels
+from keras_llama.kernels import decode_matmul, packing, training_matmul
+from keras_llama.kernels import swiglu as native_swiglu
+from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
+from keras_llama.models.llama import llama_strategies
+
+# The native libraries (`keras_llama.kernels.library`) each stage may use.
+NATIVE_OPS = {
+    "prefill": (),
+    "decode": ("decode_matmul",),
+    "training": ("attention", "swiglu", "cross_entropy"),
+    "scoring": ("attention",),
+}
+
+
+# --- the plan -----------------------------------------------------------------------------------
+def make_plan(backbone, build=()):
+    """The `ExecutionPlan` of a Llama backbone (and its tied or untied vocabulary head).
+
+    ``build``: names of native libraries to build first, if not built yet (see
+    `keras_llama.kernels.library`); the others are only asked for their status."""
+    for name in build:
+        if kernels.enabled():
+            kernels.library(name).ensure_built()
+    facts = _Facts(backbone)
+    return ExecutionPlan(
+        prefill=_prefill(facts),
+        decode=_decode(facts),
+        training=_training(facts),
+        scoring=_scoring(facts),
+    )
+
+
+class _Facts:
+    """What the choices depend on, read once."""
+
+    def __init__(self, backbone):
+        import keras
+
+        self.backbone = backbone
+        self.backend = keras.config.backend()
+        self.jax_cpu = self.backend == "jax" and _jax_platform() == "cpu"
+        self.distributed = keras.distribution.distribution() is not None
+        blocks = backbone.transformer_layers
+        self.blocks = blocks
+        self.float32 = all(block.compute_dtype == "float32" for block in blocks)
+        self.projection_layers = [layer for block in blocks for layer in _dense_layers(block)]
+        self.plain = packing.is_plain(*self.projection_layers)
+        self.dropout = any(block.dropout > 0 for block in blocks)
+        self.head_dim = backbone.hidden_dim // backbone.num_query_heads
+        self.embedding = backbone.token_embedding
+
+    def native(self, name):
+        """``(usable, reason)`` for the native library ``name``."""
+        if not kernels.enabled():
+            return False, kernels.library(name).status().reason
+        if self.distributed:
+            return False, "a keras.distribution is active (XLA cannot partition a native op)"
+        status = kernels.library(name).status()
+        return bool(status.available), status.reason
+
+    def plain_reason(self):
+        kinds = sorted({_weight_kind(layer) for layer in self.projection_layers} - {"float"})
+        return f"projections are {', '.join(kinds)}"
+
+
+def _jax_platform():
+    import jax
+
+    return jax.default_backend()
+
+
+def _dense_layers(block):
+    attention = block._self_attention_layer
+    return (
+        attention._query_dense,
+        attention._key_dense,
+        attention._value_dense,
+        attention._output_dense,
+        block._feedforward_gate_dense,
+        block._feedforward_intermediate_dense,
+        block._feedforward_output_dense,
+    )
+
+
+def _weight_kind(layer):
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA"
+    return layer.quantization_mode or "float"
+
+
+def _multi_token_attention(facts, training):
+    """The attention of a stage without a cache (training, scoring)."""
+    if facts.backend != "jax":
+        return Choice(
+            "attention",
+            "einsum",
+            f"dot-product attention is used on JAX only, backend is {facts.backend}",
+        )
+    if training and facts.dropout:
+        return Choice("attention", "einsum", "attention dropout needs the probabilities")
+    usable, reason = facts.native("attention")
+    if not facts.float32:
+        usable, reason = False, "weights compute in " + facts.blocks[0].compute_dtype
+    elif facts.head_dim % 16:
+        usable, reason = False, f"head_dim {facts.head_dim} is not a multiple of 16"
+    if usable:
+        return Choice("attention", "native", "native flash attention: float32 on JAX CPU")
+    return Choice("attention", "dot_product", f"native attention: no, {reason}")
+
+
+def _prefill(facts):
+    attention = (
+        Choice("attention", "dot_product", "multi-token attention on JAX")
+        if facts.backend == "jax"
+        else Choice("attention", "einsum", f"backend is {facts.backend}")
+    )
+    return StagePlan(
+        "prefill",
+        (
+            Choice("projections", "layers", "multi-token products: the layers' own matmuls"),
+            attention,
+            Choice("head", "layers", "last position only"),
+        ),
+    )
+
+
+def _decode(facts):
+    attention = Choice("attention", "single_query", "one query per row against the caches")
+    if facts.backend != "jax":
+        reason = f"fused and packed weights feed the compiled JAX loop; backend is {facts.backend}"
+        projections, head = (
+            Choice("projections", "layers", reason),
+            Choice("head", "layers", reason),
+        )
+        return StagePlan("decode", (projections, attention, head))
+    usable, reason = facts.native("decode_matmul")
+    packable = packing.packable_mode(facts.projection_layers)
+    head_mode = packing.packable_embedding_mode(facts.embedding)
+    if usable and packable and head_mode:
+        why = f"native decode matmuls: yes, {packable} weights packed"
+        projections = Choice("projections", "packed", why)
+        head = Choice("head", "packed", f"native decode matmuls: yes, {head_mode} head packed")
+    elif facts.plain:
+        why = "native decode matmuls: no, " + (
+            reason if not usable else "some weights cannot be packed"
+        )
+        projections = Choice("projections", "fused", why + "; q/k/v and gate/up concatenated")
+        head = Choice("head", "layers", "the embedding's own reverse projection")
+    else:
+        why = facts.plain_reason()
+        projections = Choice("projections", "layers", why)
+        head = Choice("head", "layers", why)
+    return StagePlan("decode", (projections, attention, head))
+
+
+def _training(facts):
+    if facts.jax_cpu and facts.plain:
+        projections = Choice("projections", "training_matmuls", "plain float weights on JAX CPU")
+    elif not facts.jax_cpu:
+        projections = Choice(
+            "projections", "layers", "written-out matmul gradients are for XLA:CPU"
+        )
+    else:
+        projections = Choice("projections", "layers", facts.plain_reason())
+    activation = Choice("activation", "layers", "inside the gate layer")
+    if projections.strategy == "training_matmuls":
+        usable, reason = facts.native("swiglu")
+        if not facts.float32:
+            usable, reason = False, "weights compute in " + facts.blocks[0].compute_dtype
+        elif not all(llama_strategies.is_silu(block) for block in facts.blocks):
+            usable, reason = False, "the activation is not SiLU"
+        activation = (
+            Choice("activation", "native_swiglu", "native SwiGLU: float32 on JAX CPU")
+            if usable
+            else Choice("activation", "layers", f"native SwiGLU: no, {reason}")
+        )
+    embedding = facts.embedding
+    head_plain = (
+        packing.is_plain(embedding)
+        and embedding.reverse_dtype is None
+        and embedding.logit_soft_cap is None
+    )
+    if facts.jax_cpu and head_plain:
+        head = Choice("head", "training_matmuls", "plain float embedding on JAX CPU")
+    else:
+        head = Choice("head", "layers", "the embedding's own reverse projection")
+    return StagePlan(
+        "training", (projections, _multi_token_attention(facts, True), activation, head)
+    )
+
+
+def _scoring(facts):
+    return StagePlan(
+        "scoring",
+        (
+            Choice("projections", "layers", "the layers' own matmuls"),
+            _multi_token_attention(facts, False),
+            Choice("head", "layers", "the embedding's own reverse projection"),
+        ),
+    )
+
+
+# --- from a plan to what runs -------------------------------------------------------------------
+def block_routes(stage_plan, backbone, weights=None):
+    """One `BlockRoute` per block for ``stage_plan``; ``weights`` from `decode_weights` for
+    the ``"fused"`` and ``"packed"`` projections."""
+    attention = llama_strategies.ATTENTION[stage_plan.attention]()
+    routes = []
+    for i, block in enumerate(backbone.transformer_layers):
+        projections = _projections(
+            stage_plan, block, None if weights is None else weights["layers"][i]
+        )
+        routes.append(llama_strategies.BlockRoute(projections, attention))
+    return routes
+
+
+def _projections(stage_plan, block, weights):
+    kind = stage_plan.projections
+    if kind == "layers":
+        return llama_strategies.LayerProjections()
+    if kind == "training_matmuls":
+        activation = (
+            native_swiglu.swiglu
+            if stage_plan.activation == "native_swiglu"
+            else llama_strategies.gated_activation(block)
+        )
+        return llama_strategies.MatrixProjections(
+            _separate_matrices(block), training_matmul.matmul, activation
+        )
+    matmul = decode_matmul.matmul if kind == "packed" else ops.matmul
+    return llama_strategies.MatrixProjections(
+        weights, matmul, llama_strategies.gated_activation(block)
+    )
+
+
+def _separate_matrices(block):
+    attention = block._self_attention_layer
+    layers = {
+        "query": attention._query_dense,
+        "key": attention._key_dense,
+        "value": attention._value_dense,
+        "gate": block._feedforward_gate_dense,
+        "up": block._feedforward_intermediate_dense,
+        "down": block._feedforward_output_dense,
+    }
+    matrices = {name: packing.dense_matrix(layer, 1) for name, layer in layers.items()}
+    matrices["output"] = packing.dense_matrix(attention._output_dense, 2)
+    return matrices
+
+
+def decode_weights(stage_plan, backbone):
+    """The weights the decode loop multiplies, made from the current variable values (so a
+    `keras.StatelessScope` applies): ``{"layers": [per block], "head": packed or None}`` for
+    ``"fused"`` and ``"packed"`` projections, None for ``"layers"``."""
+    kind = stage_plan.projections
+    if kind == "layers":
+        return None
+    blocks = backbone.transformer_layers
+    if kind == "fused":
+        return {"layers": [_fused_matrices(block) for block in blocks], "head": None}
+    layers = []
+    for block in blocks:
+        dense = dict(
+            zip(("query", "key", "value", "output", "gate", "up", "down"), _dense_layers(block))
+        )
+        layers.append(
+            {
+                "qkv": packing.pack_dense([dense["query"], dense["key"], dense["value"]], 1),
+                "output": packing.pack_dense([dense["output"]], 2),
+                "gate_up": packing.pack_dense([dense["gate"], dense["up"]], 1),
+                "down": packing.pack_dense([dense["down"]], 1),
+            }
+        )
+    return {"layers": layers, "head": packing.pack_reverse_embedding(backbone.token_embedding)}
+
+
+def _fused_matrices(block):
+    # q/k/v and gate/up concatenated along their outputs: fewer, larger matmuls per step,
+    # and fewer kernels to compile.
+    matrices = _separate_matrices(block)
+    return {
+        "qkv": ops.concatenate([matrices.pop(n) for n in ("query", "key", "value")], axis=1),
+        "gate_up": ops.concatenate([matrices.pop(n) for n in ("gate", "up")], axis=1),
+        **matrices,
+    }
+
+
+def project_to_vocabulary(stage_plan, embedding, hidden, weights=None):
+    """Logits [..., vocabulary] of ``hidden`` [..., m] by the plan's ``head``."""
+    kind = stage_plan.head
+    if kind == "packed":
+        return decode_matmul.matmul(hidden, weights["head"])
+    if kind == "training_matmuls":
+        hidden = ops.cast(hidden, embedding.compute_dtype)
+        if embedding.tie_weights:
+            table = ops.cast(embedding.embeddings, embedding.compute_dtype)
+            return training_matmul.matmul_transposed(hidden, table)
+        kernel = ops.cast(embedding.reverse_embeddings, embedding.compute_dtype)
+        return training_matmul.matmul(hidden, kernel)
+    return embedding(hidden, reverse=True)
