@@ -70,3 +70,34 @@ def to_keras_llama(model, **backbone_kwargs):
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     assign_weights(backbone, huggingface.convert_weights(state.__getitem__, config))
     return LlamaCausalLM(backbone)
+
+
+def hf_gradient_layout(path, backbone):
+    """The transformers parameter behind one of our variable paths, and the function that turns
+    its gradient (torch layout) into our variable's layout."""
+    m, u, v = backbone.hidden_dim, backbone.num_query_heads, backbone.num_key_value_heads
+    h = m // u
+    if path == "token_embedding/embeddings":
+        return "model.embed_tokens.weight", lambda g: g
+    if path == "token_embedding/reverse_embeddings":
+        return "lm_head.weight", lambda g: g.T
+    if path == "sequence_output_layernorm/scale":
+        return "model.norm.weight", lambda g: g
+    layer, rest = path.split("/", 1)
+    prefix = f"model.layers.{int(layer.rsplit('_', 1)[1])}."
+    table = {
+        "self_attention/query/kernel": ("self_attn.q_proj", lambda g: g.T.reshape(m, u, h)),
+        "self_attention/key/kernel": ("self_attn.k_proj", lambda g: g.T.reshape(m, v, h)),
+        "self_attention/value/kernel": ("self_attn.v_proj", lambda g: g.T.reshape(m, v, h)),
+        "self_attention/attention_output/kernel": (
+            "self_attn.o_proj",
+            lambda g: g.T.reshape(u, h, m),
+        ),
+        "feedforward_gate_dense/kernel": ("mlp.gate_proj", lambda g: g.T),
+        "feedforward_intermediate_dense/kernel": ("mlp.up_proj", lambda g: g.T),
+        "feedforward_output_dense/kernel": ("mlp.down_proj", lambda g: g.T),
+        "self_attention_layernorm/scale": ("input_layernorm", lambda g: g),
+        "feedforward_layernorm/scale": ("post_attention_layernorm", lambda g: g),
+    }
+    name, layout = table[rest]
+    return prefix + name + ".weight", layout

@@ -87,7 +87,12 @@ def test_generate_prints_the_greedy_continuation(hf_checkpoint, converted, strea
 
 def test_chat_answers_each_turn_and_exits(converted):
     code, out = run_cli(
-        "chat", "--preset", converted, "--max-new-tokens", "4", stdin="hello\n\nagain\n/exit\nignored\n"
+        "chat",
+        "--preset",
+        converted,
+        "--max-new-tokens",
+        "4",
+        stdin="hello\n\nagain\n/exit\nignored\n",
     )
     assert code == 0
     assert len(out.rstrip("\n").split("\n")) == 2  # two replies, nothing after /exit

@@ -253,12 +253,13 @@ class GenerationEngine:
     shape on JAX. `CausalLM.make_generate_function` keeps one in ``generate_function``;
     ``compile()`` and ``quantize()`` reset it."""
 
-    def __init__(self, model, sampler):
+    def __init__(self, model, sampler, plan=None):
         self.model = model
         self.sampler = sampler
         self.variables = list(model.variables)  # the order of the values passed to jit
-        # What prefill and decode run (the native decode op built first, once per machine).
-        self.plan = model.execution_plan(build=("prefill", "decode"))
+        # What prefill and decode run (the native decode op built first, once per machine);
+        # ``plan`` (an `ExecutionPlan`) overrides the model's own.
+        self.plan = plan or model.execution_plan(build=("prefill", "decode"))
         self.jax = keras.config.backend() == "jax"
         self._lock = threading.Lock()  # guards the two sets below across threads
         if self.jax:

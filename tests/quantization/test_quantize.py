@@ -166,7 +166,9 @@ def test_quantize_errors(hand_rounded, w8a8):
     with pytest.raises(ValueError, match="cannot be combined"):
         hand_rounded.quantize("int8_weight_only", config=keras.quantizers.Int8QuantizationConfig())
     assert hand_rounded.backbone.quantization_scheme is None  # nothing was changed
-    with pytest.raises(ValueError, match=r"already quantized \(mode='int8'\).*Received: mode='int4'"):
+    with pytest.raises(
+        ValueError, match=r"already quantized \(mode='int8'\).*Received: mode='int4'"
+    ):
         w8a8.quantize("int4")
     with pytest.raises(ValueError, match="already quantized"):
         w8a8.backbone.quantize("int8_weight_only")

@@ -132,7 +132,10 @@ def test_get_by_name_and_unknown_name():
     }
     for name, cls in expected.items():
         assert type(samplers.get(name)) is cls
-    with pytest.raises(ValueError, match="Unknown sampler 'topk'. Valid names: beam, contrastive, greedy, random, top_k, top_p"):
+    with pytest.raises(
+        ValueError,
+        match="Unknown sampler 'topk'. Valid names: beam, contrastive, greedy, random, top_k, top_p",
+    ):
         samplers.get("topk")
     with pytest.raises(ValueError, match="Could not interpret"):
         samplers.get(3)
@@ -143,9 +146,23 @@ def test_get_by_name_and_unknown_name():
 
 def test_defaults_match_keras_hub():
     assert samplers.TopKSampler().get_config() == {"temperature": 1.0, "k": 5, "seed": None}
-    assert samplers.TopPSampler().get_config() == {"temperature": 1.0, "p": 0.1, "k": None, "seed": None}
-    assert samplers.BeamSampler().get_config() == {"temperature": 1.0, "num_beams": 5, "return_all_beams": False}
-    assert samplers.ContrastiveSampler().get_config() == {"temperature": 1.0, "k": 5, "alpha": 0.6, "seed": None}
+    assert samplers.TopPSampler().get_config() == {
+        "temperature": 1.0,
+        "p": 0.1,
+        "k": None,
+        "seed": None,
+    }
+    assert samplers.BeamSampler().get_config() == {
+        "temperature": 1.0,
+        "num_beams": 5,
+        "return_all_beams": False,
+    }
+    assert samplers.ContrastiveSampler().get_config() == {
+        "temperature": 1.0,
+        "k": 5,
+        "alpha": 0.6,
+        "seed": None,
+    }
 
 
 @pytest.mark.parametrize(

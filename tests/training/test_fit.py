@@ -69,9 +69,7 @@ def test_evaluate_and_predict_on_other_input_forms(trained):
             return SENTENCES[i : i + 1]
 
     # Batches of different sizes are averaged per batch by Keras: compare like with like.
-    per_sentence = [
-        causal_lm.evaluate([s], verbose=0, return_dict=True)["loss"] for s in SENTENCES
-    ]
+    per_sentence = [causal_lm.evaluate([s], verbose=0, return_dict=True)["loss"] for s in SENTENCES]
     loss_pydataset = causal_lm.evaluate(Strings(), verbose=0, return_dict=True)["loss"]
     loss_generator = causal_lm.evaluate(generator(), verbose=0, return_dict=True)["loss"]
     np.testing.assert_allclose(loss_strings, loss_arrays, rtol=1e-5)

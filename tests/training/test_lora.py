@@ -35,7 +35,10 @@ def test_saved_adapters_load_into_a_fresh_model_as_merged_kernels(hf, tmp_path):
         for name in ("query", "value"):
             prefix = f"transformer_layer_{layer_index}/self_attention/{name}/"
             values = {v.path: np.asarray(v) for v in lora if v.path.startswith(prefix)}
-            a, b = values[prefix + "lora_kernel_a"], values[prefix + "lora_kernel_b"]  # [m,heads,r], [r,h]
+            a, b = (
+                values[prefix + "lora_kernel_a"],
+                values[prefix + "lora_kernel_b"],
+            )  # [m,heads,r], [r,h]
             kernel = next(v for v in merged.backbone.weights if v.path == prefix + "kernel")
             kernel.assign(np.asarray(kernel) + np.einsum("mvr,rh->mvh", a, b))
     expected = ops.convert_to_numpy(merged(X))

@@ -50,10 +50,13 @@ class LlamaCausalLM(CausalLM):
             training=training,
         )  # fmt: skip
 
-    def logits(self, token_ids, padding_mask, stage, training=None, layer_intercept_fn=None):
+    def logits(
+        self, token_ids, padding_mask, stage, training=None, layer_intercept_fn=None, plan=None
+    ):
         """Logits [b, q, vocabulary] of ``token_ids`` [b, q] without a cache, run by the
-        plan of ``stage`` (``"training"`` or ``"scoring"``)."""
-        plan = llama_plan.make_plan(self.backbone).stage(stage)
+        plan of ``stage`` (``"training"`` or ``"scoring"``), or by ``plan`` (a `StagePlan`,
+        e.g. one of `llama_plan.alternatives`)."""
+        plan = plan or llama_plan.make_plan(self.backbone).stage(stage)
         hidden = self.backbone.run(
             token_ids,
             plan,

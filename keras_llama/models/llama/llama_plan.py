@@ -216,6 +216,62 @@ def _scoring(facts):
     )
 
 
+# --- every plan a stage can run ---------------------------------------------------------------
+def alternatives(backbone, stage):
+    """Every plan ``stage`` can run for this model on this machine: the chosen plan first, then
+    the chosen plan with one choice swapped for each other applicable strategy. (Tests run the
+    same references over each.)"""
+    facts = _Facts(backbone)
+    chosen = make_plan(backbone).stage(stage)
+    plans = [chosen]
+    for part, strategies in _applicable(facts, stage).items():
+        for strategy in strategies:
+            if strategy != getattr(chosen, part):
+                plan = _swap(chosen, part, strategy)
+                if plan not in plans:
+                    plans.append(plan)
+    return plans
+
+
+def _applicable(facts, stage):
+    jax = facts.backend == "jax"
+    attention = ["einsum"]
+    if jax and not (stage == "training" and facts.dropout):
+        attention.append("dot_product")
+        native = _multi_token_attention(facts, stage == "training").strategy == "native"
+        attention += ["native"] if native else []
+    if stage == "prefill":
+        return {"attention": attention[:2]}
+    if stage == "decode":
+        projections = ["layers"] + (["fused"] if jax and facts.plain else [])
+        if _decode(facts).projections == "packed":
+            projections.append("packed")
+        return {"projections": projections}
+    if stage == "scoring":
+        return {"attention": attention}
+    matrices = facts.jax_cpu and facts.plain
+    swiglu = _training(facts).activation == "native_swiglu"
+    return {
+        "projections": ["layers"] + (["training_matmuls"] if matrices else []),
+        "attention": attention,
+        "activation": ["layers"] + (["native_swiglu"] if swiglu else []),
+        "head": ["layers"] + (["training_matmuls"] if _training(facts).head != "layers" else []),
+    }
+
+
+def _swap(stage_plan, part, strategy):
+    choices = {c.part: c for c in stage_plan.choices}
+    choices[part] = Choice(part, strategy, "chosen by the caller")
+    # Choices that go together: the decode head is packed exactly when the projections are;
+    # the native SwiGLU gates the training matmuls' outputs only.
+    if stage_plan.stage == "decode":
+        head = "packed" if choices["projections"].strategy == "packed" else "layers"
+        choices["head"] = Choice("head", head, "goes with the projections")
+    if "activation" in choices and choices["projections"].strategy != "training_matmuls":
+        choices["activation"] = Choice("activation", "layers", "goes with the projections")
+    return StagePlan(stage_plan.stage, tuple(choices.values()))
+
+
 # --- from a plan to what runs -------------------------------------------------------------------
 def block_routes(stage_plan, backbone, weights=None):
     """One `BlockRoute` per block for ``stage_plan``; ``weights`` from `decode_weights` for
