@@ -3,7 +3,7 @@
 import keras
 
 from keras_llama import kernels, losses, samplers
-from keras_llama.models import generation
+from keras_llama.models import generation, generation_engine
 from keras_llama.models.task import Task
 
 
@@ -93,8 +93,10 @@ class CausalLM(Task):
         if sampler is None:
             sampler = self.sampler = samplers.get("top_k")
         engine = getattr(self, "generate_function", None)
-        if not isinstance(engine, generation.GenerationEngine) or not engine.matches(self, sampler):
-            engine = self.generate_function = generation.GenerationEngine(self, sampler)
+        if not isinstance(engine, generation_engine.GenerationEngine) or not engine.matches(
+            self, sampler
+        ):
+            engine = self.generate_function = generation_engine.GenerationEngine(self, sampler)
         return engine
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):

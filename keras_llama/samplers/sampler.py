@@ -32,8 +32,9 @@ class DecodeState(NamedTuple):
 
     logits: Any  # float32 [r, V]: logits of the next token (from the prefill or the last step)
     hidden: Any  # [r, m]: final hidden state of the last token fed to the model
-    caches: Any  # tuple over layers of (key, value), each [r * k, S, ...] (k entries per row,
-    # e.g. LlamaCausalLM's [r * kv_heads, S, head_dim]): see `repeat_rows` and `take_rows`
+    caches: Any  # tuple over layers of (keys, values), each [r * k, ...] with k entries per row:
+    # LlamaCausalLM's keys [r * kv_heads, head_dim, S] and values [r * kv_heads, S, head_dim]
+    # (`keras_llama.models.llama.llama_cache`); see `repeat_rows` and `take_rows`
     cache_mask: Any  # bool [r, S]: False for the left-padding slots of the prompt
     offsets: Any  # int32 [r]: left padding of each row; rotary position = slot - offset
     tokens: Any  # int32 [r, N]: generated tokens; PAD_TOKEN once a row has stopped

@@ -9,7 +9,7 @@ import pytest
 
 CODE = (
     "import keras_llama, jax;"
-    "from keras_llama.models.generation import enable_persistent_compilation_cache as f;"
+    "from keras_llama.models.generation_engine import enable_persistent_compilation_cache as f;"
     "f(); print(jax.config.jax_compilation_cache_dir)"
 )
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from keras_llama import samplers
-from keras_llama.models import generation
+from keras_llama.models import generation_engine
 from keras_llama.models.llama import llama_plan
 from tests.hf_reference import hf_logits, make_hf_model, to_keras_llama
 
@@ -143,9 +143,9 @@ def _hf_greedy(hf, prompts):
 
 
 def _greedy(causal_lm, plan, prompts=PROMPTS):
-    engine = generation.GenerationEngine(causal_lm, samplers.get("greedy"), plan=plan)
+    engine = generation_engine.GenerationEngine(causal_lm, samplers.get("greedy"), plan=plan)
     width = max(map(len, prompts)) + NEW_TOKENS
-    batch = generation.Prompts(rows=list(prompts), max_length=width)
+    batch = generation_engine.Prompts(rows=list(prompts), max_length=width)
     result = engine.run(batch, ())
     return np.stack([r[:NEW_TOKENS] for r in result["tokens"]])
 

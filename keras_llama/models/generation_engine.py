@@ -1,0 +1,276 @@
+"""The compiled prefill and decode of one model with one sampler (`GenerationEngine`).
+
+On JAX, prefill and decode are ``jax.jit`` functions that take the model's variable values as
+arguments (a `keras.StatelessScope` maps them onto the variables while tracing, so weights are
+never baked in as constants); decode is one ``lax.while_loop`` on device with its state donated.
+Prompt widths and lengths are bucketed (`bucket_length`), so a prompt of similar length reuses
+the compiled code. On other backends the same functions run eagerly under ``torch.no_grad()``.
+
+What prefill and decode run is the model's `ExecutionPlan`, decided when the engine is made and
+passed to every traced function: nothing is read from hidden state, so concurrent calls of
+different lengths each trace their own shapes with the same plan.
+"""
+
+import contextlib
+import threading
+from typing import NamedTuple
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_llama.samplers.sampler import PAD_TOKEN, DecodeState, run_decode_loop
+
+
+def bucket_length(n, minimum=16):
+    """``n`` rounded up to one of four sizes per octave (16, 20, 24, 28, 32, 40, ...; at least
+    ``minimum``), so compiled shapes repeat for similar lengths and waste at most ~25%."""
+    if n <= minimum:
+        return minimum
+    step = max(1, 2 ** ((n - 1).bit_length() - 3))
+    return -(-n // step) * step
+
+
+class Prompts(NamedTuple):
+    """One batch of tokenized prompts (host-side)."""
+
+    rows: list  # one int32 numpy array of prompt tokens per row, without padding
+    max_length: int  # total length (prompt + completion) of every row
+
+
+# --- compilation cache ---------------------------------------------------------------------------
+def enable_persistent_compilation_cache():
+    """Let JAX keep compiled prefill/decode programs on disk, so that a later process (a second
+    ``keras-llama generate``) skips most of the compilation of the first ``generate()``.
+
+    The cache lives in ``<keras-llama cache>/jax_compilation_cache``. It is left alone when the
+    user already configured one, and ``KERAS_LLAMA_JAX_CACHE=0`` turns it off.
+    """
+    import os
+
+    import jax
+
+    if os.environ.get("KERAS_LLAMA_JAX_CACHE", "1").lower() in ("0", "false", "no"):
+        return
+    if jax.config.jax_compilation_cache_dir:
+        return
+    from keras_llama.presets.handles import cache_dir
+
+    path = os.path.join(cache_dir(), "jax_compilation_cache")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # a read-only home: compile as usual
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# --- stages 3 and 4: prefill and decode ----------------------------------------------------------
+class GenerationEngine:
+    """Prefill and decode functions of one model with one sampler, compiled once per bucketed
+    shape on JAX. `CausalLM.make_generate_function` keeps one in ``generate_function``;
+    ``compile()`` and ``quantize()`` reset it."""
+
+    def __init__(self, model, sampler, plan=None):
+        self.model = model
+        self.sampler = sampler
+        self.variables = list(model.variables)  # the order of the values passed to jit
+        # What prefill and decode run (the native decode op built first, once per machine);
+        # ``plan`` (an `ExecutionPlan`) overrides the model's own.
+        self.plan = plan or model.execution_plan(build=("prefill", "decode"))
+        self.jax = keras.config.backend() == "jax"
+        self._lock = threading.Lock()  # guards the two sets below across threads
+        if self.jax:
+            import jax
+
+            enable_persistent_compilation_cache()
+            self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
+            self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
+            self._weights_jit = jax.jit(self._decode_weights)
+            self._weights = (None, None)  # (the values they were made from, decode weights)
+            self._compiled = set()  # decode shapes compiled or compiling
+            self._compiling = []  # background compilations to wait for
+
+    def matches(self, model, sampler):
+        return (
+            sampler is self.sampler
+            and len(model.variables) == len(self.variables)
+            and model.execution_plan(build=False) == self.plan
+        )
+
+    def shapes(self, prompts):
+        """``(prompt_width P, buffer_width N, steps)`` for a batch: the cache holds P + N slots
+        and the loop runs at most ``steps`` (what the shortest prompt may add)."""
+        lengths = [len(r) for r in prompts.rows]
+        steps = prompts.max_length - min(lengths)
+        if self.jax:
+            return bucket_length(max(lengths)), bucket_length(prompts.max_length), steps
+        return max(lengths), steps, steps
+
+    def prefill(self, prompts, stop_token_ids=()):
+        """Runs every prompt through the model once; returns ``(state, steps)``. On JAX, the
+        decode loop for these shapes (and this many ``stop_token_ids``) starts compiling too."""
+        width, buffer_width, steps = self.shapes(prompts)
+        token_ids = np.full((len(prompts.rows), width), PAD_TOKEN, "int32")
+        for i, row in enumerate(prompts.rows):
+            token_ids[i, width - len(row) :] = row  # left padding
+        lengths = np.array([len(r) for r in prompts.rows], "int32")
+        limits = (prompts.max_length - lengths).astype("int32")
+        if self.jax:
+            args = ([v.value for v in self.variables], token_ids, lengths, limits, buffer_width)
+            self._compile_decode_in_background(args, stop_token_ids)
+            return self._prefill_jit(*args), steps
+        with _no_grad():
+            return self._prefill(None, token_ids, lengths, limits, buffer_width), steps
+
+    def decode(self, state, stop_at, stop_token_ids):
+        """Decodes until every row is done or ``stop_at`` steps have been taken."""
+        stop_ids = _stop_array(stop_token_ids)
+        stop_at = np.array(stop_at, "int32")
+        if not self.jax:
+            with _no_grad():
+                stop_ids = ops.convert_to_tensor(stop_ids)
+                step = self._make_step(None)
+                return run_decode_loop(self.sampler, step, state, stop_at, stop_ids)[0]
+        with self._lock:
+            compiling, self._compiling = self._compiling, []
+        for thread in compiling:
+            thread.join()
+        values = [v.value for v in self.variables]
+        seeds = [v.value for v in self.sampler.variables]
+        weights = self._current_weights(values)
+        state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids, weights)
+        for variable, seed in zip(self.sampler.variables, seeds):
+            variable.assign(seed)
+        return state
+
+    def run(self, prompts, stop_token_ids):
+        """Prefill, decode and finalize one batch: the sampler's result (numpy)."""
+        state, steps = self.prefill(prompts, stop_token_ids)
+        state = self.decode(state, steps, stop_token_ids)
+        return self.sampler.finalize(state)
+
+    def _compile_decode_in_background(self, prefill_args, stop_token_ids):
+        """On the first use of a shape, traces the decode loop now and compiles it on another
+        thread while the prefill compiles and runs (XLA compiles without holding the GIL)."""
+        import jax
+
+        key = (prefill_args[1].shape, prefill_args[4], len(stop_token_ids or (-1,)))
+        with self._lock:
+            if key in self._compiled:
+                return
+            self._compiled.add(key)
+        state = jax.eval_shape(self._prefill_jit, *prefill_args)
+        seeds = [v.value for v in self.sampler.variables]
+        weights = jax.eval_shape(self._weights_jit, prefill_args[0])
+        lowered = self._decode_jit.lower(
+            prefill_args[0],
+            state,
+            seeds,
+            np.array(0, "int32"),
+            _stop_array(stop_token_ids),
+            weights,
+        )
+        thread = threading.Thread(target=lowered.compile, daemon=True)
+        thread.start()
+        with self._lock:
+            self._compiling.append(thread)
+
+    # --- the traced functions ---------------------------------------------------------------
+    def _prefill(self, values, token_ids, lengths, limits, buffer_width):
+        # token_ids [b, P] left-padded; lengths, limits [b].
+        with self._scope(values):
+            batch, width = token_ids.shape
+            cache_length = width + buffer_width
+            offsets = width - ops.convert_to_tensor(lengths)  # [b]
+            slots = ops.arange(width)[None, :]
+            prompt_mask = slots >= offsets[:, None]  # [b, P]
+            positions = ops.maximum(slots - offsets[:, None], 0)
+            cache_mask = ops.concatenate(
+                [prompt_mask, ops.ones((batch, buffer_width), dtype="bool")], axis=1
+            )
+            caches = self.model._build_layer_caches(batch, cache_length)
+            logits, hidden, caches = self.model.call_with_layer_caches(
+                ops.convert_to_tensor(token_ids),
+                caches,
+                0,
+                cache_mask,
+                positions,
+                last_logits_only=True,
+                stage_plan=self.plan.prefill,
+            )
+            limits = ops.convert_to_tensor(limits)
+            state = DecodeState(
+                logits=ops.cast(logits[:, -1], "float32"),
+                hidden=hidden[:, -1],
+                caches=_as_tuples(caches),
+                cache_mask=cache_mask,
+                offsets=ops.cast(offsets, "int32"),
+                tokens=ops.zeros((batch, buffer_width), dtype="int32"),
+                num_generated=ops.zeros((batch,), dtype="int32"),
+                done=limits <= 0,
+                limits=limits,
+                index=ops.convert_to_tensor(0, dtype="int32"),
+            )
+            return self.sampler.init_state(state, hidden)
+
+    def _current_weights(self, values):
+        """The decode weights for these variable values (see `_decode_weights`), made once
+        and kept until a variable changes (streaming decodes a few steps per call)."""
+        made_from, weights = self._weights
+        if made_from is None or any(a is not b for a, b in zip(made_from, values)):
+            weights = self._weights_jit(values)
+            self._weights = (values, weights)
+        return weights
+
+    def _decode_weights(self, values):
+        # The fused or packed weights of the decode plan (None when it runs the layers).
+        with self._scope(values):
+            return self.model.decode_weights(self.plan.decode)
+
+    def _decode(self, values, state, seeds, stop_at, stop_token_ids, weights=None):
+        mapping = list(zip(self.variables, values))
+        step = self._make_step(weights)
+        return run_decode_loop(
+            self.sampler, step, state, stop_at, stop_token_ids, mapping, seeds=seeds
+        )
+
+    def _make_step(self, weights):
+        """One decoding step by the decode plan: ``(logits, hidden, caches)`` of one token."""
+
+        def step(token_ids, caches, slot, cache_mask, positions):
+            logits, hidden, caches = self.model.call_with_layer_caches(
+                token_ids,
+                list(caches),
+                slot,
+                cache_mask,
+                positions,
+                stage_plan=self.plan.decode,
+                weights=weights,
+            )
+            return ops.cast(logits[:, -1], "float32"), hidden[:, -1], _as_tuples(caches)
+
+        return step
+
+    def _scope(self, values):
+        if values is None:
+            return contextlib.nullcontext()
+        return keras.StatelessScope(state_mapping=list(zip(self.variables, values)))
+
+
+def _stop_array(stop_token_ids):
+    # int32 [n]; -1 (never generated) when there are none, so the shape is never empty.
+    return np.array(stop_token_ids or (-1,), "int32")
+
+
+def _as_tuples(caches):
+    # One pytree structure for the loop carry: a tuple of (key, value) tuples.
+    return tuple(tuple(kv) for kv in caches)
+
+
+def _no_grad():
+    if keras.config.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
