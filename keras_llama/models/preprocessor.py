@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -229,6 +230,7 @@ class CausalLMPreprocessor(Preprocessor):
 
 
 def _check_length(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        value = int(value)  # NumPy integers are accepted too
+    check_positive_int(name, value)
+    return value

@@ -8,9 +8,9 @@ from keras_llama.models.llama.llama_layers import (
     LlamaRotaryEmbedding,
     LlamaTransformerDecoder,
     ReversibleEmbedding,
-    _check_positive_int,
     _kernel_initializer,
 )
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -76,7 +76,7 @@ class LlamaBackbone(Backbone):
             ("intermediate_dim", intermediate_dim),
             ("num_key_value_heads", num_key_value_heads),
         ]:
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if hidden_dim % num_query_heads:
             raise ValueError(
                 "`hidden_dim` must be divisible by `num_query_heads`. Received: "
