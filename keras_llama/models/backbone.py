@@ -10,7 +10,7 @@ import keras
 from keras_llama import quantization
 from keras_llama.models.presets_mixin import PresetsMixin
 from keras_llama.utils.python_utils import functional_setattr
-from keras_llama.utils.validation import check_positive_int
+from keras_llama.utils.validation import check_positive_int, check_token_ids
 
 # KerasHub's default LoRA targets: the query and value projections of every attention block.
 DEFAULT_LORA_LAYER_NAMES = ("query_dense", "value_dense", "query", "value")
@@ -51,6 +51,15 @@ class Backbone(PresetsMixin, keras.Model):
 
     def __setattr__(self, name, value):
         functional_setattr(self, Backbone, name, value)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        # The embedding gather clamps an id outside the vocabulary without a word: check the
+        # ids here, where an eager call still has their values (inside `jit` they are unknown
+        # and the check is skipped).
+        vocabulary_size = getattr(self, "vocabulary_size", None)
+        if isinstance(inputs, dict) and "token_ids" in inputs and vocabulary_size:
+            check_token_ids(inputs["token_ids"], vocabulary_size)
+        return super().call(inputs, training=training, mask=mask, **kwargs)
 
     @property
     def token_embedding(self):

@@ -51,18 +51,15 @@ def concrete_values(x):
         return None
 
 
-def check_token_ids(token_ids, vocabulary_size, padding_mask=None):
-    """Raise a `ValueError` naming the first id outside ``[0, vocabulary_size)`` (the embedding
-    gather would silently clamp it). Positions where ``padding_mask`` is 0 are not checked, as
-    in ``generate()``. Does nothing when the values are not concrete (symbolic or traced)."""
+def check_token_ids(token_ids, vocabulary_size):
+    """Raise a `ValueError` naming the first id outside ``[0, vocabulary_size)``: the embedding
+    gather would clamp it silently (JAX) or fail with a bare ``IndexError`` (torch). Every
+    position is checked, padding included, since every id reaches the gather. Does nothing when
+    the values are not concrete (symbolic or traced)."""
     ids = concrete_values(token_ids)
     if ids is None or ids.size == 0:
         return
     bad = (ids < 0) | (ids >= vocabulary_size)
-    if padding_mask is not None:
-        mask = concrete_values(padding_mask)
-        if mask is not None and mask.shape == ids.shape:
-            bad &= mask.astype(bool)
     if bad.any():
         first = int(ids[bad].flat[0])
         raise ValueError(

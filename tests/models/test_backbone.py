@@ -48,7 +48,9 @@ def _inputs(batch=2, length=5):
             high_freq_factor=4.0,
             pretraining_sequence_length=8192,
         ),
-        LlamaAttention(num_query_heads=4, num_key_value_heads=2, rope_scaling_factor=2.0, dropout=0.1),
+        LlamaAttention(
+            num_query_heads=4, num_key_value_heads=2, rope_scaling_factor=2.0, dropout=0.1
+        ),
         LlamaTransformerDecoder(
             intermediate_dim=64, num_query_heads=4, num_key_value_heads=2, layer_norm_epsilon=1e-5
         ),
@@ -72,11 +74,14 @@ def test_backbone_config_keys_equal_init_params_and_round_trip(cls):
     assert clone.get_config() == config
     clone.set_weights(backbone.get_weights())
     np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(clone(_inputs())), keras.ops.convert_to_numpy(backbone(_inputs()))
+        keras.ops.convert_to_numpy(clone(_inputs())),
+        keras.ops.convert_to_numpy(backbone(_inputs())),
     )
 
 
-@pytest.mark.parametrize("task_cls,backbone_cls", [(LlamaCausalLM, LlamaBackbone), (Llama3CausalLM, Llama3Backbone)])
+@pytest.mark.parametrize(
+    "task_cls,backbone_cls", [(LlamaCausalLM, LlamaBackbone), (Llama3CausalLM, Llama3Backbone)]
+)
 def test_causal_lm_config_round_trip(task_cls, backbone_cls):
     lm = task_cls(backbone_cls(**TINY))
     config = lm.get_config()
@@ -132,7 +137,11 @@ def test_weight_file_paths_are_kerashubs(tmp_path, tie):
         expected.add("layers/reversible_embedding/vars/1")
     assert set(found) == expected
     assert found["layers/reversible_embedding/vars/0"] == (100, 32)
-    assert found["layers/llama_transformer_decoder/_self_attention_layer/_query_dense/vars/0"] == (32, 4, 8)
+    assert found["layers/llama_transformer_decoder/_self_attention_layer/_query_dense/vars/0"] == (
+        32,
+        4,
+        8,
+    )
 
 
 @pytest.mark.parametrize(
@@ -156,3 +165,28 @@ def test_bad_config_gets_clear_error(kwargs, fragment):
 def test_layout_map_rejects_non_mesh():
     with pytest.raises(ValueError, match="device_mesh"):
         LlamaBackbone.get_layout_map("not a mesh")
+
+
+@pytest.mark.parametrize("bad_id", [-1, TINY["vocabulary_size"]])
+def test_token_ids_outside_the_vocabulary_are_refused(bad_id):
+    """The embedding gather would clamp them silently; eager calls name the id and the size."""
+    backbone = LlamaBackbone(**TINY)
+    causal_lm = LlamaCausalLM(backbone)
+    x = _inputs()
+    x["token_ids"][1, 3] = bad_id
+    message = rf"vocabulary of size 100\. Received: token id {bad_id}\b"
+    with pytest.raises(ValueError, match=message):
+        backbone(x)
+    with pytest.raises(ValueError, match=message):
+        causal_lm(x)
+    with pytest.raises(ValueError, match=message):
+        causal_lm.score(x["token_ids"], x["padding_mask"])
+    with pytest.raises(ValueError, match=message):
+        causal_lm.score(_inputs()["token_ids"], scoring_mode="loss", target_ids=x["token_ids"])
+    # Padding positions too: every id reaches the gather. In-range ids pass.
+    x["padding_mask"][1, 3:] = 0
+    with pytest.raises(ValueError, match=message):
+        backbone(x)
+    x["token_ids"][1, 3] = 0
+    assert backbone(x).shape == (2, 5, TINY["hidden_dim"])
+    assert causal_lm.score(x["token_ids"], x["padding_mask"]).shape == (2, 5, 100)

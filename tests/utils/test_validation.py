@@ -40,8 +40,6 @@ def test_check_token_ids_names_the_id_and_the_vocabulary_size():
         ids = np.array([[3, bad, 4]])
         with pytest.raises(ValueError, match=rf"size 100\. Received: token id {bad}$"):
             check_token_ids(ids, 100)
-    # Padding positions are not checked (as in generate()).
-    check_token_ids(np.array([[3, -1]]), 100, padding_mask=np.array([[1, 0]]))
 
 
 def test_concrete_values_of_traced_and_symbolic_inputs_are_unknown():
