@@ -172,6 +172,9 @@ class CausalLMPreprocessor(Preprocessor):
         string for ``generate()``, with the model's chat template: the checkpoint's own
         (``tokenizer.chat_template``), else a built-in Llama 3, ChatML or Llama 2 template
         picked from the vocabulary. A leading start token is left to this preprocessor.
+        The result is a `keras_llama.tokenizers.ChatPrompt` (a ``str``): the tokenizer encodes
+        the template's special-token strings (``</s><s>``, ``<|eot_id|>``) as those tokens,
+        which it never does for plain user text with a SentencePiece vocabulary.
 
         Example:
         >>> prompt = preprocessor.apply_chat_template([{"role": "user", "content": "Hi!"}])

@@ -11,11 +11,12 @@ from keras_llama.tokenizers.sentencepiece_tokenizer import (
     SentencePieceTokenizer,
     build_sentencepiece_proto,
 )
-from keras_llama.tokenizers.tokenizer import Tokenizer
+from keras_llama.tokenizers.tokenizer import ChatPrompt, Tokenizer
 
 __all__ = [
     "PRETOKENIZERS",
     "BytePairTokenizer",
+    "ChatPrompt",
     "SentencePieceTokenizer",
     "Tokenizer",
     "build_byte_level_bpe",
