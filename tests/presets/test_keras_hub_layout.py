@@ -2,7 +2,7 @@
 tests/data/keras_hub), and our loader reads them back by class name.
 
 KerasHub actually loading our presets is checked outside the test suite (keras-hub is not a
-test dependency): ``KERAS_BACKEND=jax /work/khvenv/bin/python scripts/make_test_presets.py
+test dependency): ``KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" scripts/make_test_presets.py
 --check-ours DIR`` (results in benchmarks/RESULTS.md, "KerasHub loads our presets").
 """
 
