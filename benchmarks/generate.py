@@ -3,7 +3,8 @@ side, KerasHub's ``generate()`` and transformers' ``generate()`` on the same mod
 
 Prints one JSON line per (implementation, batch size). Each implementation runs in its own
 subprocess (peak memory is that process's max RSS): keras-llama with this interpreter, KerasHub
-with ``--keras-hub-python`` (a venv with keras-hub; never a dependency of keras-llama), and
+with ``--keras-hub-python`` or ``$KERAS_HUB_PYTHON`` (a venv with keras-hub; never a dependency
+of keras-llama; without either, the KerasHub run is skipped with a JSON line saying so), and
 transformers (torch, float32) with ``--transformers-python``.
 
     python benchmarks/generate.py                                  # keras-llama only
@@ -193,7 +194,9 @@ def run_keras_hub(args):
         ids = inputs(batch, args.prompt_length)["token_ids"]
         build = jax.jit(lambda t: causal_lm._build_cache(t)[1])
         jax.block_until_ready(build(ids))
-        prefill = [_timed(lambda b=build, i=ids: jax.block_until_ready(b(i)))[0] for _ in range(args.runs)]
+        prefill = [
+            _timed(lambda b=build, i=ids: jax.block_until_ready(b(i)))[0] for _ in range(args.runs)
+        ]
         similar, _ = _timed(generate, batch, args.prompt_length - 3)
         extra = {"similar_prompt_s": round(similar, 4), "backend": keras.config.backend()}
         _report(args, "keras_hub", batch, cold, warm, prefill, extra)
@@ -244,6 +247,10 @@ def run_transformers(args):
         _report(args, "transformers", batch, cold, warm, prefill, extra)
 
 
+KERAS_HUB_SKIPPED = (
+    "KerasHub anchor skipped: no KerasHub interpreter. Pass --keras-hub-python PATH or set "
+    "KERAS_HUB_PYTHON to a Python with keras-hub installed."
+)
 RUNNERS = {"keras_llama": run_ours, "keras_hub": run_keras_hub, "transformers": run_transformers}
 
 
@@ -257,7 +264,11 @@ def main(argv=None):
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keras-hub-python", default="/work/khvenv/bin/python")
+    parser.add_argument(
+        "--keras-hub-python",
+        default=os.environ.get("KERAS_HUB_PYTHON"),
+        help="a Python with keras-hub (default: $KERAS_HUB_PYTHON)",
+    )
     parser.add_argument("--transformers-python", default=sys.executable)
     args = parser.parse_args(argv)
     if args.compare:  # one subprocess per implementation, one after the other
@@ -265,6 +276,9 @@ def main(argv=None):
         python = {"keras_hub": args.keras_hub_python, "transformers": args.transformers_python}
         passthrough = [a for a in (argv or sys.argv[1:]) if a not in ("--compare", *args.compare)]
         for impl in impls:
+            if impl == "keras_hub" and not args.keras_hub_python:
+                print(json.dumps({"impl": "keras_hub", "skipped": KERAS_HUB_SKIPPED}), flush=True)
+                continue
             command = [python.get(impl, sys.executable), __file__, "--impl", impl, *passthrough]
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
             subprocess.run(command, check=True, env=env)

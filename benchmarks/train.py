@@ -3,8 +3,9 @@ run, KerasHub's fit() (same Keras backend) and a transformers training loop (tor
 
 Prints one JSON line per run with every implementation's numbers and the ratios. Each
 implementation runs in its own subprocess (peak memory is that process's max RSS): keras-llama
-with this interpreter, KerasHub with ``--keras-hub-python`` (a venv with keras-hub; never a
-dependency of keras-llama), transformers with ``--transformers-python``.
+with this interpreter, KerasHub with ``--keras-hub-python`` or ``$KERAS_HUB_PYTHON`` (a venv
+with keras-hub; never a dependency of keras-llama; without either, the KerasHub run is skipped and
+the JSON line says so under ``keras_hub``), transformers with ``--transformers-python``.
 
     python benchmarks/train.py                          # all three, SmolLM2-135M shape
     python benchmarks/train.py --impls keras_llama      # keras-llama only
@@ -187,6 +188,12 @@ def worker(args):
     print("RESULT" + json.dumps(result), flush=True)
 
 
+KERAS_HUB_SKIPPED = (
+    "KerasHub anchor skipped: no KerasHub interpreter. Pass --keras-hub-python PATH or set "
+    "KERAS_HUB_PYTHON to a Python with keras-hub installed."
+)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impls", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
@@ -196,7 +203,11 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--num-layers", type=int, default=None, help="override the config")
-    parser.add_argument("--keras-hub-python", default="/work/khvenv/bin/python")
+    parser.add_argument(
+        "--keras-hub-python",
+        default=os.environ.get("KERAS_HUB_PYTHON"),
+        help="a Python with keras-hub (default: $KERAS_HUB_PYTHON)",
+    )
     parser.add_argument("--transformers-python", default=sys.executable)
     parser.add_argument("--worker", choices=list(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -212,6 +223,9 @@ def main():
                "transformers": args.transformers_python}  # fmt: skip
     results = {}
     for impl in args.impls:
+        if impl == "keras_hub" and not args.keras_hub_python:
+            results[impl] = {"skipped": KERAS_HUB_SKIPPED}
+            continue
         cmd = [pythons[impl], __file__, "--worker", impl, "--config-json", json.dumps(config)]
         for name in ("dtype", "batch_size", "seq_len", "steps", "warmup_steps"):
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -227,7 +241,9 @@ def main():
     for other in ("keras_hub", "transformers"):
         theirs = results.get(other, {})
         if "tokens_per_s" in ours and "tokens_per_s" in theirs:
-            ratios[f"tokens_per_s_vs_{other}"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+            ratios[f"tokens_per_s_vs_{other}"] = round(
+                ours["tokens_per_s"] / theirs["tokens_per_s"], 2
+            )
             ratios[f"best_tokens_per_s_vs_{other}"] = round(
                 ours["best_tokens_per_s"] / theirs["best_tokens_per_s"], 2
             )

@@ -1,6 +1,7 @@
 """The ``keras-llama`` command line: one table of commands, each calling the public API.
 
     keras-llama generate "What is the capital of France?"     # streams the answer
+    keras-llama generate "Once upon" --max-length 64          # or --max-new-tokens 32
     keras-llama chat                                           # multi-turn, with the chat template
     keras-llama presets                                        # the built-in presets
     keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
@@ -13,6 +14,7 @@ import os
 import sys
 
 DEFAULT_PRESET = "smollm2_135m_instruct"
+DEFAULT_MAX_NEW_TOKENS = 256
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 
 
@@ -31,10 +33,26 @@ def _add_model_options(parser):
     parser.add_argument("--top-p", type=float, default=None, help="p of top_p")
     parser.add_argument("--num-beams", type=int, default=None, help="beams of the beam sampler")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)"
-    )
     parser.add_argument("--system", default=None, help="a system message for the chat template")
+
+
+def _add_length_options(parser, total=False):
+    """``--max-new-tokens``; with ``total``, also ``--max-length`` (``generate(max_length=)``'s
+    name: prompt plus completion), the two mutually exclusive."""
+    group = parser.add_mutually_exclusive_group() if total else parser
+    group.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"most tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    if total:
+        group.add_argument(
+            "--max-length",
+            type=int,
+            default=None,
+            help="total length in tokens, prompt included, as generate(max_length=)",
+        )
 
 
 def _make_sampler(args):
@@ -85,15 +103,22 @@ def _has_chat_template(causal_lm):
     return getattr(causal_lm.preprocessor.tokenizer, "chat_template", None) is not None
 
 
-def _max_length(causal_lm, prompt, max_new_tokens):
+def _max_length(causal_lm, prompt, args):
+    """``--max-length`` as given, else the prompt's length plus ``--max-new-tokens``."""
+    if getattr(args, "max_length", None) is not None:
+        return args.max_length  # generate() checks it against the prompt
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer. Received: {max_new_tokens}")
     preprocessor = causal_lm.preprocessor
     prompt_tokens = len(preprocessor.tokenizer.tokenize(prompt)) + int(preprocessor.add_start_token)
     return prompt_tokens + max_new_tokens
 
 
-def _stream_reply(causal_lm, prompt, max_new_tokens, out):
+def _stream_reply(causal_lm, prompt, max_length, out):
     pieces = []
-    max_length = _max_length(causal_lm, prompt, max_new_tokens)
     for piece in causal_lm.stream(prompt, max_length=max_length):
         out.write(piece)
         out.flush()
@@ -112,11 +137,11 @@ def cmd_generate(args, out):
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
         prompt = causal_lm.preprocessor.apply_chat_template(messages, add_generation_prompt=True)
+    max_length = _max_length(causal_lm, prompt, args)
     if args.no_stream:
-        max_length = _max_length(causal_lm, prompt, args.max_new_tokens)
         out.write(causal_lm.generate(prompt, max_length=max_length, strip_prompt=True) + "\n")
         return 0
-    _stream_reply(causal_lm, prompt, args.max_new_tokens, out)
+    _stream_reply(causal_lm, prompt, max_length, out)
     return 0
 
 
@@ -144,7 +169,7 @@ def cmd_chat(args, out, inp=None):
             continue
         messages.append({"role": "user", "content": text})
         prompt = causal_lm.preprocessor.apply_chat_template(messages, add_generation_prompt=True)
-        reply = _stream_reply(causal_lm, prompt, args.max_new_tokens, out)
+        reply = _stream_reply(causal_lm, prompt, _max_length(causal_lm, prompt, args), out)
         messages.append({"role": "assistant", "content": reply.strip()})
     return 0
 
@@ -211,9 +236,11 @@ def build_parser():
     gen = sub.choices["generate"]
     gen.add_argument("prompt")
     _add_model_options(gen)
+    _add_length_options(gen, total=True)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--no-stream", action="store_true", help="print the answer when complete")
     _add_model_options(sub.choices["chat"])
+    _add_length_options(sub.choices["chat"])
     conv = sub.choices["convert"]
     conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
     conv.add_argument("dst", help="the preset folder to write")

@@ -3,7 +3,7 @@
 Run once with the KerasHub reference environment (keras-hub is never a dependency of
 keras-llama; its presets and outputs are committed as test data):
 
-    KERAS_BACKEND=jax /work/khvenv/bin/python scripts/make_test_presets.py
+    KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" scripts/make_test_presets.py
 
 Writes under ``tests/data/keras_hub/``:
 
@@ -20,7 +20,7 @@ embedding model), saves it with ``save_to_preset`` into ``DIR/<name>``, and Kera
 ``keras_hub.models.CausalLM.from_preset(DIR/<name>)`` must give keras-llama's logits, token ids
 and greedy generation. One JSON line per preset; exits non-zero on a difference.
 
-    KERAS_BACKEND=jax /work/khvenv/bin/python scripts/make_test_presets.py --check-ours /tmp/ours
+    KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" scripts/make_test_presets.py --check-ours /tmp/ours
 """
 
 import io

@@ -85,6 +85,35 @@ def test_generate_prints_the_greedy_continuation(hf_checkpoint, converted, strea
     assert out.rstrip("\n").strip() == expected.strip()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_generate_max_length_is_the_total_length(hf_checkpoint, converted, stream):
+    """``--max-length`` is generate()'s ``max_length``: prompt (BOS + SentencePiece ids)
+    plus completion."""
+    hf, _ = hf_checkpoint
+    prompt = "the quick brown"
+    prompt_tokens = 1 + len(spm.SentencePieceProcessor(model_file=SPM_PROTO).encode(prompt))
+    argv = ["generate", prompt, "--preset", converted, "--max-length", str(prompt_tokens + 5)]
+    code, out = run_cli(*argv, *([] if stream else ["--no-stream"]))
+    assert code == 0
+    assert out.rstrip("\n").strip() == _reference_continuation(hf, prompt, 5).strip()
+
+
+def test_generate_length_options_are_exclusive_and_checked(converted, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            "generate", "hi", "--preset", converted, "--max-length", "9", "--max-new-tokens", "3"
+        )
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    # A total length that leaves no room after the prompt: generate()'s own error.
+    code, _ = run_cli("generate", "the quick brown", "--preset", converted, "--max-length", "3")
+    assert code == 2
+    assert "Received: max_length=3" in capsys.readouterr().err
+    code, _ = run_cli("generate", "hi", "--preset", converted, "--max-new-tokens", "0")
+    assert code == 2
+    assert "--max-new-tokens must be a positive integer. Received: 0" in capsys.readouterr().err
+
+
 def test_chat_answers_each_turn_and_exits(converted):
     code, out = run_cli(
         "chat",

@@ -596,10 +596,11 @@ def build_in_background(*names):
     ensure_training_kernels_built_in_background()
 
 
-from keras_llama.kernels.library import LIBRARIES, library  # noqa: E402, F401
+import importlib as _importlib  # noqa: E402
+
 from keras_llama.kernels import attention as _attention_module  # noqa: E402, F401
 from keras_llama.kernels import swiglu as _swiglu_module  # noqa: E402, F401
-import importlib as _importlib  # noqa: E402
+from keras_llama.kernels.library import LIBRARIES, library  # noqa: E402, F401
 
 _importlib.import_module("keras_llama.kernels.attention")
 _importlib.import_module("keras_llama.kernels.swiglu")

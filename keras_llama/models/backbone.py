@@ -10,6 +10,7 @@ import keras
 from keras_llama import quantization
 from keras_llama.models.presets_mixin import PresetsMixin
 from keras_llama.utils.python_utils import functional_setattr
+from keras_llama.utils.validation import check_positive_int
 
 # KerasHub's default LoRA targets: the query and value projections of every attention block.
 DEFAULT_LORA_LAYER_NAMES = ("query_dense", "value_dense", "query", "value")
@@ -170,8 +171,7 @@ class Backbone(PresetsMixin, keras.Model):
             target_layer_names: layer names to adapt (matched against ``layer.name``). Defaults
                 to `default_lora_layer_names` (the query and value projections).
         """
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"`rank` must be a positive integer. Received: rank={rank!r}")
+        check_positive_int("rank", rank)
         if getattr(self, "_lora_layer_paths", None):
             raise ValueError(
                 f"LoRA is already enabled on this model (rank={self._lora_rank}). "

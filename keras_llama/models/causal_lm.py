@@ -5,6 +5,7 @@ import keras
 from keras_llama import kernels, losses, samplers
 from keras_llama.models import generation, generation_engine
 from keras_llama.models.task import Task
+from keras_llama.utils.validation import check_token_ids
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -203,6 +204,11 @@ class CausalLM(Task):
             )
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
+        # Out-of-vocabulary ids would be clamped by the gather: refuse them while they are
+        # concrete (eager calls; skipped inside `jit`).
+        check_token_ids(token_ids, self.backbone.vocabulary_size)
+        if target_ids is not None:
+            check_token_ids(target_ids, self.backbone.vocabulary_size)
         self.execution_plan(build=("scoring",))
         logits = self.logits(
             token_ids, padding_mask, "scoring", layer_intercept_fn=layer_intercept_fn

@@ -6,6 +6,7 @@ a preprocessor (its start token).
 """
 
 from keras_llama.presets import chat_template as chat_templates
+from keras_llama.tokenizers import ChatPrompt
 
 
 def chat_template_of(tokenizer):
@@ -24,7 +25,8 @@ def apply_chat_template(preprocessor, messages, add_generation_prompt=True, **ex
     """Render ``messages`` with the model's chat template into a prompt string for
     ``generate()``.
 
-    A template that starts with the start token (Llama 2 and 3 templates insert
+    Returns a `keras_llama.tokenizers.ChatPrompt` (a ``str``), whose special-token strings
+    the tokenizer encodes as those tokens. A template that starts with the start token (Llama 2 and 3 templates insert
     ``bos_token``) would give two of them once the preprocessor adds its own
     (``add_start_token=True``); that leading copy is dropped from the text.
     """
@@ -40,4 +42,6 @@ def apply_chat_template(preprocessor, messages, add_generation_prompt=True, **ex
     )
     if bos and getattr(preprocessor, "add_start_token", False) and text.startswith(bos):
         text = text[len(bos) :]
-    return text
+    # The template wrote its control tokens as text: marked, the tokenizer encodes them as
+    # tokens (plain user strings never get that).
+    return ChatPrompt(text)

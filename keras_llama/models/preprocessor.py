@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -171,6 +172,9 @@ class CausalLMPreprocessor(Preprocessor):
         string for ``generate()``, with the model's chat template: the checkpoint's own
         (``tokenizer.chat_template``), else a built-in Llama 3, ChatML or Llama 2 template
         picked from the vocabulary. A leading start token is left to this preprocessor.
+        The result is a `keras_llama.tokenizers.ChatPrompt` (a ``str``): the tokenizer encodes
+        the template's special-token strings (``</s><s>``, ``<|eot_id|>``) as those tokens,
+        which it never does for plain user text with a SentencePiece vocabulary.
 
         Example:
         >>> prompt = preprocessor.apply_chat_template([{"role": "user", "content": "Hi!"}])
@@ -229,6 +233,7 @@ class CausalLMPreprocessor(Preprocessor):
 
 
 def _check_length(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        value = int(value)  # NumPy integers are accepted too
+    check_positive_int(name, value)
+    return value

@@ -25,6 +25,8 @@ import types
 import keras
 import numpy as np
 
+from keras_llama.utils.validation import check_positive_int, is_tf_dataset
+
 
 def adapt(preprocessor, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
     """Return ``(x, y, sample_weight, batch_size)`` ready for `keras.Model.fit` & co.
@@ -48,7 +50,7 @@ def adapt(preprocessor, x, y=None, sample_weight=None, batch_size=None, shuffle=
         return dataset, None, None, None
     if isinstance(x, keras.utils.PyDataset):
         return PreprocessedPyDataset(preprocessor, x), y, sample_weight, None
-    if _is_tf_dataset(x):
+    if is_tf_dataset(x):
         num_batches = _tf_cardinality(x)
         if num_batches is None:  # unknown length: one pass, as Keras does for generators
             return (
@@ -88,10 +90,7 @@ class PreprocessedArrays(keras.utils.PyDataset):
 
     def __init__(self, preprocessor, x, y=None, sample_weight=None, batch_size=32, shuffle=False):
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-            )
+        check_positive_int("batch_size", batch_size)
         self.preprocessor = preprocessor
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.batch_size = batch_size
@@ -297,7 +296,7 @@ def _check_not_empty(x):
     empty = False
     if isinstance(x, keras.utils.PyDataset):
         empty = x.num_batches == 0
-    elif _is_tf_dataset(x):
+    elif is_tf_dataset(x):
         empty = _tf_cardinality(x) == 0
     elif isinstance(x, (list, tuple, dict, np.ndarray)) or hasattr(x, "shape"):
         empty = _num_samples(x) == 0
@@ -308,14 +307,6 @@ def _check_not_empty(x):
         )
 
 
-def _is_tf_dataset(x):
-    return any(
-        cls.__name__ in ("DatasetV2", "DistributedDataset")
-        and cls.__module__.startswith("tensorflow.")
-        for cls in type(x).__mro__
-    )
-
-
 def _tf_cardinality(dataset):
     """The number of batches of a tf.data.Dataset, or None when unknown/infinite."""
     n = int(dataset.cardinality())
@@ -323,4 +314,4 @@ def _tf_cardinality(dataset):
 
 
 def _numpy_iterable(dataset):
-    return dataset.as_numpy_iterator() if _is_tf_dataset(dataset) else dataset
+    return dataset.as_numpy_iterator() if is_tf_dataset(dataset) else dataset

@@ -7,12 +7,12 @@ from keras import ops
 from keras_llama.samplers.sampler import (
     PAD_TOKEN,
     Sampler,
-    _check_positive_int,
     advance,
     feed,
     repeat_rows,
     take_rows,
 )
+from keras_llama.utils.validation import check_positive_int
 
 # Log-probability standing in for "impossible" (finite, so that sums never give NaN).
 _IMPOSSIBLE = -1e9
@@ -43,7 +43,7 @@ class BeamSampler(Sampler):
 
     def __init__(self, num_beams=5, return_all_beams=False, **kwargs):
         super().__init__(**kwargs)
-        _check_positive_int("num_beams", num_beams)
+        check_positive_int("num_beams", num_beams)
         self.num_beams = num_beams
         self.return_all_beams = bool(return_all_beams)
 

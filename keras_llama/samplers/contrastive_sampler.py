@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_llama.samplers.sampler import (
     Sampler,
-    _check_positive_int,
     _check_seed,
     advance,
     feed,
@@ -13,6 +12,7 @@ from keras_llama.samplers.sampler import (
     repeat_rows,
     take_rows,
 )
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -41,7 +41,7 @@ class ContrastiveSampler(Sampler):
 
     def __init__(self, k=5, alpha=0.6, seed=None, **kwargs):
         super().__init__(**kwargs)
-        _check_positive_int("k", k)
+        check_positive_int("k", k)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"`alpha` must be a number in [0, 1]. Received: alpha={alpha!r}")
         _check_seed(seed)

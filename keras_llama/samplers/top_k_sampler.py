@@ -3,7 +3,8 @@
 import keras
 from keras import ops, random
 
-from keras_llama.samplers.sampler import Sampler, _check_positive_int, _check_seed
+from keras_llama.samplers.sampler import Sampler, _check_seed
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -22,7 +23,7 @@ class TopKSampler(Sampler):
 
     def __init__(self, k=5, seed=None, **kwargs):
         super().__init__(**kwargs)
-        _check_positive_int("k", k)
+        check_positive_int("k", k)
         _check_seed(seed)
         self.k = k
         self.seed = seed

@@ -3,7 +3,8 @@
 import keras
 from keras import ops, random
 
-from keras_llama.samplers.sampler import Sampler, _check_positive_int, _check_seed
+from keras_llama.samplers.sampler import Sampler, _check_seed
+from keras_llama.utils.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -27,7 +28,7 @@ class TopPSampler(Sampler):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"`p` must be a number in (0, 1]. Received: p={p!r}")
         if k is not None:
-            _check_positive_int("k", k)
+            check_positive_int("k", k)
         _check_seed(seed)
         self.p = p
         self.k = k

@@ -15,7 +15,7 @@ import re
 import keras
 import sentencepiece as spm
 
-from keras_llama.tokenizers.tokenizer import Tokenizer
+from keras_llama.tokenizers.tokenizer import ChatPrompt, Tokenizer
 
 VOCAB_FILENAME = "vocabulary.spm"
 
@@ -35,15 +35,20 @@ class SentencePieceTokenizer(Tokenizer):
     """A tokenizer running a SentencePiece model with the `sentencepiece` package.
 
     ``tokenize`` returns ``SentencePieceProcessor.encode(text)`` (no BOS/EOS: the preprocessor
-    adds those), except that special-token strings written in the text (the model's control,
-    unknown and user-defined pieces, e.g. ``<s>``, ``</s>``, ``<unk>``) become their own ids:
-    the text is split on them, longest first, and each piece in between is encoded by
-    SentencePiece on its own. That is what llama.cpp (``parse_special``), Meta's Llama 2 chat
-    code (turns encoded separately, joined by BOS/EOS ids) and transformers' SentencePiece
-    Llama tokenizer (``legacy=True``) do, so a rendered multi-turn chat prompt such as
-    ``"[INST] a [/INST] b </s><s>[INST] c [/INST]"`` gets real end/start tokens. Text without
-    such strings gets exactly SentencePiece's ids. ``parse_special_tokens=False`` encodes every
-    string as plain text, as SentencePiece (and KerasHub) do.
+    adds those), as KerasHub does: special-token strings typed in the text (``"<s>"``,
+    ``"</s>"``, ``"[INST]"``) are characters like any other, so user text cannot forge control
+    tokens. Two exceptions match the model's control, unknown and user-defined pieces (e.g.
+    ``<s>``, ``</s>``, ``<unk>``) in the text as their own ids:
+
+    - a `keras_llama.tokenizers.ChatPrompt`, the string ``apply_chat_template`` returns: a
+      rendered multi-turn chat prompt such as ``"[INST] a [/INST] b </s><s>[INST] c [/INST]"``
+      gets real end/start tokens;
+    - every string, when ``parse_special_tokens=True`` (opt-in).
+
+    Matching splits the text on those pieces, longest first, and encodes each piece in between
+    with SentencePiece on its own: what llama.cpp (``parse_special``), Meta's Llama 2 chat code
+    (turns encoded separately, joined by BOS/EOS ids) and transformers' SentencePiece Llama
+    tokenizer (``legacy=True``) do.
 
     ``detokenize`` is ``SentencePieceProcessor.decode(ids)``, which drops control tokens such
     as ``<s>``.
@@ -54,13 +59,15 @@ class SentencePieceTokenizer(Tokenizer):
         start_token: token prepended by preprocessors, e.g. ``"<s>"``; None for none.
         end_token: token appended by preprocessors and the default stop token; None for none.
         pad_token: padding token; None pads with id 0.
-        parse_special_tokens: match special-token strings in text (see above).
+        parse_special_tokens: bool, default False. True matches special-token strings in all
+            text, not only in a `ChatPrompt` (see above).
 
     Example:
     ```python
     tokenizer = SentencePieceTokenizer("tokenizer.model", start_token="<s>", end_token="</s>")
     tokenizer("Hello world")                 # array([15043, 3186], dtype=int32)
-    tokenizer("Hi</s><s>Yo")                 # [..."Hi", 2, 1, ..."Yo"]
+    tokenizer("Hi</s>")                      # [..."Hi", ..."</", ..."s", ...">"]: plain text
+    tokenizer(ChatPrompt("Hi</s><s>Yo"))     # [..."Hi", 2, 1, ..."Yo"]
     ```
     """
 
@@ -70,7 +77,7 @@ class SentencePieceTokenizer(Tokenizer):
         start_token=None,
         end_token=None,
         pad_token=None,
-        parse_special_tokens=True,
+        parse_special_tokens=False,
     ):
         if not isinstance(parse_special_tokens, bool):
             raise TypeError(
@@ -127,8 +134,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def special_pieces(self):
-        """The pieces matched as whole tokens in text when ``parse_special_tokens``: control,
-        unknown and user-defined pieces, longest first."""
+        """The pieces matched as whole tokens in a `ChatPrompt` (in all text when
+        ``parse_special_tokens``): control, unknown and user-defined pieces, longest first."""
         return list(self._special_pieces) if self._is_ready() else []
 
     # --- hooks ----------------------------------------------------------------------------
@@ -136,12 +143,13 @@ class SentencePieceTokenizer(Tokenizer):
         return self._processor is not None
 
     def _encode_batch(self, texts):
-        pattern = self._special_pattern if self.parse_special_tokens else None
-        if pattern is None:
+        pattern = self._special_pattern
+        parsed = [self.parse_special_tokens or isinstance(t, ChatPrompt) for t in texts]
+        if pattern is None or not any(parsed):
             return self._processor.Encode(texts, out_type=int)
-        # Split each text into [text, special, text, special, ..., text]; encode all the text
-        # pieces in one batch call, then put the special ids back in between.
-        parts = [pattern.split(text) for text in texts]
+        # Split each parsed text into [text, special, text, special, ..., text] (the others stay
+        # whole); encode all the text pieces in one batch call, then put the special ids back.
+        parts = [pattern.split(t) if p else [t] for t, p in zip(texts, parsed)]
         plain = [piece for pieces in parts for piece in pieces[::2]]
         encoded = iter(self._processor.Encode(plain, out_type=int))
         out = []

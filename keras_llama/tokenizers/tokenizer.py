@@ -38,6 +38,24 @@ _KERAS_HUB_DEFAULTS = {
 _ANY_VALUE = {"name", "trainable", "dtype", "config_file", "unsplittable_tokens"}
 
 
+class ChatPrompt(str):
+    """A string rendered by a chat template: its special-token strings are the template's own
+    control tokens, and every tokenizer encodes them as those tokens.
+
+    Plain ``str`` text is encoded as the tokenizer's library encodes it (for SentencePiece,
+    ``"<s>"`` typed by a user is three characters, not the start token: user text cannot forge
+    control tokens). ``apply_chat_template`` returns a `ChatPrompt`, so a rendered multi-turn
+    Llama 2 prompt ``"[INST] a [/INST] b </s><s>[INST] c [/INST]"`` gets real end/start ids.
+    String operations return plain ``str``; wrap the result again to keep the marking.
+
+    Example:
+    >>> tokenizer("Hi</s>")              # SentencePiece: "<", "/", "s", ">" pieces
+    >>> tokenizer(ChatPrompt("Hi</s>"))  # [..."Hi", 2]
+    """
+
+    __slots__ = ()
+
+
 # `keras_llama.models.preset_loading`, registered by it when `keras_llama.models` is imported
 # (which `import keras_llama` always does): tokenizers sit below models and never import them.
 _PRESET_API = None

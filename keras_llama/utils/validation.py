@@ -1,13 +1,68 @@
-"""Argument checks shared across the package (TEMPORARY: replaced by the frontdoor branch)."""
+"""Checks of user input shared by the package: each raises with what was expected and what was
+received (DESIGN.md rule 9)."""
 
 import sys
 
+import numpy as np
+
 
 def check_positive_int(name, value):
+    """Raise a `ValueError` unless ``value`` is a Python int >= 1 (bools are refused).
+
+    Example:
+    >>> check_positive_int("num_layers", 0)
+    ValueError: `num_layers` must be a positive integer. Received: num_layers=0
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
-def is_tf_dataset(inputs):
-    tf = sys.modules.get("tensorflow")  # only if the user already imported TensorFlow
-    return tf is not None and isinstance(inputs, tf.data.Dataset)
+def is_tf_dataset(x):
+    """Whether ``x`` is a `tf.data.Dataset`. TensorFlow is consulted only if the user already
+    imported it: this never imports TensorFlow."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, tf.data.Dataset)
+
+
+def concrete_values(x):
+    """``x`` as a NumPy array when its values are known now (NumPy arrays, Python sequences,
+    eager JAX/torch/TF tensors); None when they are not (Keras symbolic tensors, JAX tracers
+    inside ``jit``, torch meta or compiled-graph tensors, TF graph tensors)."""
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, int)):
+        return np.asarray(x)
+    import keras
+
+    if isinstance(x, keras.KerasTensor):
+        return None
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type == "meta" or torch.compiler.is_compiling():
+            return None
+        return x.detach().cpu().numpy()
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(x, tf.Tensor) and not hasattr(x, "numpy"):
+        return None  # a graph tensor (inside tf.function)
+    try:
+        return np.asarray(keras.ops.convert_to_numpy(x))
+    except Exception:  # any other symbolic value: its values are unknown here
+        return None
+
+
+def check_token_ids(token_ids, vocabulary_size):
+    """Raise a `ValueError` naming the first id outside ``[0, vocabulary_size)``: the embedding
+    gather would clamp it silently (JAX) or fail with a bare ``IndexError`` (torch). Every
+    position is checked, padding included, since every id reaches the gather. Does nothing when
+    the values are not concrete (symbolic or traced)."""
+    ids = concrete_values(token_ids)
+    if ids is None or ids.size == 0:
+        return
+    bad = (ids < 0) | (ids >= vocabulary_size)
+    if bad.any():
+        first = int(ids[bad].flat[0])
+        raise ValueError(
+            f"Token ids must be in [0, {vocabulary_size}) for a vocabulary of size "
+            f"{vocabulary_size}. Received: token id {first}"
+        )

@@ -162,3 +162,28 @@ def test_bad_config_gets_clear_error(kwargs, fragment):
 def test_layout_map_rejects_non_mesh():
     with pytest.raises(ValueError, match="device_mesh"):
         LlamaBackbone.get_layout_map("not a mesh")
+
+
+@pytest.mark.parametrize("bad_id", [-1, TINY["vocabulary_size"]])
+def test_token_ids_outside_the_vocabulary_are_refused(bad_id):
+    """The embedding gather would clamp them silently; eager calls name the id and the size."""
+    backbone = LlamaBackbone(**TINY)
+    causal_lm = LlamaCausalLM(backbone)
+    x = _inputs()
+    x["token_ids"][1, 3] = bad_id
+    message = rf"vocabulary of size 100\. Received: token id {bad_id}\b"
+    with pytest.raises(ValueError, match=message):
+        backbone(x)
+    with pytest.raises(ValueError, match=message):
+        causal_lm(x)
+    with pytest.raises(ValueError, match=message):
+        causal_lm.score(x["token_ids"], x["padding_mask"])
+    with pytest.raises(ValueError, match=message):
+        causal_lm.score(_inputs()["token_ids"], scoring_mode="loss", target_ids=x["token_ids"])
+    # Padding positions too: every id reaches the gather. In-range ids pass.
+    x["padding_mask"][1, 3:] = 0
+    with pytest.raises(ValueError, match=message):
+        backbone(x)
+    x["token_ids"][1, 3] = 0
+    assert backbone(x).shape == (2, 5, TINY["hidden_dim"])
+    assert causal_lm.score(x["token_ids"], x["padding_mask"]).shape == (2, 5, 100)

@@ -9,7 +9,7 @@ from keras import ops
 from keras_llama import samplers
 from keras_llama.models import Llama3CausalLMPreprocessor, LlamaBackbone, LlamaCausalLM
 from keras_llama.tokenizers import BytePairTokenizer
-from keras_llama.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+from keras_llama.tokenizers.byte_level_bpe import bytes_to_unicode
 
 # A byte-level BPE vocabulary: Llama 3's special tokens, the 256 bytes, a few merges.
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]

@@ -2,7 +2,7 @@
 tests/data/keras_hub), and our loader reads them back by class name.
 
 KerasHub actually loading our presets is checked outside the test suite (keras-hub is not a
-test dependency): ``KERAS_BACKEND=jax /work/khvenv/bin/python scripts/make_test_presets.py
+test dependency): ``KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" scripts/make_test_presets.py
 --check-ours DIR`` (results in benchmarks/RESULTS.md, "KerasHub loads our presets").
 """
 
@@ -142,14 +142,15 @@ def test_sentencepiece_special_token_setting_survives(tmp_path):
     from tests.presets.helpers import SPM_PROTO
 
     base = CausalLM.from_preset(os.path.join(KERAS_HUB, "llama"))
-    tokenizer = LlamaTokenizer(SPM_PROTO, parse_special_tokens=False)
+    tokenizer = LlamaTokenizer(SPM_PROTO, parse_special_tokens=True)  # the opt-in
     model = LlamaCausalLM(base.backbone, LlamaCausalLMPreprocessor(tokenizer))
     model.save_to_preset(str(tmp_path / "p"))
     loaded = CausalLM.from_preset(str(tmp_path / "p")).preprocessor.tokenizer
-    assert loaded.parse_special_tokens is False
+    assert loaded.parse_special_tokens is True
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=SPM_PROTO)
-    assert loaded("the fox</s><s>dog").tolist() == sp.encode("the fox</s><s>dog")
-    parsing = base.preprocessor.tokenizer  # KerasHub's config: our default, parsing
-    assert parsing("the fox</s>").tolist() == sp.encode("the fox") + [2]
+    assert loaded("the fox</s>").tolist() == sp.encode("the fox") + [2]
+    plain = base.preprocessor.tokenizer  # KerasHub's config: the default, SentencePiece's ids
+    assert plain.parse_special_tokens is False
+    assert plain("the fox</s><s>dog").tolist() == sp.encode("the fox</s><s>dog")

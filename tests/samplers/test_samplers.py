@@ -103,7 +103,7 @@ def test_same_seed_reproduces_and_state_advances():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: samplers.TopKSampler(k=0), r"`k` must be an integer >= 1. Received: k=0"),
+        (lambda: samplers.TopKSampler(k=0), r"`k` must be a positive integer. Received: k=0"),
         (lambda: samplers.TopKSampler(k=2.5), r"Received: k=2.5"),
         (lambda: samplers.TopPSampler(p=0), r"`p` must be a number in \(0, 1\]. Received: p=0"),
         (lambda: samplers.TopPSampler(p=1.5), r"Received: p=1.5"),

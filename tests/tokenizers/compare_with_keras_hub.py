@@ -3,7 +3,7 @@
 Not a test (KerasHub is not a test dependency): run it with a Python that has keras-hub,
 from the repository root, e.g.
 
-    KERAS_BACKEND=jax /work/khvenv/bin/python -m tests.tokenizers.compare_with_keras_hub
+    KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" -m tests.tokenizers.compare_with_keras_hub
 
 It prints one JSON line per comparison and exits non-zero if a preprocessor output differs.
 
@@ -13,9 +13,10 @@ Known, deliberate differences (reported, not failures):
   comparison for Llama 3 uses only texts on which both tokenizers agree.
 - KerasHub's `generate_preprocess` always prepends the start token; ours follows
   `add_start_token` (a GGUF with `add_bos_token = false` must not get one).
-- Special-token strings in text (`"a</s><s>b"`): our LlamaTokenizer makes them token ids
-  (llama.cpp, Meta, transformers' SentencePiece tokenizer); KerasHub encodes them as plain
-  text. `LlamaTokenizer(..., parse_special_tokens=False)` gives KerasHub's ids (checked).
+- Special-token strings in text (`"a</s><s>b"`): plain text in both by default (checked).
+  `LlamaTokenizer(..., parse_special_tokens=True)`, and any `ChatPrompt` (what
+  `apply_chat_template` returns), make them token ids (llama.cpp, Meta, transformers'
+  SentencePiece tokenizer); KerasHub has no such mode.
 """
 
 import json
@@ -104,13 +105,13 @@ def main():
     print(json.dumps({"model": "llama", "tokenizer_ids_equal": ids_equal}))
     failures += not ids_equal
     special_texts = ["<s>Hello</s> <unk> [INST] hi [/INST]", "a </s><s> b"]
-    plain_tok = LlamaTokenizer(mistral_v1_path(), parse_special_tokens=False)
-    plain_equal = all(np.array_equal(plain_tok(t), np.asarray(kh_tok(t))) for t in special_texts)
+    parsing_tok = LlamaTokenizer(mistral_v1_path(), parse_special_tokens=True)
+    plain_equal = all(np.array_equal(ours_tok(t), np.asarray(kh_tok(t))) for t in special_texts)
     parsed_differ = all(
-        not np.array_equal(ours_tok(t), np.asarray(kh_tok(t))) for t in special_texts
+        not np.array_equal(parsing_tok(t), np.asarray(kh_tok(t))) for t in special_texts
     )  # fmt: skip
     print(json.dumps({"model": "llama", "special_strings_plain_ids_equal": plain_equal,
-                      "special_strings_parsed_by_default": parsed_differ}))  # fmt: skip
+                      "special_strings_parsed_when_opted_in": parsed_differ}))  # fmt: skip
     failures += not (plain_equal and parsed_differ)
     failures += compare_preprocessors(
         "llama", LlamaCausalLMPreprocessor, ours_tok,

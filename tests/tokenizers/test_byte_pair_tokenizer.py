@@ -9,7 +9,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from keras_llama.models import Llama3Tokenizer
 from keras_llama.tokenizers import BytePairTokenizer, build_byte_level_bpe
-from keras_llama.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+from keras_llama.tokenizers.byte_level_bpe import bytes_to_unicode
 from tests.tokenizers.references import TEXTS
 
 # A SmolLM2-shaped vocabulary: ChatML special tokens first, then the 256 byte characters,

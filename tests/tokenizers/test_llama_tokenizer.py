@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 from keras_llama.models import LlamaTokenizer
-from keras_llama.tokenizers import SentencePieceTokenizer, build_sentencepiece_proto
+from keras_llama.tokenizers import ChatPrompt, SentencePieceTokenizer, build_sentencepiece_proto
 from tests.tokenizers.references import TEXTS, mistral_v1_path, sentencepiece_processor
 
 # Plain text: exactly SentencePiece's ids.
 SPM_TEXTS = TEXTS
-# Special-token strings in text: matched as tokens by default (llama.cpp, Meta, transformers'
-# SentencePiece tokenizer with legacy=True); plain text for SentencePiece itself.
+# Special-token strings in text: plain text by default (SentencePiece itself, KerasHub); matched
+# as tokens in a ChatPrompt or with parse_special_tokens=True (llama.cpp, Meta, transformers'
+# SentencePiece tokenizer with legacy=True).
 SPECIAL_TEXTS = [
     "<s>Hello</s> <unk> [INST] hi [/INST]",
     "[INST] Hi [/INST] Hello! </s><s>[INST] Again [/INST]",
@@ -40,17 +41,29 @@ def sp():
 
 
 def test_ids_equal_sentencepiece(tokenizer, sp):
-    for text in SPM_TEXTS + LOSSY:
+    for text in SPM_TEXTS + LOSSY + SPECIAL_TEXTS:
         ids = tokenizer.tokenize(text)
         assert ids.dtype == np.int32 and ids.ndim == 1
         assert ids.tolist() == sp.encode(text), text
-    plain = LlamaTokenizer(mistral_v1_path(), parse_special_tokens=False)
-    for text in SPM_TEXTS + SPECIAL_TEXTS:
-        assert plain(text).tolist() == sp.encode(text), text
-    assert [a.tolist() for a in plain(SPECIAL_TEXTS)] == [sp.encode(t) for t in SPECIAL_TEXTS]
+    assert [a.tolist() for a in tokenizer(SPECIAL_TEXTS)] == [sp.encode(t) for t in SPECIAL_TEXTS]
 
 
-def test_special_token_strings_equal_transformers_sentencepiece_tokenizer(tokenizer):
+def test_special_token_strings_in_user_text_are_characters(tokenizer, sp):
+    """As SentencePiece and KerasHub: user text cannot forge control tokens."""
+    for text in ["<s>", "</s>", "<unk>", "[INST] hi [/INST] </s><s>"]:
+        ids = tokenizer(text).tolist()
+        assert ids == sp.encode(text)
+        assert not {sp.bos_id(), sp.eos_id(), sp.unk_id()} & set(ids), text
+    # Worked by hand: "</s>" is the pieces "▁</", "s", ">" (no end token, id 2).
+    assert [sp.id_to_piece(i) for i in tokenizer("</s>").tolist()] == ["▁</", "s", ">"]
+
+
+@pytest.fixture(scope="module")
+def parsing():
+    return LlamaTokenizer(mistral_v1_path(), parse_special_tokens=True)
+
+
+def test_special_token_strings_equal_transformers_sentencepiece_tokenizer(tokenizer, parsing, sp):
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     # transformers' SentencePiece-backed ("slow") Llama tokenizer; legacy=True is the mode
@@ -59,13 +72,21 @@ def test_special_token_strings_equal_transformers_sentencepiece_tokenizer(tokeni
         vocab_file=mistral_v1_path(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         legacy=True,
     )  # fmt: skip
+    # Opt-in for all text, and always for a ChatPrompt.
     for text in SPECIAL_TEXTS + SPM_TEXTS:
         expected = reference.encode(text, add_special_tokens=False)
-        assert tokenizer(text).tolist() == expected, text
-    batch = tokenizer(SPECIAL_TEXTS + SPM_TEXTS[:3])  # one batched sentencepiece call
-    assert [b.tolist() for b in batch] == [
+        assert parsing(text).tolist() == expected, text
+        assert tokenizer(ChatPrompt(text)).tolist() == expected, text
+    batch = parsing(SPECIAL_TEXTS + SPM_TEXTS[:3])  # one batched sentencepiece call
+    expected = [
         reference.encode(t, add_special_tokens=False) for t in SPECIAL_TEXTS + SPM_TEXTS[:3]
     ]
+    assert [b.tolist() for b in batch] == expected
+    # A batch mixing user text and a ChatPrompt: only the ChatPrompt's strings are tokens.
+    text = SPECIAL_TEXTS[1]
+    mixed = tokenizer([text, ChatPrompt(text)])
+    assert mixed[0].tolist() == sp.encode(text)
+    assert mixed[1].tolist() == reference.encode(text, add_special_tokens=False)
 
 
 def test_llama2_chat_prompt_gets_meta_ids(tokenizer, sp):
@@ -84,7 +105,7 @@ def test_llama2_chat_prompt_gets_meta_ids(tokenizer, sp):
     )  # fmt: skip
     preprocessor = LlamaCausalLMPreprocessor(tokenizer, sequence_length=64)
     prompt = preprocessor.apply_chat_template(messages)
-    assert "</s><s>[INST]" in prompt
+    assert "</s><s>[INST]" in prompt and isinstance(prompt, ChatPrompt)
     packed = preprocessor.generate_preprocess(prompt)
     ids, mask = (np.asarray(packed[k]) for k in ("token_ids", "padding_mask"))
     assert ids[mask.astype(bool)].tolist() == meta
@@ -108,14 +129,14 @@ def test_user_defined_pieces_are_split_as_llama_cpp_does(sp):
     scores = [p.score for p in original.pieces] + [0.0]
     types = [int(p.type) for p in original.pieces] + [4]  # USER_DEFINED
     proto = build_sentencepiece_proto(pieces, scores, types, unk_id=0, bos_id=1, eos_id=2)
-    ours = SentencePieceTokenizer(proto)
+    ours = SentencePieceTokenizer(proto, parse_special_tokens=True)
     assert ours.special_pieces == ["<|im_start|>", "<unk>", "</s>", "<s>"]
     text = "hi<|im_start|>there"
     assert ours(text).tolist() == sp.encode("hi") + [32000] + sp.encode("there")
     import sentencepiece
 
     native = sentencepiece.SentencePieceProcessor(model_proto=proto)
-    plain = SentencePieceTokenizer(proto, parse_special_tokens=False)
+    plain = SentencePieceTokenizer(proto)  # the default: SentencePiece's own encoding
     assert plain(text).tolist() == native.encode(text) != ours(text).tolist()
     with pytest.raises(TypeError, match="parse_special_tokens.*Received: parse_special_tokens"):
         SentencePieceTokenizer(proto, parse_special_tokens="yes")
@@ -138,9 +159,11 @@ def test_round_trip_and_detokenize_equals_sentencepiece(tokenizer, sp):
     # Llama's model: identity normalizer, no whitespace collapsing, byte fallback -> lossless.
     for text in SPM_TEXTS:
         assert tokenizer.detokenize(tokenizer(text)) == text
-    # Special-token strings become control ids, which decode to nothing (as in sentencepiece).
+    # Special-token strings are text (round trip) unless in a ChatPrompt, where they become
+    # control ids, which decode to nothing (as in sentencepiece).
+    assert tokenizer.detokenize(tokenizer("a</s><s>b")) == "a</s><s>b"
     ids = sp.encode("a") + [2, 1] + sp.encode("b")
-    assert tokenizer.detokenize(tokenizer("a</s><s>b")) == sp.decode(ids) == "a b"
+    assert tokenizer.detokenize(tokenizer(ChatPrompt("a</s><s>b"))) == sp.decode(ids) == "a b"
     ids = sp.encode("Hello world")
     assert tokenizer.detokenize(ids) == sp.decode(ids) == "Hello world"
     # Control tokens decode to nothing, as in sentencepiece.
@@ -247,7 +270,7 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="corrupt.model"):
         LlamaTokenizer(str(corrupt))
     with pytest.raises(FileNotFoundError, match="vocabulary.spm"):
-        LlamaTokenizer().load_assets(str(tmp_path))
+        LlamaTokenizer(None).load_assets(str(tmp_path))
     with pytest.raises(TypeError, match="int"):
         LlamaTokenizer(proto=123)
 

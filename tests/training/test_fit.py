@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_llama.models import Llama3CausalLMPreprocessor, LlamaBackbone, LlamaCausalLM
 from keras_llama.tokenizers import BytePairTokenizer
-from keras_llama.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+from keras_llama.tokenizers.byte_level_bpe import bytes_to_unicode
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>"]
 VOCAB = SPECIAL + [bytes_to_unicode()[b] for b in range(256)]

@@ -11,7 +11,7 @@ from keras_llama.models.llama.llama_layers import (
     ReversibleEmbedding,
     kernel_initializer,
 )
-from keras_llama.utils.validation import check_positive_int
+from keras_llama.utils.validation import check_positive_int, check_token_ids
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -203,6 +203,9 @@ class LlamaBackbone(Backbone):
         weights of fused or packed plans (`llama_plan.decode_weights`);
         ``layer_intercept_fn(x, i)`` sees the embeddings (``i = -1``) and each block's output.
         """
+        # The embedding gather clamps an id outside the vocabulary without a word: check the
+        # ids while an eager call still has their values (inside `jit` they are unknown).
+        check_token_ids(token_ids, self.vocabulary_size)
         routes = llama_plan.block_routes(stage_plan, self, weights)
         x = self.token_embedding(token_ids)
         if layer_intercept_fn is not None:

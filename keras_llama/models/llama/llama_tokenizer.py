@@ -10,21 +10,25 @@ from keras_llama.tokenizers.sentencepiece_tokenizer import SentencePieceTokenize
 class LlamaTokenizer(SentencePieceTokenizer):
     """Llama tokenizer: a SentencePiece model run by the `sentencepiece` package.
 
-    Ids equal ``sentencepiece.SentencePieceProcessor(model).encode(text)``, except that
-    special-token strings in the text (``<s>``, ``</s>``, ``<unk>`` and any control or
-    user-defined piece of the model) become their ids, as in llama.cpp and Meta's chat code:
-    a rendered multi-turn Llama 2 prompt ``"... [/INST] answer </s><s>[INST] ..."`` gets real
-    end/start tokens. ``parse_special_tokens=False`` gives plain SentencePiece ids for every
-    string (KerasHub's behaviour). The start token is ``<s>``, the end token ``</s>``; padding
-    uses id 0 (``<unk>``), as in KerasHub.
+    As KerasHub's ``LlamaTokenizer(proto)``: ids equal
+    ``sentencepiece.SentencePieceProcessor(model).encode(text)`` for every ``str``, so
+    ``"<s>"`` typed in text is characters, not the start token. The string
+    ``apply_chat_template`` returns (a `keras_llama.tokenizers.ChatPrompt`) is the exception:
+    its special-token strings (``<s>``, ``</s>``, ``<unk>`` and any control or user-defined
+    piece of the model) become their ids, as in llama.cpp and Meta's chat code, so a rendered
+    multi-turn Llama 2 prompt ``"... [/INST] answer </s><s>[INST] ..."`` gets real end/start
+    tokens. ``parse_special_tokens=True`` matches them in all text. The start token is ``<s>``,
+    the end token ``</s>``; padding uses id 0 (``<unk>``), as in KerasHub.
 
     Args:
         proto: a path to a SentencePiece ``tokenizer.model`` or its serialized bytes (for a
             GGUF ``llama`` vocabulary, build them with
-            `keras_llama.tokenizers.build_sentencepiece_proto`).
+            `keras_llama.tokenizers.build_sentencepiece_proto`). Required, as in KerasHub;
+            None leaves the tokenizer empty until ``load_assets`` is called.
         start_token, end_token: Llama's ``"<s>"`` and ``"</s>"`` by default.
         pad_token: None pads with id 0.
-        parse_special_tokens: match special-token strings in text (see above).
+        parse_special_tokens: bool, default False. True matches special-token strings in all
+            text, not only in a `ChatPrompt`.
 
     Example:
     ```python
@@ -39,11 +43,11 @@ class LlamaTokenizer(SentencePieceTokenizer):
 
     def __init__(
         self,
-        proto=None,
+        proto,
         start_token="<s>",
         end_token="</s>",
         pad_token=None,
-        parse_special_tokens=True,
+        parse_special_tokens=False,
     ):
         super().__init__(
             proto=proto,
