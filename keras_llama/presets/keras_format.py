@@ -39,6 +39,9 @@ WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 TOKENIZER_ASSETS_DIR = os.path.join("assets", "tokenizer")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Settings of ours that KerasHub's configs cannot hold (a tokenizer's special tokens, ...) are
+# written under this key beside ``config``, a key Keras' deserializer ignores.
+OUR_CONFIG_KEY = "keras_llama_config"
 
 
 @dataclasses.dataclass
@@ -101,6 +104,13 @@ def class_name(serialized):
     """The class name of a serialized object (``"keras_hub>LlamaBackbone"`` -> LlamaBackbone)."""
     registered = serialized.get("registered_name") or ""
     return registered.split(">")[-1] or serialized["class_name"]
+
+
+def our_config(serialized):
+    """The config to build our class from: ours (`OUR_CONFIG_KEY`) when we wrote the file,
+    else KerasHub's ``config``."""
+    ours = serialized.get(OUR_CONFIG_KEY)
+    return dict(ours) if isinstance(ours, dict) else dict(serialized["config"])
 
 
 def _check_serialized(value, name, source):

@@ -11,8 +11,10 @@ from keras_llama.models.llama.llama_layers import (
     _check_positive_int,
     _kernel_initializer,
 )
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama", "backbone")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class LlamaBackbone(Backbone):
     """The Llama decoder network, with KerasHub's constructor and weight layout.
