@@ -36,11 +36,14 @@ def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
         config.update(kwargs)
     if not load_weights:
         return backbone_cls(**config)  # random initialization, as the constructor does
+    # Opens the weight files (missing ones fail here, before the model is built); the arrays
+    # are read one at a time as they are assigned.
+    tensors = src.read_weights(config) if isinstance(src, Checkpoint) else None
     # Weights will overwrite every variable: skip drawing random initial values.
     backbone = _weights.build_uninitialized(backbone_cls, **config)
     if isinstance(src, Checkpoint):
         named_arrays = with_progress(
-            src.read_weights(config),
+            tensors,
             total=len(backbone.weights),
             description=f"Converting {_FORMAT_NAMES.get(src.format, src.format)} weights",
             progress=progress,
