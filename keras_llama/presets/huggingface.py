@@ -29,7 +29,7 @@ import struct
 import numpy as np
 
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
-from keras_llama.presets.handles import require_file, safe_join
+from keras_llama.presets.handles import load_json, require_file, safe_join
 from keras_llama.presets.rotary import interleaved_to_half
 
 
@@ -326,16 +326,7 @@ def read(folder, source=None):
 
 
 def _load_json(folder, name, missing_ok=False):
-    path = safe_join(folder, name)
-    if not os.path.isfile(path):
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"The checkpoint folder {folder!r} has no {name}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    return load_json(folder, name, missing_ok, what="checkpoint folder")
 
 
 def _token_content(value):
