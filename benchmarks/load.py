@@ -37,17 +37,15 @@ def _child(preset, stages):
 
     result = {"import_s": time.perf_counter() - start}
     if stages:
-        from keras_llama.models import Backbone, preset_loading
+        from keras_llama.models import Backbone, preset_loading, preset_reading
 
         start = time.perf_counter()
-        src = preset_loading.open_preset(preset)
+        src = preset_reading.open_preset(preset)
         result["open_s"] = time.perf_counter() - start
         start = time.perf_counter()
         Backbone.from_preset(src)
         result["backbone_s"] = time.perf_counter() - start
-        task_cls = preset_loading._pick_class(
-            CausalLM, preset_loading._family(src), "task", src.source
-        )
+        task_cls = preset_reading.pick_class(CausalLM, src, "task")
         start = time.perf_counter()
         preset_loading.load_preprocessor(task_cls.preprocessor_cls, src)
         result["tokenizer_s"] = time.perf_counter() - start

@@ -1,6 +1,5 @@
 """Public model classes, under KerasHub's names."""
 
-from keras_llama.models import preset_loading  # noqa: F401  (registers presets with tokenizers)
 from keras_llama.models.backbone import Backbone
 from keras_llama.models.causal_lm import CausalLM
 from keras_llama.models.execution_plan import ExecutionPlan, StagePlan

@@ -8,6 +8,8 @@ import os
 import keras
 
 from keras_llama import quantization
+from keras_llama.models.preset_loading import load_backbone
+from keras_llama.models.preset_saving import save_backbone
 from keras_llama.models.presets_mixin import PresetsMixin
 from keras_llama.utils.python_utils import functional_setattr
 from keras_llama.utils.validation import check_positive_int
@@ -87,14 +89,10 @@ class Backbone(PresetsMixin, keras.Model):
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Instantiate a backbone from a preset (built-in name, ``kaggle://``, ``hf://``, a local
         folder or a ``.gguf`` file). ``kwargs`` override the preset's config."""
-        from keras_llama.models.preset_loading import load_backbone
-
         return load_backbone(cls, preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Save the config and weights to a preset folder (atomically)."""
-        from keras_llama.models.preset_loading import save_backbone
-
         save_backbone(self, preset_dir)
 
     # --- quantization --------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import warnings
 import keras
 import numpy as np
 
+from keras_llama.models.preset_loading import load_preprocessor
+from keras_llama.models.preset_saving import save_preprocessor
 from keras_llama.models.presets_mixin import PresetsMixin
 from keras_llama.utils.validation import check_positive_int
 
@@ -69,14 +71,10 @@ class Preprocessor(PresetsMixin):
         """Instantiate a preprocessor from a preset (built-in name, ``kaggle://``, ``hf://``,
         a local folder or a ``.gguf`` file). ``kwargs`` override the config, e.g.
         ``sequence_length=256``."""
-        from keras_llama.models.preset_loading import load_preprocessor
-
         return load_preprocessor(cls, preset, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Save the preprocessor config and its tokenizer's assets to a preset folder."""
-        from keras_llama.models.preset_loading import save_preprocessor
-
         save_preprocessor(self, preset_dir)
 
 

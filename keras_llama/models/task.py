@@ -5,6 +5,8 @@ import types
 import keras
 
 from keras_llama.models import training_data
+from keras_llama.models.preset_loading import load_task
+from keras_llama.models.preset_saving import save_task
 from keras_llama.models.presets_mixin import PresetsMixin
 from keras_llama.utils.python_utils import functional_setattr
 
@@ -148,12 +150,8 @@ class Task(PresetsMixin, keras.Model):
         ``hf://owner/repo``, a local folder or a ``.gguf`` file. ``kwargs`` override the preset's
         config (backbone arguments such as ``dtype``, preprocessor ones such as
         ``sequence_length``)."""
-        from keras_llama.models.preset_loading import load_task
-
         return load_task(cls, preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Save backbone, preprocessor and task config to a preset folder (atomically)."""
-        from keras_llama.models.preset_loading import save_task
-
         save_task(self, preset_dir)

@@ -4,9 +4,12 @@ A reader (one module per on-disk format) turns files into a `Checkpoint`: backbo
 arguments, a *function* yielding ``(our_variable_path, numpy array)`` one tensor at a time (so
 that loading never holds the whole checkpoint twice), a `TokenizerSpec`, preprocessor settings
 and the chat template. `keras_llama.models.preset_loading` turns that data into model objects.
+Weights, and what only the weights tell (a Meta checkpoint's shapes), are read when first asked
+for: loading a tokenizer reads only the tokenizer's files.
 """
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, Optional
 
 # Which model classes a checkpoint pairs with. "llama": a SentencePiece vocabulary
@@ -51,7 +54,8 @@ class Checkpoint:
         path: the local folder or file it resolved to.
         format: ``"huggingface"``, ``"gguf"`` or ``"meta"``.
         family: ``"llama"`` or ``"llama3"`` (see `FAMILIES`).
-        backbone_config: `LlamaBackbone` keyword arguments.
+        read_config: ``read_config()`` returns `LlamaBackbone` keyword arguments (read once,
+            when `backbone_config` is first asked for).
         read_weights: ``read_weights(backbone_config)`` yields ``(variable_path, array)``
             for every weight, one at a time; ``backbone_config`` is the final config (after
             user overrides) so converters can reshape with it.
@@ -65,8 +69,13 @@ class Checkpoint:
     path: str
     format: str
     family: str
-    backbone_config: dict
+    read_config: Callable[[], dict]
     read_weights: Callable[[dict], Iterator]
     tokenizer: Optional[TokenizerSpec] = None
     preprocessor: dict = dataclasses.field(default_factory=dict)
     chat_template: Optional[str] = None
+
+    @functools.cached_property
+    def backbone_config(self):
+        """`LlamaBackbone` keyword arguments."""
+        return self.read_config()

@@ -19,7 +19,6 @@ import numpy as np
 
 from keras_llama.presets import huggingface
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
-from keras_llama.presets.rotary import interleaved_to_half
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -88,19 +87,21 @@ def read(path, source=None):
                 f"which cannot be dequantized. Supported types: "
                 f"{sorted(s.name for s in supported)}. Received: {t.tensor_type.name}"
             )
-    backbone_config = convert_backbone_config(meta, tensors, source)
     tokenizer, family, add_bos = _tokenizer_spec(meta, source)
 
     def read_weights(final_config):
-        get = huggingface.checked_tensors(_hf_getter(tensors, final_config), source)
-        return huggingface.convert_weights(get, final_config)
+        names = _gguf_names(final_config)
+        return huggingface.convert_weights(
+            lambda hf_name: _read_tensor(tensors[names[hf_name]]), final_config, source,
+            file_names=names, interleaved_rotary=True, file_shape=lambda s: tuple(reversed(s)),
+        )  # fmt: skip
 
     return Checkpoint(
         source=source,
         path=path,
         format="gguf",
         family=family,
-        backbone_config=backbone_config,
+        read_config=lambda: convert_backbone_config(meta, tensors, source),
         read_weights=read_weights,
         tokenizer=tokenizer,
         preprocessor={"add_start_token": add_bos},
@@ -203,24 +204,19 @@ def _llama3_rope_from_factors(tensor, config, source):
     )
 
 
-def _hf_getter(tensors, config):
-    """``get(hf_name) -> float32 array`` reading the GGUF tensor of that name."""
-    hf_to_gguf = {hf: g for g, hf in GLOBAL_NAMES.items()}
+def _gguf_names(config):
+    """``{hf_name: gguf_name}`` for every tensor of a backbone with this config."""
+    names = {hf: g for g, hf in GLOBAL_NAMES.items()}
     for i in range(config["num_layers"]):
         for g, hf in LAYER_NAMES.items():
-            hf_to_gguf[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
+            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
+    return names
 
-    def get(hf_name):
-        tensor = tensors[hf_to_gguf[hf_name]]  # KeyError: reported by `checked_tensors`
-        # [out, in] (PyTorch layout): GGUF lists dimensions innermost first.
-        array = dequantize(tensor).reshape(tuple(int(d) for d in reversed(tensor.shape)))
-        if hf_name.endswith("q_proj.weight"):
-            array = interleaved_to_half(array, config["num_query_heads"])
-        elif hf_name.endswith("k_proj.weight"):
-            array = interleaved_to_half(array, config["num_key_value_heads"])
-        return array
 
-    return get
+def _read_tensor(tensor):
+    """A GGUF tensor as float32 in [out, in] (PyTorch) layout: GGUF lists dimensions innermost
+    first."""
+    return dequantize(tensor).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
 # --- dequantization ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ outside its folder.
 """
 
 import difflib
+import json
 import os
 import shutil
 import subprocess
@@ -267,3 +268,17 @@ def require_file(root, relative, what="file"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The preset folder {root!r} has no {what} {relative!r}.")
     return path
+
+
+def load_json(folder, name, missing_ok=False, what="preset folder"):
+    """The JSON file ``name`` of ``folder`` (None when missing and ``missing_ok``)."""
+    path = safe_join(folder, name)
+    if not os.path.isfile(path):
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"The {what} {folder!r} has no {name}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e

@@ -29,7 +29,8 @@ import struct
 import numpy as np
 
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
-from keras_llama.presets.handles import require_file, safe_join
+from keras_llama.presets.handles import load_json, require_file, safe_join
+from keras_llama.presets.rotary import interleaved_to_half
 
 
 def convert_backbone_config(hf_config):
@@ -108,55 +109,86 @@ def _same(w, c):
 _Q = _heads_in(lambda c: c["num_query_heads"])
 _KV = _heads_in(lambda c: c["num_key_value_heads"])
 
-# (Hugging Face name, our variable path, hook(array, backbone_config) -> array)
+# (Hugging Face name, our variable path, hook(array, backbone_config) -> array, the tensor's
+# shape as stored ([out, in]) in the dimensions of `_dimensions`)
 GLOBAL_WEIGHTS = [
-    ("model.embed_tokens.weight", "token_embedding/embeddings", _same),
-    ("model.norm.weight", "sequence_output_layernorm/scale", _same),
+    ("model.embed_tokens.weight", "token_embedding/embeddings", _same, ("V", "m")),
+    ("model.norm.weight", "sequence_output_layernorm/scale", _same, ("m",)),
 ]
-UNTIED_WEIGHTS = [("lm_head.weight", "token_embedding/reverse_embeddings", _transpose)]
+UNTIED_WEIGHTS = [("lm_head.weight", "token_embedding/reverse_embeddings", _transpose, ("V", "m"))]
 LAYER_WEIGHTS = [
-    ("self_attn.q_proj.weight", "self_attention/query/kernel", _Q),
-    ("self_attn.k_proj.weight", "self_attention/key/kernel", _KV),
-    ("self_attn.v_proj.weight", "self_attention/value/kernel", _KV),
-    ("self_attn.o_proj.weight", "self_attention/attention_output/kernel", _heads_out),
-    ("mlp.gate_proj.weight", "feedforward_gate_dense/kernel", _transpose),
-    ("mlp.up_proj.weight", "feedforward_intermediate_dense/kernel", _transpose),
-    ("mlp.down_proj.weight", "feedforward_output_dense/kernel", _transpose),
-    ("input_layernorm.weight", "self_attention_layernorm/scale", _same),
-    ("post_attention_layernorm.weight", "feedforward_layernorm/scale", _same),
+    ("self_attn.q_proj.weight", "self_attention/query/kernel", _Q, ("u*h", "m")),
+    ("self_attn.k_proj.weight", "self_attention/key/kernel", _KV, ("v*h", "m")),
+    ("self_attn.v_proj.weight", "self_attention/value/kernel", _KV, ("v*h", "m")),
+    ("self_attn.o_proj.weight", "self_attention/attention_output/kernel", _heads_out, ("m", "u*h")),
+    ("mlp.gate_proj.weight", "feedforward_gate_dense/kernel", _transpose, ("f", "m")),
+    ("mlp.up_proj.weight", "feedforward_intermediate_dense/kernel", _transpose, ("f", "m")),
+    ("mlp.down_proj.weight", "feedforward_output_dense/kernel", _transpose, ("m", "f")),
+    ("input_layernorm.weight", "self_attention_layernorm/scale", _same, ("m",)),
+    ("post_attention_layernorm.weight", "feedforward_layernorm/scale", _same, ("m",)),
 ]
+# Query and key rows rotate in pairs: GGUF and Meta files store them interleaved (see `rotary`).
+_ROTARY_HEADS = {"self_attn.q_proj.weight": "num_query_heads",
+                 "self_attn.k_proj.weight": "num_key_value_heads"}  # fmt: skip
+
+
+def _dimensions(c):
+    head_dim = c["hidden_dim"] // c["num_query_heads"]
+    return {
+        "V": c["vocabulary_size"],
+        "m": c["hidden_dim"],
+        "f": c["intermediate_dim"],
+        "u*h": c["num_query_heads"] * head_dim,
+        "v*h": c["num_key_value_heads"] * head_dim,
+    }
 
 
 def weight_table(backbone_config):
-    """``[(hf_name, our_path, hook)]`` for every weight of a backbone with this config."""
+    """``[(hf_name, our_path, hook, shape)]`` for every weight of a backbone with this config;
+    ``shape`` is the Hugging Face tensor's ([out, in])."""
+    dims = _dimensions(backbone_config)
     table = list(GLOBAL_WEIGHTS)
     if not backbone_config.get("tie_word_embeddings", False):
         table += UNTIED_WEIGHTS
     for i in range(backbone_config["num_layers"]):
-        for hf_name, ours, hook in LAYER_WEIGHTS:
-            table.append((f"model.layers.{i}.{hf_name}", f"transformer_layer_{i}/{ours}", hook))
-    return table
+        for hf_name, ours, hook, shape in LAYER_WEIGHTS:
+            table.append(
+                (f"model.layers.{i}.{hf_name}", f"transformer_layer_{i}/{ours}", hook, shape)
+            )
+    return [(hf_name, ours, hook, tuple(dims[d] for d in shape))
+            for hf_name, ours, hook, shape in table]  # fmt: skip
 
 
-def convert_weights(get_tensor, backbone_config):
-    """Yield ``(our_path, numpy array)`` for each weight, reading with ``get_tensor(hf_name)``."""
-    for hf_name, ours, hook in weight_table(backbone_config):
-        yield ours, np.asarray(hook(np.asarray(get_tensor(hf_name)), backbone_config))
+def convert_weights(get_tensor, backbone_config, source="checkpoint", file_names=None,
+                    interleaved_rotary=False, file_shape=tuple):  # fmt: skip
+    """Yield ``(our_path, numpy array)`` for each weight, reading with ``get_tensor(hf_name)``
+    (an array in Hugging Face layout; KeyError when missing).
 
-
-def checked_tensors(get_tensor, source):
-    """Wrap ``get_tensor(name)`` so that a missing tensor names itself and the checkpoint."""
-
-    def get(name):
+    Args:
+        source: the checkpoint, for error messages.
+        file_names: ``{hf_name: name in the file}`` for error messages (GGUF, Meta names).
+        interleaved_rotary: q/k rows are stored in interleaved rotary pairs (GGUF, Meta).
+        file_shape: a shape as the file lists it (GGUF: innermost dimension first).
+    """
+    file_names = file_names or {}
+    for hf_name, ours, hook, expected in weight_table(backbone_config):
+        name = file_names.get(hf_name, hf_name)
         try:
-            return get_tensor(name)
+            array = np.asarray(get_tensor(hf_name))
         except KeyError:
             raise ValueError(
                 f"The checkpoint {source!r} has no tensor {name!r}: it is truncated or not a "
                 "complete Llama checkpoint of the configured size."
             ) from None
-
-    return get
+        if array.shape != expected:
+            raise ValueError(
+                f"Shape mismatch for tensor {name!r} (our weight `{ours}`) of the checkpoint "
+                f"{source!r}: expected {file_shape(expected)}, received {file_shape(array.shape)}"
+            )
+        heads = _ROTARY_HEADS.get(hf_name.split(".", 3)[-1])  # "model.layers.{i}.<name>"
+        if interleaved_rotary and heads:
+            array = interleaved_to_half(array, backbone_config[heads])
+        yield ours, np.asarray(hook(array, backbone_config))
 
 
 # --- safetensors -------------------------------------------------------------------------------
@@ -269,8 +301,6 @@ def read(folder, source=None):
     """Read a Hugging Face Llama checkpoint folder into a `Checkpoint`."""
     source = source or folder
     config = _load_json(folder, "config.json")
-    backbone_config = convert_backbone_config(config)
-    tensors = SafetensorsCheckpoint(folder)
     tokenizer_config = _load_json(folder, "tokenizer_config.json", missing_ok=True) or {}
     tokenizer, family = _tokenizer_spec(folder, config, tokenizer_config)
     preprocessor = {}
@@ -279,14 +309,15 @@ def read(folder, source=None):
         preprocessor["add_start_token"] = add_bos
 
     def read_weights(final_config):
-        return convert_weights(checked_tensors(tensors.__getitem__, source), final_config)
+        tensors = SafetensorsCheckpoint(folder)  # only now: a tokenizer needs no weights
+        return convert_weights(tensors.__getitem__, final_config, source)
 
     return Checkpoint(
         source=source,
         path=folder,
         format="huggingface",
         family=family,
-        backbone_config=backbone_config,
+        read_config=lambda: convert_backbone_config(config),
         read_weights=read_weights,
         tokenizer=tokenizer,
         preprocessor=preprocessor,
@@ -295,16 +326,7 @@ def read(folder, source=None):
 
 
 def _load_json(folder, name, missing_ok=False):
-    path = safe_join(folder, name)
-    if not os.path.isfile(path):
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"The checkpoint folder {folder!r} has no {name}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    return load_json(folder, name, missing_ok, what="checkpoint folder")
 
 
 def _token_content(value):

@@ -13,7 +13,7 @@
                           and chat_template.jinja when the model has a chat template
 
 KerasHub writes the same files, so its presets load here and ours load in KerasHub. Classes are
-found by their *name* (``class_name``) in a fixed table on the models side; the ``module`` field
+found by their *name* (``class_name``) in `keras_llama.utils.registry`; the ``module`` field
 is never imported.
 
 Saving is atomic: files are written into a temporary folder beside the target, which then
@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from typing import Optional
 
-from keras_llama.presets.handles import require_file, safe_join
+from keras_llama.presets.handles import load_json, require_file, safe_join
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -39,6 +39,9 @@ WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 TOKENIZER_ASSETS_DIR = os.path.join("assets", "tokenizer")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Settings of ours that KerasHub's configs cannot hold (a tokenizer's special tokens, ...) are
+# written under this key beside ``config``, a key Keras' deserializer ignores.
+OUR_CONFIG_KEY = "keras_llama_config"
 
 
 @dataclasses.dataclass
@@ -103,6 +106,13 @@ def class_name(serialized):
     return registered.split(">")[-1] or serialized["class_name"]
 
 
+def our_config(serialized):
+    """The config to build our class from: ours (`OUR_CONFIG_KEY`) when we wrote the file,
+    else KerasHub's ``config``."""
+    ours = serialized.get(OUR_CONFIG_KEY)
+    return dict(ours) if isinstance(ours, dict) else dict(serialized["config"])
+
+
 def _check_serialized(value, name, source):
     if not (
         isinstance(value, dict)
@@ -141,16 +151,7 @@ def _weights_path(folder):
 
 
 def _load_json(folder, name, missing_ok=False):
-    path = safe_join(folder, name)
-    if not os.path.isfile(path):
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"The preset folder {folder!r} has no {name}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    return load_json(folder, name, missing_ok, what="preset folder")
 
 
 # --- writing -----------------------------------------------------------------------------------

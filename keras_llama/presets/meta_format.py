@@ -21,7 +21,6 @@ import numpy as np
 from keras_llama.presets import huggingface
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
 from keras_llama.presets.handles import require_file
-from keras_llama.presets.rotary import interleaved_to_half
 
 # Meta name -> (Hugging Face name, dimension the model-parallel shards are concatenated along;
 # None: replicated). {i} is the layer index.
@@ -80,23 +79,28 @@ def read(folder, source=None):
     shard_paths = _shard_paths(folder)
     if not shard_paths:
         raise FileNotFoundError(f"The Meta checkpoint {folder!r} has no consolidated.*.pth files.")
-    # Shapes come from the first shard (memory-mapped, nothing is copied).
-    first = load_state_dict(shard_paths[0])
-    backbone_config = convert_backbone_config(params, first, len(shard_paths), source)
-    del first
     tokenizer, family = _tokenizer_spec(folder)
+
+    def read_config():
+        # Shapes come from the first shard (memory-mapped, nothing is copied).
+        return convert_backbone_config(
+            params, load_state_dict(shard_paths[0]), len(shard_paths), source
+        )
 
     def read_weights(final_config):
         shards = [load_state_dict(p) for p in shard_paths]
-        get = huggingface.checked_tensors(_hf_getter(shards, final_config), source)
-        return huggingface.convert_weights(get, final_config)
+        return huggingface.convert_weights(
+            _hf_getter(shards, final_config), final_config, source,
+            file_names={hf: m for hf, (m, _) in _meta_names(final_config).items()},
+            interleaved_rotary=True,
+        )  # fmt: skip
 
     return Checkpoint(
         source=source,
         path=folder,
         format="meta",
         family=family,
-        backbone_config=backbone_config,
+        read_config=read_config,
         read_weights=read_weights,
         tokenizer=tokenizer,
         preprocessor={"add_start_token": True},
@@ -145,11 +149,17 @@ def convert_backbone_config(params, first_shard, num_shards, source):
     return config
 
 
-def _hf_getter(shards, config):
+def _meta_names(config):
+    """``{hf_name: (meta_name, dimension the model-parallel shards are concatenated along)}``."""
     meta_of = {hf: (m, dim) for m, (hf, dim) in GLOBAL_NAMES.items()}
     for i in range(config["num_layers"]):
         for m, (hf, dim) in LAYER_NAMES.items():
             meta_of[f"model.layers.{i}.{hf}"] = (f"layers.{i}.{m}", dim)
+    return meta_of
+
+
+def _hf_getter(shards, config):
+    meta_of = _meta_names(config)
 
     def get(hf_name):
         meta_name, dim = meta_of[hf_name]
@@ -157,14 +167,8 @@ def _hf_getter(shards, config):
         if dim == "embedding":
             dim = 1 if parts[0].shape[1] != config["hidden_dim"] else 0
         if dim is None or len(parts) == 1:
-            array = parts[0].float().numpy()
-        else:
-            array = np.concatenate([p.float().numpy() for p in parts], axis=dim)
-        if hf_name.endswith("q_proj.weight"):
-            array = interleaved_to_half(array, config["num_query_heads"])
-        elif hf_name.endswith("k_proj.weight"):
-            array = interleaved_to_half(array, config["num_key_value_heads"])
-        return array
+            return parts[0].float().numpy()
+        return np.concatenate([p.float().numpy() for p in parts], axis=dim)
 
     return get
 

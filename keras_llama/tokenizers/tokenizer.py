@@ -20,6 +20,7 @@ import inspect
 import keras
 import numpy as np
 
+from keras_llama.utils import registry
 from keras_llama.utils.python_utils import classproperty
 
 # Keys KerasHub writes into a tokenizer's config that have no counterpart here. They are
@@ -54,24 +55,6 @@ class ChatPrompt(str):
     """
 
     __slots__ = ()
-
-
-# `keras_llama.models.preset_loading`, registered by it when `keras_llama.models` is imported
-# (which `import keras_llama` always does): tokenizers sit below models and never import them.
-_PRESET_API = None
-
-
-def register_preset_api(module):
-    """Called by `keras_llama.models.preset_loading` with itself (``load_tokenizer``,
-    ``save_tokenizer``, ``presets_for``)."""
-    global _PRESET_API
-    _PRESET_API = module
-
-
-def _preset_api():
-    if _PRESET_API is None:
-        raise RuntimeError("Presets need `keras_llama.models`: run `import keras_llama` first.")
-    return _PRESET_API
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -236,23 +219,19 @@ class Tokenizer:
     def from_preset(cls, preset, **kwargs):
         """Instantiate a tokenizer from a preset: a built-in name, ``kaggle://...``,
         ``hf://...``, a local folder or a ``.gguf`` file. ``kwargs`` override the config."""
-        load_tokenizer = _preset_api().load_tokenizer
+        # Registered by `keras_llama.models.tokenizer_loading` (tokenizers sit below models).
+        load_tokenizer = registry.tokenizer_preset_function("load_tokenizer")
         return load_tokenizer(cls, preset, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Save the tokenizer config and assets to a preset folder."""
-        save_tokenizer = _preset_api().save_tokenizer
+        save_tokenizer = registry.tokenizer_preset_function("save_tokenizer")
         save_tokenizer(self, preset_dir)
-
-    @classmethod
-    def _presets_table(cls):
-        presets_for = _preset_api().presets_for
-        return presets_for(cls)
 
     @classproperty
     def presets(cls):
         """Built-in presets available on this class, as ``{name: metadata}``."""
-        return dict(cls._presets_table())
+        return registry.presets_for(cls)
 
     def __repr__(self):
         size = self._vocabulary_size() if self._is_ready() else None

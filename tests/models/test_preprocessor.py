@@ -6,8 +6,6 @@ start <s> = 1, end </s> = 2, pad = 0.
 """
 
 import inspect
-import sys
-import types
 
 import keras
 import numpy as np
@@ -181,22 +179,29 @@ def test_config_round_trip(cls, tokenizer):
     assert cls.from_config(kh).sequence_length == 7
 
 
-def test_tokenizer_cls_and_preset_delegation(monkeypatch, tmp_path, tokenizer):
+def test_tokenizer_cls_and_preset_delegation(tmp_path, tokenizer):
     assert LlamaCausalLMPreprocessor.tokenizer_cls is LlamaTokenizer
     assert Llama3CausalLMPreprocessor.tokenizer_cls is Llama3Tokenizer
-    calls = []
-    fake = types.ModuleType("keras_llama.models.preset_loading")
-    fake.load_preprocessor = lambda cls, preset, **kw: calls.append(("load", cls, preset, kw))
-    fake.save_preprocessor = lambda pre, preset_dir: calls.append(("save", pre, preset_dir))
-    fake.presets_for = lambda cls: {"tiny": {"class": cls.__name__}}
-    monkeypatch.setitem(sys.modules, "keras_llama.models.preset_loading", fake)
-    LlamaCausalLMPreprocessor.from_preset("llama2_7b_en", sequence_length=16)
     pre = LlamaCausalLMPreprocessor(tokenizer)
+    _tiny_backbone().save_to_preset(str(tmp_path))  # a preset names its family by its backbone
     pre.save_to_preset(str(tmp_path))
-    assert calls == [
-        ("load", LlamaCausalLMPreprocessor, "llama2_7b_en", {"sequence_length": 16}),
-        ("save", pre, str(tmp_path)),
-    ]
-    assert LlamaCausalLMPreprocessor.presets == {"tiny": {"class": "LlamaCausalLMPreprocessor"}}
-    assert Preprocessor.presets == {"tiny": {"class": "Preprocessor"}}
+    # The base class picks the subclass the saved preset names.
+    loaded = Preprocessor.from_preset(str(tmp_path), sequence_length=16)
+    assert type(loaded) is LlamaCausalLMPreprocessor and loaded.sequence_length == 16
+    expected = [tokenizer.start_token_id] + sentencepiece_processor().encode("Hi")
+    assert loaded.generate_preprocess("Hi")["token_ids"][: len(expected)].tolist() == expected
+    with pytest.raises(ValueError, match="Llama3CausalLMPreprocessor cannot hold"):
+        Llama3CausalLMPreprocessor.from_preset(str(tmp_path))
+    assert "llama2_7b_en" in LlamaCausalLMPreprocessor.presets
+    assert "llama3_8b_en" not in LlamaCausalLMPreprocessor.presets
+    assert "llama3_8b_en" in Preprocessor.presets and "llama2_7b_en" in Preprocessor.presets
     assert pre.sequence_length == 1024
+
+
+def _tiny_backbone():
+    from keras_llama.models import LlamaBackbone
+
+    return LlamaBackbone(
+        vocabulary_size=32000, num_layers=1, num_query_heads=2, hidden_dim=8,
+        intermediate_dim=16, num_key_value_heads=1,
+    )  # fmt: skip

@@ -155,7 +155,9 @@ def test_wrong_tensor_shape_names_both_shapes(llama2_dir, tmp_path):
     config = json.loads((target / "config.json").read_text())
     config["intermediate_size"] = 48  # the file holds 64
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"feedforward.*expected \(32, 48\), received \(32, 64\)"):
+    # Shapes as the file stores them ([out, in]); the tensor and our weight both named.
+    match = r"'model.layers.0.mlp.gate_proj.weight' \(our weight `transformer_layer_0/feedforward"
+    with pytest.raises(ValueError, match=match + r".*expected \(48, 32\), received \(64, 32\)"):
         CausalLM.from_preset(str(target))
 
 

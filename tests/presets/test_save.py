@@ -70,7 +70,7 @@ def test_round_trip_int8_and_tied(tmp_path):
 
 
 def test_sharded_save(llama3_lm, tmp_path):
-    from keras_llama.models.preset_loading import save_task
+    from keras_llama.models.preset_saving import save_task
 
     save_task(llama3_lm, str(tmp_path / "sharded"), max_shard_size=2e-5)
     files = os.listdir(tmp_path / "sharded")

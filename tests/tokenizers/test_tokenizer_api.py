@@ -1,8 +1,6 @@
 """The shared Tokenizer API: config round-trips, input forms, presets delegation."""
 
 import inspect
-import sys
-import types
 
 import keras
 import numpy as np
@@ -81,25 +79,18 @@ def test_special_properties_before_vocabulary():
         tokenizer.detokenize([1])
 
 
-def test_presets_and_preset_delegation(monkeypatch, tmp_path):
-    calls = []
-    fake = types.ModuleType("keras_llama.models.preset_loading")
-    fake.load_tokenizer = lambda cls, preset, **kw: calls.append(("load", cls, preset, kw))
-    fake.save_tokenizer = lambda tok, preset_dir: calls.append(("save", tok, preset_dir))
-    fake.presets_for = lambda cls: {"tiny": {"class": cls.__name__}}
-    monkeypatch.setitem(sys.modules, "keras_llama.models.preset_loading", fake)
-    # Tokenizers reach preset_loading through the module it registers (no upward import).
-    import keras_llama.tokenizers.tokenizer as tokenizer_module
-
-    monkeypatch.setattr(tokenizer_module, "_PRESET_API", fake)
-    Llama3Tokenizer.from_preset("llama3_8b_en", pad_token="<|eot_id|>")
-    tokenizer = Tokenizer()
-    tokenizer.save_to_preset(str(tmp_path))
-    assert calls == [
-        ("load", Llama3Tokenizer, "llama3_8b_en", {"pad_token": "<|eot_id|>"}),
-        ("save", tokenizer, str(tmp_path)),
-    ]
-    assert LlamaTokenizer.presets == {"tiny": {"class": "LlamaTokenizer"}}
+def test_presets_and_preset_delegation(tmp_path):
+    # Tokenizers reach the loader and saver through the registry (no upward import). A preset
+    # names its family through its backbone's class.
+    _tiny_backbone().save_to_preset(str(tmp_path))
+    LlamaTokenizer(mistral_v1_path(), pad_token="<unk>").save_to_preset(str(tmp_path))
+    loaded = Tokenizer.from_preset(str(tmp_path), start_token="</s>")
+    assert type(loaded) is LlamaTokenizer and loaded.start_token == "</s>"
+    assert loaded.pad_token == "<unk>"
+    text = "The quick brown fox."
+    assert loaded(text).tolist() == sentencepiece_processor().encode(text)
+    assert "llama2_7b_en" in LlamaTokenizer.presets and "llama3_8b_en" not in LlamaTokenizer.presets
+    assert set(Tokenizer.presets) == set(LlamaTokenizer.presets) | set(Llama3Tokenizer.presets)
 
 
 def test_base_class_hooks_are_explicit():
@@ -109,3 +100,12 @@ def test_base_class_hooks_are_explicit():
         Tokenizer().save_assets(".")
     assert Tokenizer.from_config({}).get_config() == {}
     assert ID["<|im_start|>"] == 1
+
+
+def _tiny_backbone():
+    from keras_llama.models import LlamaBackbone
+
+    return LlamaBackbone(
+        vocabulary_size=32000, num_layers=1, num_query_heads=2, hidden_dim=8,
+        intermediate_dim=16, num_key_value_heads=1,
+    )  # fmt: skip

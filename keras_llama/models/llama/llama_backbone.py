@@ -11,9 +11,11 @@ from keras_llama.models.llama.llama_layers import (
     ReversibleEmbedding,
     kernel_initializer,
 )
+from keras_llama.utils import registry
 from keras_llama.utils.validation import check_positive_int, check_token_ids
 
 
+@registry.register_class("llama", "backbone")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class LlamaBackbone(Backbone):
     """The Llama decoder network, with KerasHub's constructor and weight layout.

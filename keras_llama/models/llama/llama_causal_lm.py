@@ -8,8 +8,10 @@ from keras_llama.models.execution_plan import STAGES
 from keras_llama.models.llama import llama_cache, llama_plan
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama", "task")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class LlamaCausalLM(CausalLM):
     """An end-to-end Llama model for causal language modeling.

@@ -5,8 +5,10 @@ import keras
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_tokenizer import LlamaTokenizer
 from keras_llama.models.preprocessor import CausalLMPreprocessor
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama", "preprocessor")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class LlamaCausalLMPreprocessor(CausalLMPreprocessor):
     """Llama causal LM preprocessor (KerasHub's `LlamaCausalLMPreprocessor`).

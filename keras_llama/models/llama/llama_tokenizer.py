@@ -4,8 +4,10 @@ import keras
 
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama", "tokenizer")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class LlamaTokenizer(SentencePieceTokenizer):
     """Llama tokenizer: a SentencePiece model run by the `sentencepiece` package.

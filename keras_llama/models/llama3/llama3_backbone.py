@@ -3,8 +3,10 @@
 import keras
 
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama3", "backbone")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class Llama3Backbone(LlamaBackbone):
     """The Llama 3 decoder network: identical to `LlamaBackbone` (same arguments and weights);

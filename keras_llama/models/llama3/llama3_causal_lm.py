@@ -5,8 +5,10 @@ import keras
 from keras_llama.models.llama.llama_causal_lm import LlamaCausalLM
 from keras_llama.models.llama3.llama3_backbone import Llama3Backbone
 from keras_llama.models.llama3.llama3_causal_lm_preprocessor import Llama3CausalLMPreprocessor
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama3", "task")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class Llama3CausalLM(LlamaCausalLM):
     """An end-to-end Llama 3 model for causal language modeling (see `LlamaCausalLM`).

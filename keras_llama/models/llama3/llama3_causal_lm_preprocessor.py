@@ -5,8 +5,10 @@ import keras
 from keras_llama.models.llama3.llama3_backbone import Llama3Backbone
 from keras_llama.models.llama3.llama3_tokenizer import Llama3Tokenizer
 from keras_llama.models.preprocessor import CausalLMPreprocessor
+from keras_llama.utils import registry
 
 
+@registry.register_class("llama3", "preprocessor")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class Llama3CausalLMPreprocessor(CausalLMPreprocessor):
     """Llama 3 causal LM preprocessor (KerasHub's `Llama3CausalLMPreprocessor`).

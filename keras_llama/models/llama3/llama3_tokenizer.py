@@ -6,6 +6,7 @@ import keras
 
 from keras_llama.models.llama3.llama3_backbone import Llama3Backbone
 from keras_llama.tokenizers.byte_pair_tokenizer import BytePairTokenizer
+from keras_llama.utils import registry
 
 # Meta's special tokens for Llama 3.1 and later (llama-models, llama3/tokenizer.py); ids are
 # 128000 + index. Llama 3.0 named most of them `<|reserved_special_token_N|>`.
@@ -42,6 +43,7 @@ LLAMA3_STOP_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]
 _SPECIAL_SHAPE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 
+@registry.register_class("llama3", "tokenizer")
 @keras.saving.register_keras_serializable(package="keras_llama")
 class Llama3Tokenizer(BytePairTokenizer):
     """Llama 3 tokenizer: byte-level BPE on Hugging Face `tokenizers`, with ids equal to Meta's
