@@ -1,4 +1,5 @@
 """TEMPORARY shim (replaced by the kernels branch)."""
+
 from keras_llama.kernels import attention as _attention
 from keras_llama.kernels import attention_supported as supported  # noqa: F401
 

@@ -1,4 +1,5 @@
 """TEMPORARY shim (replaced by the kernels branch)."""
+
 import collections
 
 from keras_llama import kernels as _k

@@ -1,4 +1,5 @@
 """TEMPORARY shim (replaced by the kernels branch)."""
+
 import math
 
 import keras
@@ -34,7 +35,7 @@ def _mode(layer):
 
 
 def packable_mode(layers):
-    """"float32" or "int8" when every layer packs the same way, else None."""
+    """ "float32" or "int8" when every layer packs the same way, else None."""
     modes = {_mode(layer) for layer in layers}
     return modes.pop() if len(modes) == 1 and None not in modes else None
 

@@ -1,4 +1,5 @@
 """TEMPORARY shim (replaced by the kernels branch)."""
+
 import functools
 
 from keras import ops

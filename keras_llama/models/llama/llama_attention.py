@@ -11,7 +11,11 @@ import keras
 from keras import ops
 
 from keras_llama.models.llama import llama_cache, llama_strategies
-from keras_llama.models.llama.llama_layers import LlamaRotaryEmbedding
+from keras_llama.models.llama.llama_layers import (
+    LlamaRotaryEmbedding,
+    clone_initializer,
+    rope_config,
+)
 from keras_llama.utils.validation import check_positive_int
 
 
@@ -99,7 +103,9 @@ class LlamaAttention(keras.layers.Layer):
             )
         self.head_dim = hidden_dim // self.num_query_heads
         u, v, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
-        common = dict(kernel_initializer=self._clone_initializer(), dtype=self.dtype_policy)
+        common = dict(
+            kernel_initializer=clone_initializer(self.kernel_initializer), dtype=self.dtype_policy
+        )
         self._query_dense = keras.layers.EinsumDense(
             "bqm,muh->bquh", output_shape=(None, u, h), name="query", **common
         )
@@ -172,21 +178,13 @@ class LlamaAttention(keras.layers.Layer):
             return output, cache
         return output
 
-    def _clone_initializer(self):
-        return self.kernel_initializer.__class__.from_config(self.kernel_initializer.get_config())
-
     def get_config(self):
         config = super().get_config()
         config.update(
             {
                 "num_query_heads": self.num_query_heads,
                 "num_key_value_heads": self.num_key_value_heads,
-                "rope_max_wavelength": self.rope_max_wavelength,
-                "rope_scaling_factor": self.rope_scaling_factor,
-                "rope_frequency_adjustment_factor": self.rope_frequency_adjustment_factor,
-                "rope_low_freq_factor": self.rope_low_freq_factor,
-                "rope_high_freq_factor": self.rope_high_freq_factor,
-                "rope_pretraining_sequence_length": self.rope_pretraining_sequence_length,
+                **rope_config(self),
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "dropout": self.dropout,
             }

@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_llama.models.llama import llama_strategies
 from keras_llama.models.llama.llama_attention import LlamaAttention, causal_attention_mask
-from keras_llama.models.llama.llama_layers import LlamaLayerNorm
+from keras_llama.models.llama.llama_layers import LlamaLayerNorm, clone_initializer, rope_config
 from keras_llama.utils.validation import check_positive_int
 
 
@@ -58,35 +58,30 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         self.intermediate_dim = intermediate_dim
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
-        self.rope_max_wavelength = rope_max_wavelength
-        self.rope_scaling_factor = rope_scaling_factor
-        self.rope_frequency_adjustment_factor = rope_frequency_adjustment_factor
-        self.rope_low_freq_factor = rope_low_freq_factor
-        self.rope_high_freq_factor = rope_high_freq_factor
-        self.rope_pretraining_sequence_length = rope_pretraining_sequence_length
         self.activation = keras.activations.get(activation)
         self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.dropout = dropout
         self.supports_masking = True
+        # Made here (built in `build`): it validates and keeps the rotary arguments.
+        self._self_attention_layer = LlamaAttention(
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            rope_max_wavelength=rope_max_wavelength,
+            rope_scaling_factor=rope_scaling_factor,
+            rope_frequency_adjustment_factor=rope_frequency_adjustment_factor,
+            rope_low_freq_factor=rope_low_freq_factor,
+            rope_high_freq_factor=rope_high_freq_factor,
+            rope_pretraining_sequence_length=rope_pretraining_sequence_length,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            dropout=dropout,
+            dtype=self.dtype_policy,
+            name="self_attention",
+        )
 
     def build(self, decoder_sequence_shape):
         # decoder_sequence_shape: [b, q, m]
         hidden_dim = decoder_sequence_shape[-1]
-        self._self_attention_layer = LlamaAttention(
-            num_query_heads=self.num_query_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            rope_max_wavelength=self.rope_max_wavelength,
-            rope_scaling_factor=self.rope_scaling_factor,
-            rope_frequency_adjustment_factor=self.rope_frequency_adjustment_factor,
-            rope_low_freq_factor=self.rope_low_freq_factor,
-            rope_high_freq_factor=self.rope_high_freq_factor,
-            rope_pretraining_sequence_length=self.rope_pretraining_sequence_length,
-            kernel_initializer=self._clone_initializer(),
-            dropout=self.dropout,
-            dtype=self.dtype_policy,
-            name="self_attention",
-        )
         self._self_attention_layer.build(decoder_sequence_shape)
         self._self_attention_layernorm = LlamaLayerNorm(
             epsilon=self.layer_norm_epsilon,
@@ -100,7 +95,7 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         dense = dict(use_bias=False, dtype=self.dtype_policy)
         self._feedforward_intermediate_dense = keras.layers.Dense(
             self.intermediate_dim,
-            kernel_initializer=self._clone_initializer(),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="feedforward_intermediate_dense",
             **dense,
         )
@@ -108,14 +103,14 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         self._feedforward_gate_dense = keras.layers.Dense(
             self.intermediate_dim,
             activation=self.activation,
-            kernel_initializer=self._clone_initializer(),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="feedforward_gate_dense",
             **dense,
         )
         self._feedforward_gate_dense.build(decoder_sequence_shape)
         self._feedforward_output_dense = keras.layers.Dense(
             hidden_dim,
-            kernel_initializer=self._clone_initializer(),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="feedforward_output_dense",
             **dense,
         )
@@ -175,9 +170,6 @@ class LlamaTransformerDecoder(keras.layers.Layer):
     def compute_output_shape(self, decoder_sequence_shape):
         return decoder_sequence_shape
 
-    def _clone_initializer(self):
-        return self.kernel_initializer.__class__.from_config(self.kernel_initializer.get_config())
-
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -185,12 +177,7 @@ class LlamaTransformerDecoder(keras.layers.Layer):
                 "intermediate_dim": self.intermediate_dim,
                 "num_query_heads": self.num_query_heads,
                 "num_key_value_heads": self.num_key_value_heads,
-                "rope_max_wavelength": self.rope_max_wavelength,
-                "rope_scaling_factor": self.rope_scaling_factor,
-                "rope_frequency_adjustment_factor": self.rope_frequency_adjustment_factor,
-                "rope_low_freq_factor": self.rope_low_freq_factor,
-                "rope_high_freq_factor": self.rope_high_freq_factor,
-                "rope_pretraining_sequence_length": self.rope_pretraining_sequence_length,
+                **rope_config(self._self_attention_layer),
                 "activation": keras.activations.serialize(self.activation),
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),

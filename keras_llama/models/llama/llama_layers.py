@@ -15,6 +15,26 @@ def kernel_initializer(stddev=0.02):
     return keras.initializers.RandomNormal(stddev=stddev)
 
 
+def clone_initializer(initializer):
+    """A fresh copy of ``initializer``: each layer draws its own values."""
+    return initializer.__class__.from_config(initializer.get_config())
+
+
+ROPE_ARGUMENTS = (
+    "rope_max_wavelength",
+    "rope_scaling_factor",
+    "rope_frequency_adjustment_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_pretraining_sequence_length",
+)
+
+
+def rope_config(layer):
+    """The rotary-embedding arguments of a layer that takes them (`ROPE_ARGUMENTS`)."""
+    return {name: getattr(layer, name) for name in ROPE_ARGUMENTS}
+
+
 @keras.saving.register_keras_serializable(package="keras_llama")
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` (same arguments, variables, results and class name:
