@@ -241,7 +241,7 @@ def enable_persistent_compilation_cache():
         return
     if jax.config.jax_compilation_cache_dir:
         return
-    from keras_llama.presets.handles import cache_dir
+    from keras_llama.utils.cache import cache_dir
 
     path = os.path.join(cache_dir(), "jax_compilation_cache")
     try:
@@ -269,7 +269,8 @@ class GenerationEngine:
             enable_persistent_compilation_cache()
             from keras_llama import kernels
 
-            kernels.ensure_built_in_background()  # built once per machine, then cached
+            # Built once per machine, then cached.
+            kernels.library("decode_matmul").build_in_background()
             self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
             self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
             self._fuse_jit = jax.jit(self._fuse)
