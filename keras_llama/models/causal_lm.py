@@ -50,7 +50,8 @@ class CausalLM(Task):
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
-        kernels.ensure_training_kernels_built_in_background()  # once per machine, then cached
+        # The training ops' native libraries: built once per machine, then cached.
+        kernels.build_in_background("attention", "cross_entropy", "swiglu")
         self.sampler = samplers.get(sampler)
         self.generate_function = None
 

@@ -1,16 +1,16 @@
 """LlamaCausalLM: the backbone plus the output projection, with a key/value cache."""
 
 import contextlib
-import math
 
 import keras
 from keras import ops
 
-from keras_llama import kernels as native_kernels
+from keras_llama import kernels
+from keras_llama.kernels import decode_matmul
+from keras_llama.kernels.packing import pack_reverse_embedding
 from keras_llama.models.causal_lm import CausalLM
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
-from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -126,44 +126,14 @@ class LlamaCausalLM(CausalLM):
         `LlamaTransformerDecoder.fused_kernels` and no head (the embedding's own path). None
         when some block is quantized otherwise or has LoRA (the layers' own path)."""
         layers = self.backbone.transformer_layers
-        if native_kernels.available():
+        if kernels.library("decode_matmul").ensure_built():
             packed = [layer.packed_kernels() for layer in layers]
-            head = self._packed_output_projection()
+            head = pack_reverse_embedding(self.backbone.token_embedding)
             if head is not None and all(p is not None for p in packed):
                 return {"layers": packed, "head": head}
         if not all(layer.fusable() for layer in layers):
             return None
         return {"layers": [layer.fused_kernels() for layer in layers], "head": None}
-
-    def _packed_output_projection(self):
-        # The token embedding's reverse projection [hidden, vocab] as a PackedKernel, or None.
-        embedding = self.backbone.token_embedding
-        if embedding.logit_soft_cap is not None or embedding.compute_dtype != "float32":
-            return None
-        if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
-            return None
-        mode = embedding.quantization_mode
-        if mode is None:
-            if embedding.tie_weights:
-                kernel = ops.transpose(ops.convert_to_tensor(embedding.embeddings))
-            else:
-                kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
-            return native_kernels.pack(kernel)
-        if not isinstance(resolved_policy(embedding), Int8WeightOnlyDTypePolicy):
-            return None
-        if embedding.tie_weights:
-            kernel = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
-            scale = ops.convert_to_tensor(embedding.embeddings_scale)
-        else:
-            kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
-            scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
-        vocab = kernel.shape[1]
-        if math.prod(scale.shape) != vocab:  # not one scale per vocabulary entry
-            return None
-        # Keras computes `(x @ kernel) / scale`.
-        return native_kernels.pack_int8(
-            kernel, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,))
-        )
 
     @contextlib.contextmanager
     def _decoding_with_kernels(self, kernels):
@@ -217,7 +187,7 @@ class LlamaCausalLM(CausalLM):
         hidden = self.backbone.layer_norm(x)
         projected = hidden[:, -1:] if last_logits_only else hidden
         if kernels is not None and kernels["head"] is not None:
-            logits = native_kernels.matmul(projected, kernels["head"])
+            logits = decode_matmul.matmul(projected, kernels["head"])
         else:
             logits = self.backbone.token_embedding(projected, reverse=True)
         return logits, hidden, new_caches

@@ -12,14 +12,19 @@ head-dim letter, XLA contracts the kernel in its stored order instead of copying
 on every call (16-18% of a CPU decode step).
 """
 
-import functools
 import math
 
 import keras
 from keras import ops
 
-from keras_llama import kernels as native_kernels
-from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
+from keras_llama.kernels import decode_matmul
+from keras_llama.kernels.attention import attention as native_attention
+from keras_llama.kernels.attention import supported as native_attention_supported
+from keras_llama.kernels.library import applies as native_applies
+from keras_llama.kernels.packing import dense_matrix, is_plain, pack_dense
+from keras_llama.kernels.swiglu import swiglu as native_swiglu
+from keras_llama.kernels.training_matmul import matmul as training_matmul
+from keras_llama.kernels.training_matmul import matmul_transposed as training_matmul_transposed
 
 
 def _kernel_initializer(stddev=0.02):
@@ -40,14 +45,15 @@ def _heads_major(x, dtype, keys=False):
 
 
 def _project(x, kernel):
-    """``x [..., K] @ kernel``: a [K, N] array, or a `keras_llama.kernels.PackedKernel`."""
-    if isinstance(kernel, native_kernels.PackedKernel):
-        return native_kernels.matmul(x, kernel)
+    """``x [..., K] @ kernel``: a [K, N] array, or `keras_llama.kernels.decode_matmul`'s
+    `PackedWeights`."""
+    if isinstance(kernel, decode_matmul.PackedWeights):
+        return decode_matmul.matmul(x, kernel)
     return ops.matmul(x, kernel)
 
 
 def _training_matmuls():
-    """Whether training steps route their projections through `_training_matmul`: JAX on CPU
+    """Whether training steps route their projections through `training_matmul`: JAX on CPU
     (what it fixes is how XLA:CPU compiles the backward products)."""
     if keras.config.backend() != "jax":
         return False
@@ -56,129 +62,12 @@ def _training_matmuls():
     return jax.default_backend() == "cpu"
 
 
-@functools.cache
-def _make_training_matmul():
-    import jax
-
-    @jax.custom_vjp
-    def matmul(x, kernel):
-        return x @ kernel
-
-    def forward(x, kernel):
-        return x @ kernel, (x, kernel)
-
-    def backward(residuals, dy):
-        # Written out rather than left to JAX's transpose rule for dot_general: XLA:CPU then
-        # keeps fewer transposed copies alive (300 MB less temporary memory in a SmolLM2-135M
-        # training step) and schedules the products a little faster.
-        x, kernel = residuals
-        return dy @ kernel.T, x.T @ dy
-
-    matmul.defvjp(forward, backward)
-    return matmul
-
-
-@functools.cache
-def _make_training_matmul_transposed():
-    import jax
-
-    @jax.custom_vjp
-    def matmul(x, table):
-        return x @ table.T
-
-    def forward(x, table):
-        return x @ table.T, (x, table)
-
-    def backward(residuals, dy):
-        # Written out, the products keep their natural layouts and XLA keeps no extra copy
-        # of the [tokens, vocabulary] gradient (its own transpose rule materialized one
-        # transposed: 150 ms and 200 MB of a SmolLM2-135M step).
-        x, table = residuals
-        return dy @ table, dy.T @ x
-
-    matmul.defvjp(forward, backward)
-    return matmul
-
-
-def training_logits(x, table):
-    """``x [..., m] @ table.T`` for a [vocabulary, m] table (a tied embedding) in a training
-    step on JAX CPU (see `_training_matmuls`): same values and gradients as `ops.matmul`."""
-    lead = tuple(x.shape[:-1])
-    y = _make_training_matmul_transposed()(ops.reshape(x, (-1, x.shape[-1])), table)
-    return ops.reshape(y, (*lead, table.shape[0]))
-
-
-def _training_matmul(x, kernel):
-    """``x [..., K] @ kernel [K, N]`` in a training step (see `_training_matmuls`): same
-    values and gradients as `ops.matmul`, less memory and a little faster on XLA:CPU."""
-    lead = tuple(x.shape[:-1])
-    y = _make_training_matmul()(ops.reshape(x, (-1, x.shape[-1])), kernel)
-    return ops.reshape(y, (*lead, kernel.shape[-1]))
-
-
-def _plain(*layers):
-    """True when every layer holds plain float weights: no quantization, no LoRA."""
-    return all(
-        x.quantization_mode is None and not getattr(x, "lora_enabled", False) for x in layers
-    )
-
-
-def _dense_matrix(layer, input_dims):
-    """A plain Dense/EinsumDense layer's kernel as a [K, N] matrix in its compute dtype."""
-    return _as_matrix(ops.cast(layer.kernel, layer.compute_dtype), input_dims)
-
-
-def _as_matrix(array, input_dims):
-    # [i1, .., i_d, o1, ...] -> [i1 * .. * i_d, o1 * ...]
-    rows = math.prod(array.shape[:input_dims])
-    return ops.reshape(array, (rows, -1))
-
-
-def _packable(layers, input_dims):
-    """The kernels of Dense/EinsumDense ``layers`` (all reading the same input), each as a
-    [K, N] matrix (K = the product of its first ``input_dims`` dims), concatenated along N
-    into one `keras_llama.kernels.PackedKernel`: float32 when every layer computes in float32
-    from a float kernel, int8 when every layer is int8 weight-only (`"int8_weight_only"`).
-    None for anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
-    modes = set()
-    for layer in layers:
-        if getattr(layer, "lora_enabled", False) or layer.compute_dtype != "float32":
-            return None
-        if layer.quantization_mode is None:
-            modes.add("float")
-        elif isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy):
-            modes.add("int8")
-        else:
-            return None
-    if modes == {"float"}:
-        matrices = [_as_matrix(ops.convert_to_tensor(x.kernel), input_dims) for x in layers]
-        return native_kernels.pack(ops.concatenate(matrices, axis=1))
-    if modes != {"int8"}:
-        return None
-    matrices, scales = [], []
-    for layer in layers:
-        kernel = ops.convert_to_tensor(layer._kernel)
-        scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
-        if isinstance(layer, keras.layers.EinsumDense):
-            adjust = getattr(layer, "_adjust_scale_for_dequant", None)
-            if adjust is None:  # a Keras without it: keep the layer's own path
-                return None
-            scale = adjust(scale)
-        # Keras dequantizes with `kernel / scale`, one scale per output channel.
-        scale = ops.broadcast_to(scale, kernel.shape)
-        matrices.append(_as_matrix(kernel, input_dims))
-        scales.append(1.0 / _as_matrix(scale, input_dims)[0])
-    return native_kernels.pack_int8(
-        ops.concatenate(matrices, axis=1), ops.concatenate(scales, axis=0)
-    )
-
-
 @keras.saving.register_keras_serializable(package="keras_llama")
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` (same arguments, variables, results and class name:
     Keras names a layer's entries in ``.weights.h5`` files after its class, so KerasHub's
     weight files keep loading) whose reverse projection, in a training step on JAX CPU with
-    plain float weights, runs through `training_logits` / `_training_matmul`: the vocabulary
+    plain float weights, runs through `training_matmul_transposed` / `training_matmul`: the vocabulary
     projection's gradient without XLA's transposed copy of the [tokens, vocabulary] gradient
     (faster, 200 MB less at the SmolLM2-135M training shape)."""
 
@@ -187,15 +76,15 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             reverse
             and training
             and _training_matmuls()
-            and _plain(self)
+            and is_plain(self)
             and self.reverse_dtype is None
             and self.logit_soft_cap is None
         ):
             if self.tie_weights:
                 table = ops.cast(self.embeddings, self.compute_dtype)
-                return training_logits(ops.cast(inputs, self.compute_dtype), table)
+                return training_matmul_transposed(ops.cast(inputs, self.compute_dtype), table)
             kernel = ops.cast(self.reverse_embeddings, self.compute_dtype)
-            return _training_matmul(ops.cast(inputs, self.compute_dtype), kernel)
+            return training_matmul(ops.cast(inputs, self.compute_dtype), kernel)
         return super().call(inputs, reverse=reverse)
 
     def quantize(self, mode=None, type_check=True, config=None):
@@ -492,7 +381,7 @@ class LlamaAttention(keras.layers.Layer):
             b, q = ops.shape(hidden_states)[0], ops.shape(hidden_states)[1]
             u, v, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
             query, key, value = (
-                ops.reshape(_training_matmul(hidden_states, _dense_matrix(d, 1)), (b, q, n, h))
+                ops.reshape(training_matmul(hidden_states, dense_matrix(d, 1)), (b, q, n, h))
                 for d, n in ((self._query_dense, u), (self._key_dense, v), (self._value_dense, v))
             )
         else:
@@ -504,9 +393,9 @@ class LlamaAttention(keras.layers.Layer):
         )
 
     def _training_matmuls(self):
-        # Plain float projections (no LoRA, no quantization) on JAX CPU: `_training_matmul`.
+        # Plain float projections (no LoRA, no quantization) on JAX CPU: `training_matmul`.
         denses = (self._query_dense, self._key_dense, self._value_dense, self._output_dense)
-        return _training_matmuls() and _plain(*denses)
+        return _training_matmuls() and is_plain(*denses)
 
     def call_with_fused_kernel(
         self,
@@ -521,7 +410,7 @@ class LlamaAttention(keras.layers.Layer):
         """`call` with a cache (inference only), projecting queries, keys and values with ONE
         matmul by ``qkv_kernel`` [m, (u + 2v) * h] (the query, key and value kernels
         concatenated, see `fused_qkv_kernel`): one larger kernel instead of three. With
-        `keras_llama.kernels.PackedKernel` s (``qkv_kernel`` and ``output_kernel`` from
+        `PackedWeights` (``qkv_kernel`` and ``output_kernel`` from
         `packed_kernels`), both projections run through the native decoding kernels. Same
         arguments and result as `call` otherwise."""
         b, q = ops.shape(hidden_states)[0], ops.shape(hidden_states)[1]
@@ -552,11 +441,11 @@ class LlamaAttention(keras.layers.Layer):
         )
 
     def packed_kernels(self):
-        """``(qkv, output)`` `keras_llama.kernels.PackedKernel` s for the native decoding
+        """``(qkv, output)`` `PackedWeights` for the native decoding
         kernels: the query/key/value kernels concatenated [m, (u + 2v) * h] and the output
         kernel [u * h, m], float32 or int8 weight-only; None when a projection is neither."""
-        qkv = _packable([self._query_dense, self._key_dense, self._value_dense], input_dims=1)
-        output = _packable([self._output_dense], input_dims=2)
+        qkv = pack_dense([self._query_dense, self._key_dense, self._value_dense], input_dims=1)
+        output = pack_dense([self._output_dense], input_dims=2)
         if qkv is None or output is None:
             return None
         return qkv, output
@@ -622,7 +511,7 @@ class LlamaAttention(keras.layers.Layer):
             value = ops.reshape(value, (b, self.num_key_value_heads, -1, self.head_dim))
         if self._use_dot_product_attention(query, training):
             if not heads_major and self._use_native_attention(query, key, value):
-                attended = native_kernels.attention(
+                attended = native_attention(
                     query, key, value, attention_mask, 1.0 / math.sqrt(self.head_dim)
                 )
                 return self._project_output(attended, output_kernel, training)
@@ -692,8 +581,8 @@ class LlamaAttention(keras.layers.Layer):
         # block of query rows stay in a thread-local buffer, keys and values are read in place
         # (no repeat, no transposes). About 3x faster fwd+bwd than XLA's attention at the
         # SmolLM2-135M training shape, and no [b, u, q, s] tensors saved for the backward pass.
-        return native_kernels.attention_supported(query, key, value) and native_kernels.applies(
-            native_kernels.attention_available, query, key, value
+        return native_attention_supported(query, key, value) and native_applies(
+            "attention", query, key, value
         )
 
     def _attend_dot_product(
@@ -717,7 +606,7 @@ class LlamaAttention(keras.layers.Layer):
         if output_kernel is None and training and self._training_matmuls():
             b, q = ops.shape(attended)[0], ops.shape(attended)[1]
             flat = ops.reshape(attended, (b, q, -1))
-            return _training_matmul(flat, _dense_matrix(self._output_dense, 2))
+            return training_matmul(flat, dense_matrix(self._output_dense, 2))
         if output_kernel is None:
             return self._output_dense(attended)
         b, q = ops.shape(attended)[0], ops.shape(attended)[1]
@@ -896,11 +785,11 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         residual = x
         x = self._feedforward_layernorm(x)
         if training and _training_matmuls() and self.fusable():
-            # Training on XLA:CPU: `_training_matmul` for its faster backward products.
-            gate = _training_matmul(x, _dense_matrix(self._feedforward_gate_dense, 1))
-            up = _training_matmul(x, _dense_matrix(self._feedforward_intermediate_dense, 1))
+            # Training on XLA:CPU: `training_matmul` for its faster backward products.
+            gate = training_matmul(x, dense_matrix(self._feedforward_gate_dense, 1))
+            up = training_matmul(x, dense_matrix(self._feedforward_intermediate_dense, 1))
             x = self._gated_activation(gate, up)
-            x = _training_matmul(x, _dense_matrix(self._feedforward_output_dense, 1))
+            x = training_matmul(x, dense_matrix(self._feedforward_output_dense, 1))
         else:
             x = self._feedforward_gate_dense(x) * self._feedforward_intermediate_dense(x)
             x = self._feedforward_output_dense(x)
@@ -913,17 +802,15 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         # ``activation(gate) * up``; SiLU in float32 on one device through the native SwiGLU
         # kernels (one pass each way instead of XLA's three to five: ~0.1 s and 0.36 GB of XLA
         # temporaries in a SmolLM2-135M training step).
-        if self.activation is keras.activations.silu and native_kernels.applies(
-            native_kernels.swiglu_available, gate, up
-        ):
-            return native_kernels.swiglu(gate, up)
+        if self.activation is keras.activations.silu and native_applies("swiglu", gate, up):
+            return native_swiglu(gate, up)
         return self.activation(gate) * up
 
     def fusable(self):
         """True when every projection is a plain float kernel (no quantization, no LoRA), so
         `call_with_fused_kernels` computes exactly what `call` does."""
         attention = self._self_attention_layer
-        return _plain(
+        return is_plain(
             attention._query_dense,
             attention._key_dense,
             attention._value_dense,
@@ -947,15 +834,15 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         return self._self_attention_layer.fused_qkv_kernel(), gate_up
 
     def packed_kernels(self):
-        """This block's projections as `keras_llama.kernels.PackedKernel` s for the native
+        """This block's projections as `PackedWeights` for the native
         decoding kernels (for `call_with_fused_kernels`): a dict with ``qkv``, ``output``,
         ``gate_up`` and ``down``; None when some projection can be neither float32 nor int8
-        weight-only packed (see `_packable`)."""
+        weight-only packed (see `keras_llama.kernels.packing.pack_dense`)."""
         attention = self._self_attention_layer.packed_kernels()
-        gate_up = _packable(
+        gate_up = pack_dense(
             [self._feedforward_gate_dense, self._feedforward_intermediate_dense], input_dims=1
         )
-        down = _packable([self._feedforward_output_dense], input_dims=1)
+        down = pack_dense([self._feedforward_output_dense], input_dims=1)
         if attention is None or gate_up is None or down is None:
             return None
         return {"qkv": attention[0], "output": attention[1], "gate_up": gate_up, "down": down}

@@ -1,0 +1,102 @@
+"""Keras layers -> `decode_matmul.PackedWeights`: the one place that knows how a Keras Dense,
+EinsumDense or ReversibleEmbedding stores its weights, float or int8 weight-only.
+
+Keras dequantizes an int8 kernel with ``kernel / scale``, one scale per output channel; packed
+int8 weights carry the reciprocal as their column scale (``x @ (kernel * column_scale)``).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_llama.kernels import decode_matmul
+from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
+
+
+def is_plain(*layers):
+    """True when every layer holds plain float weights: no quantization, no LoRA."""
+    return all(
+        x.quantization_mode is None and not getattr(x, "lora_enabled", False) for x in layers
+    )
+
+
+def dense_matrix(layer, input_dims):
+    """A plain Dense/EinsumDense layer's kernel as a [K, N] matrix in its compute dtype (K =
+    the product of its first ``input_dims`` dims)."""
+    return _as_matrix(ops.cast(layer.kernel, layer.compute_dtype), input_dims)
+
+
+def pack_dense(layers, input_dims):
+    """The kernels of Dense/EinsumDense ``layers`` (all reading the same input), each as a
+    [K, N] matrix (K = the product of its first ``input_dims`` dims), concatenated along N
+    into one `PackedWeights`: float32 when every layer computes in float32 from a float
+    kernel, int8 when every layer is int8 weight-only (``"int8_weight_only"``). None for
+    anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
+    modes = set()
+    for layer in layers:
+        if getattr(layer, "lora_enabled", False) or layer.compute_dtype != "float32":
+            return None
+        if layer.quantization_mode is None:
+            modes.add("float")
+        elif _int8_weight_only(layer):
+            modes.add("int8")
+        else:
+            return None
+    if modes == {"float"}:
+        matrices = [_as_matrix(ops.convert_to_tensor(x.kernel), input_dims) for x in layers]
+        return decode_matmul.pack(ops.concatenate(matrices, axis=1))
+    if modes != {"int8"}:
+        return None
+    matrices, scales = [], []
+    for layer in layers:
+        kernel = ops.convert_to_tensor(layer._kernel)
+        scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
+        if isinstance(layer, keras.layers.EinsumDense):
+            adjust = getattr(layer, "_adjust_scale_for_dequant", None)
+            if adjust is None:  # a Keras without it: keep the layer's own path
+                return None
+            scale = adjust(scale)
+        scale = ops.broadcast_to(scale, kernel.shape)
+        matrices.append(_as_matrix(kernel, input_dims))
+        scales.append(1.0 / _as_matrix(scale, input_dims)[0])
+    return decode_matmul.pack_int8(
+        ops.concatenate(matrices, axis=1), ops.concatenate(scales, axis=0)
+    )
+
+
+def pack_reverse_embedding(embedding):
+    """A `keras.layers.ReversibleEmbedding`'s reverse projection [hidden, vocab] as
+    `PackedWeights` (float32, or int8 weight-only with one scale per vocabulary entry); None
+    when it computes otherwise (soft cap, another dtype, other quantization)."""
+    if embedding.logit_soft_cap is not None or embedding.compute_dtype != "float32":
+        return None
+    if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
+        return None
+    if embedding.quantization_mode is None:
+        if embedding.tie_weights:
+            matrix = ops.transpose(ops.convert_to_tensor(embedding.embeddings))
+        else:
+            matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
+        return decode_matmul.pack(matrix)
+    if not _int8_weight_only(embedding):
+        return None
+    if embedding.tie_weights:
+        matrix = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
+        scale = ops.convert_to_tensor(embedding.embeddings_scale)
+    else:
+        matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
+        scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
+    if math.prod(scale.shape) != matrix.shape[1]:  # not one scale per vocabulary entry
+        return None
+    return decode_matmul.pack_int8(matrix, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,)))
+
+
+def _int8_weight_only(layer):
+    return isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy)
+
+
+def _as_matrix(array, input_dims):
+    # [i1, .., i_d, o1, ...] -> [i1 * .. * i_d, o1 * ...]
+    rows = math.prod(array.shape[:input_dims])
+    return ops.reshape(array, (rows, -1))
