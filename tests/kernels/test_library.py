@@ -139,15 +139,19 @@ def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, caplog):
     assert "fake-c++: error: refused" in library.status().reason
 
 
-def test_a_broken_source_fails_to_compile(tmp_path, caplog):
-    broken = tmp_path / "activations.cc"
-    broken.write_text("int main( { return 0; }\n")  # a syntax error
+@pytest.mark.parametrize("name", list(kernels.LIBRARIES))
+def test_a_broken_source_logs_why_and_is_not_loaded(name, tmp_path, caplog):
     real_compiler()
-    library = swiglu_copy(tmp_path, source=broken)
+    original = kernels.library(name)
+    broken = tmp_path / original.source.name
+    broken.write_text("int main( { return 0; }\n")  # a syntax error
+    library = NativeLibrary(name, broken, original.targets, cache_folder=tmp_path / "kernels")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert library.ensure_built() is False
-    assert "compiling activations.cc failed" in caplog.text
-    assert "activations.cc" in str(library.error)
+    assert f"native {name} ops unavailable" in caplog.text
+    assert f"compiling {broken.name} failed" in caplog.text
+    assert isinstance(library.error, RuntimeError) and broken.name in str(library.error)
+    assert not library.loaded and os.listdir(tmp_path / "kernels") == []
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off", "no", "OFF"])

@@ -67,9 +67,9 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` (same arguments, variables, results and class name:
     Keras names a layer's entries in ``.weights.h5`` files after its class, so KerasHub's
     weight files keep loading) whose reverse projection, in a training step on JAX CPU with
-    plain float weights, runs through `training_matmul_transposed` / `training_matmul`: the vocabulary
-    projection's gradient without XLA's transposed copy of the [tokens, vocabulary] gradient
-    (faster, 200 MB less at the SmolLM2-135M training shape)."""
+    plain float weights, runs through `training_matmul_transposed` / `training_matmul`: the
+    vocabulary projection's gradient without XLA's transposed copy of the [tokens, vocabulary]
+    gradient (faster, 200 MB less at the SmolLM2-135M training shape)."""
 
     def call(self, inputs, reverse=False, training=None):
         if (
