@@ -7,13 +7,12 @@ matrix and differentiates through ``log_softmax``, which on a 49k-token vocabula
 several [tokens, vocabulary] float32 buffers and, on XLA:CPU, a transposed copy of one of them
 (0.4 s of a 7.9 s SmolLM2-135M training step at 4 x 256 tokens). Here the loss is
 ``logsumexp(logits) - logits[label]`` and its gradient ``softmax(logits) - one_hot(label)`` is
-written directly in one pass (`jax.custom_vjp`), with the one-hot never materialized.
+written directly in one pass (`jax.custom_vjp`, in `keras_llama.kernels.cross_entropy`: native
+kernels on JAX CPU, plain JAX elsewhere), with the one-hot never materialized.
 
 `CausalLM.compile` uses it for ``loss="auto"`` and in place of a Keras
 ``SparseCategoricalCrossentropy`` (or its name) passed as the loss.
 """
-
-import functools
 
 import keras
 from keras import ops
@@ -52,43 +51,14 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
 
 
 def _logits_cross_entropy(logits, labels):
-    from keras_llama import kernels
+    from keras_llama.kernels import cross_entropy
+    from keras_llama.kernels.library import applies
 
-    if kernels.applies(kernels.cross_entropy_available, logits):
+    if applies("cross_entropy", logits):
         # JAX on CPU: the native kernels (same values; 16-wide exponentials, two passes over
         # the logits forward and one backward, the gradient written over the logits).
-        return kernels.cross_entropy(logits, labels)
-    return _cross_entropy_with_vjp()(logits, labels)
-
-
-@functools.cache
-def _cross_entropy_with_vjp():
-    # Built once (JAX is imported only on this path): per-position loss from logits [..., V]
-    # and int labels [...], with the one-pass gradient.
-    import jax
-    import jax.numpy as jnp
-
-    def forward(logits, labels):
-        # A label outside [0, V) has an all-zero one-hot row in Keras: loss 0, gradient 0.
-        valid = (labels >= 0) & (labels < logits.shape[-1])
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        safe = jnp.where(valid, labels, 0)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return jnp.where(valid, lse - picked, 0), (logits, lse, labels)
-
-    def backward(residuals, grad):
-        logits, lse, labels = residuals
-        valid = (labels >= 0) & (labels < logits.shape[-1])
-        vocab = jnp.arange(logits.shape[-1], dtype=labels.dtype)
-        probs = jnp.exp(logits - lse[..., None])
-        one_hot = (vocab == labels[..., None]).astype(logits.dtype)
-        # An ignored row's gradient is exactly 0, even where its logits are not finite.
-        dlogits = (probs - one_hot) * grad[..., None]
-        return jnp.where(valid[..., None], dlogits, 0), None
-
-    cross_entropy = jax.custom_vjp(lambda logits, labels: forward(logits, labels)[0])
-    cross_entropy.defvjp(forward, backward)
-    return cross_entropy
+        return cross_entropy.cross_entropy(logits, labels)
+    return cross_entropy.jax_cross_entropy(logits, labels)
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")

@@ -7,7 +7,7 @@
 // exponentials (about 0.25 s of a SmolLM2-135M training step, 30 x [1024, 1536]); here each
 // direction is one pass with 16-wide exponentials. Elements are shared with XLA's intra-op
 // thread pool in blocks (cpu_common.h). Built and loaded at first use by
-// keras_llama/kernels/__init__.py.
+// keras_llama/kernels/library.py.
 
 #include <cmath>
 

@@ -15,7 +15,7 @@
 //
 // Work (blocks of query rows, blocks of keys) is shared with XLA's intra-op thread pool through
 // an atomic counter, as in decode_matmul.cc. Built and loaded at first use by
-// keras_llama/kernels/__init__.py.
+// keras_llama/kernels/library.py.
 
 #include <cmath>
 #include <limits>

@@ -14,7 +14,7 @@
 // can write its gradient over the logits (the caller aliases them).
 //
 // Rows are shared with XLA's intra-op thread pool through an atomic counter, as in
-// decode_matmul.cc. Built and loaded at first use by keras_llama/kernels/__init__.py.
+// decode_matmul.cc. Built and loaded at first use by keras_llama/kernels/library.py.
 
 #include <cmath>
 #include <limits>

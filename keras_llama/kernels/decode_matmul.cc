@@ -14,7 +14,7 @@
 //
 // Written with GCC/Clang vector extensions (intrinsics only to widen int8 on x86): built with -march=native, the
 // 16-float vectors become AVX-512 registers (two AVX2 registers, four NEON registers, ...).
-// Built and loaded at first use by keras_llama/kernels/__init__.py.
+// Built and loaded at first use by keras_llama/kernels/library.py.
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -39,8 +39,11 @@ inline f32x16 load(const int8_t* p) {
   // Sign-extend 16 int8 to int32, then convert to float. GCC scalarizes the generic
   // int8 -> int32 vector conversion, so x86 gets the one-instruction forms explicitly.
 #if defined(__AVX512F__)
-  const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512 f = _mm512_cvtepi32_ps(wide);
+  // The zero-masking forms with every lane selected: the same instructions as the plain
+  // forms, whose `_mm512_undefined_*` pass-through GCC 12 flags as maybe-uninitialized.
+  const __m512i wide = _mm512_maskz_cvtepi8_epi32(
+      static_cast<__mmask16>(0xFFFF), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512 f = _mm512_maskz_cvtepi32_ps(static_cast<__mmask16>(0xFFFF), wide);
   f32x16 out;
   std::memcpy(&out, &f, sizeof(out));
   return out;
@@ -186,7 +189,7 @@ ffi::Error decode_matmul_i8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel ||
-      pd[1] != xd[1] || yd[0] != xd[0] || scale.element_count() != pd[0] * kPanel) {
+      pd[1] != xd[1] || yd[0] != xd[0] || static_cast<int64_t>(scale.element_count()) != pd[0] * kPanel) {
     return ffi::Error::InvalidArgument(
         "decode_matmul_i8: expected x [M, K], packed [P, K, 32], scale [P * 32], y [M, N]");
   }

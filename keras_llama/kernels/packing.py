@@ -1,4 +1,9 @@
-"""TEMPORARY shim (replaced by the kernels branch)."""
+"""Keras layers -> `decode_matmul.PackedWeights`: the one place that knows how a Keras Dense,
+EinsumDense or ReversibleEmbedding stores its weights, float or int8 weight-only.
+
+Keras dequantizes an int8 kernel with ``kernel / scale``, one scale per output channel; packed
+int8 weights carry the reciprocal as their column scale (``x @ (kernel * column_scale)``).
+"""
 
 import math
 
@@ -10,18 +15,39 @@ from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
 
 
 def is_plain(*layers):
+    """True when every layer holds plain float weights: no quantization, no LoRA."""
     return all(
         x.quantization_mode is None and not getattr(x, "lora_enabled", False) for x in layers
     )
 
 
 def dense_matrix(layer, input_dims):
+    """A plain Dense/EinsumDense layer's kernel as a [K, N] matrix in its compute dtype (K =
+    the product of its first ``input_dims`` dims)."""
     return _as_matrix(ops.cast(layer.kernel, layer.compute_dtype), input_dims)
 
 
-def _as_matrix(array, input_dims):
-    rows = math.prod(array.shape[:input_dims])
-    return ops.reshape(array, (rows, -1))
+def packable_mode(layers):
+    """How `pack_dense` packs ``layers``: ``"float32"`` when every layer computes in float32
+    from a float kernel, ``"int8"`` when every layer is int8 weight-only
+    (``"int8_weight_only"``); None for anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
+    modes = {_mode(layer) for layer in layers}
+    return modes.pop() if len(modes) == 1 and None not in modes else None
+
+
+def packable_embedding_mode(embedding):
+    """How `pack_reverse_embedding` packs ``embedding`` (``"float32"``, ``"int8"``), or None."""
+    if embedding.logit_soft_cap is not None:
+        return None
+    if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
+        return None
+    mode = _mode(embedding)
+    if mode == "int8":  # one scale per vocabulary entry
+        tied = embedding.tie_weights
+        scale = embedding.embeddings_scale if tied else embedding.reverse_embeddings_scale
+        if math.prod(scale.shape) != embedding.input_dim:
+            return None
+    return mode
 
 
 def _mode(layer):
@@ -29,41 +55,26 @@ def _mode(layer):
         return None
     if layer.quantization_mode is None:
         return "float32"
-    if isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy):
-        return "int8"
-    return None
-
-
-def packable_mode(layers):
-    """ "float32" or "int8" when every layer packs the same way, else None."""
-    modes = {_mode(layer) for layer in layers}
-    return modes.pop() if len(modes) == 1 and None not in modes else None
-
-
-def packable_embedding_mode(embedding):
-    if embedding.logit_soft_cap is not None or embedding.compute_dtype != "float32":
-        return None
-    if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
-        return None
-    return _mode(embedding)
+    return "int8" if _int8_weight_only(layer) else None
 
 
 def pack_dense(layers, input_dims):
-    modes = {packable_mode(layers)}
-    if modes == {None}:
+    """The kernels of Dense/EinsumDense ``layers`` (all reading the same input), each as a
+    [K, N] matrix (K = the product of its first ``input_dims`` dims), concatenated along N
+    into one `PackedWeights` (see `packable_mode`); None when they do not pack."""
+    mode = packable_mode(layers)
+    if mode is None:
         return None
-    if modes == {"float32"}:
+    if mode == "float32":
         matrices = [_as_matrix(ops.convert_to_tensor(x.kernel), input_dims) for x in layers]
         return decode_matmul.pack(ops.concatenate(matrices, axis=1))
-    if modes != {"int8"}:
-        return None
     matrices, scales = [], []
     for layer in layers:
         kernel = ops.convert_to_tensor(layer._kernel)
         scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
         if isinstance(layer, keras.layers.EinsumDense):
             adjust = getattr(layer, "_adjust_scale_for_dequant", None)
-            if adjust is None:
+            if adjust is None:  # a Keras without it: keep the layer's own path
                 return None
             scale = adjust(scale)
         scale = ops.broadcast_to(scale, kernel.shape)
@@ -75,22 +86,32 @@ def pack_dense(layers, input_dims):
 
 
 def pack_reverse_embedding(embedding):
+    """A `keras.layers.ReversibleEmbedding`'s reverse projection [hidden, vocab] as
+    `PackedWeights` (float32, or int8 weight-only with one scale per vocabulary entry); None
+    when it computes otherwise (soft cap, another dtype, other quantization)."""
     mode = packable_embedding_mode(embedding)
     if mode is None:
         return None
     if mode == "float32":
         if embedding.tie_weights:
-            kernel = ops.transpose(ops.convert_to_tensor(embedding.embeddings))
+            matrix = ops.transpose(ops.convert_to_tensor(embedding.embeddings))
         else:
-            kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
-        return decode_matmul.pack(kernel)
+            matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
+        return decode_matmul.pack(matrix)
     if embedding.tie_weights:
-        kernel = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
+        matrix = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
         scale = ops.convert_to_tensor(embedding.embeddings_scale)
     else:
-        kernel = ops.convert_to_tensor(embedding.reverse_embeddings)
+        matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
         scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
-    vocab = kernel.shape[1]
-    if math.prod(scale.shape) != vocab:
-        return None
-    return decode_matmul.pack_int8(kernel, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,)))
+    return decode_matmul.pack_int8(matrix, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,)))
+
+
+def _int8_weight_only(layer):
+    return isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy)
+
+
+def _as_matrix(array, input_dims):
+    # [i1, .., i_d, o1, ...] -> [i1 * .. * i_d, o1 * ...]
+    rows = math.prod(array.shape[:input_dims])
+    return ops.reshape(array, (rows, -1))

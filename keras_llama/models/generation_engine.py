@@ -20,6 +20,7 @@ import numpy as np
 from keras import ops
 
 from keras_llama.samplers.sampler import PAD_TOKEN, DecodeState, run_decode_loop
+from keras_llama.utils.cache import cache_dir
 
 
 def bucket_length(n, minimum=16):
@@ -54,8 +55,6 @@ def enable_persistent_compilation_cache():
         return
     if jax.config.jax_compilation_cache_dir:
         return
-    from keras_llama.presets.handles import cache_dir
-
     path = os.path.join(cache_dir(), "jax_compilation_cache")
     try:
         os.makedirs(path, exist_ok=True)

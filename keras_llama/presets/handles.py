@@ -23,6 +23,8 @@ import subprocess
 import sys
 import zipfile
 
+from keras_llama.utils.cache import cache_dir
+
 KAGGLE_PREFIX = "kaggle://"
 HF_PREFIX = "hf://"
 PYPI_PREFIX = "pypi://"
@@ -44,11 +46,6 @@ HF_ALLOW_PATTERNS = [
 
 class PresetNotFoundError(FileNotFoundError, ValueError):
     """A preset handle that does not resolve (unknown name, missing path, not downloadable)."""
-
-
-def cache_dir():
-    """keras-llama's own cache: ``$KERAS_LLAMA_CACHE`` or ``~/.cache/keras_llama``."""
-    return os.path.expanduser(os.environ.get("KERAS_LLAMA_CACHE") or "~/.cache/keras_llama")
 
 
 def resolve(preset, builtin_presets=None):

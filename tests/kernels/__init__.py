@@ -1,21 +1,20 @@
-"""Tests of the native CPU kernels (`keras_llama.kernels`)."""
+"""Tests of the native CPU ops (`keras_llama.kernels`)."""
 
 import pytest
 
 
-def require_native(available, build_error, what):
-    """For a ``native`` fixture: returns when the ``what`` kernels are built and loaded
-    (``available()``); skips only when there is no C++ compiler to build them (or the user
-    opted out with KERAS_LLAMA_KERNELS=0); fails when a compiler exists but the build failed
-    (``build_error()`` says why)."""
+def require_native(name):
+    """For a ``native`` fixture: returns when native library ``name`` is built and loaded;
+    skips only when there is no C++ compiler to build it (or the user opted out with
+    KERAS_LLAMA_KERNELS=0, or the backend is not JAX on CPU); fails when a compiler exists but
+    the build failed (saying why)."""
     from keras_llama import kernels
 
+    library = kernels.library(name)
     if not kernels.enabled():
-        pytest.skip("native kernels disabled (KERAS_LLAMA_KERNELS=0 or not JAX on CPU)")
-    if available():
+        pytest.skip(f"native ops disabled: {library.status().reason}")
+    if library.ensure_built():
         return
-    try:
-        kernels._compiler()
-    except RuntimeError as e:
-        pytest.skip(f"no C++ compiler to build the native {what} kernels: {e}")
-    pytest.fail(f"a C++ compiler exists but the native {what} kernels failed: {build_error()}")
+    if "no C++ compiler found" in str(library.error):
+        pytest.skip(f"no C++ compiler to build the native {name} library: {library.error}")
+    pytest.fail(f"a C++ compiler exists but the native {name} library failed: {library.error}")

@@ -1,22 +1,17 @@
-"""The native decoding kernels (`keras_llama.kernels`): products against numpy float64, the
-decode loop against transformers, the full forward pass and Keras's own int8 layers, which
-models take (and do not take) the native path, and how the library is built and cached.
+"""The native decoding matmuls (`keras_llama.kernels.decode_matmul`): products against numpy
+float64, the decode loop against transformers, the full forward pass and Keras's own int8
+layers, and which models take (and do not take) the native path. (How the library is built
+and cached: test_library.py.)
 
 The kernels are built with the system C++ compiler. Without one the native tests skip (saying
 so); with one, a failed build fails them."""
-
-import logging
-import os
-import shutil
-import stat
-import subprocess
-import types
 
 import keras
 import numpy as np
 import pytest
 
-from keras_llama import kernels
+from keras_llama.kernels import decode_matmul
+from keras_llama.models.llama import llama_plan
 from tests.hf_reference import hf_logits, make_hf_model, to_keras_llama
 from tests.kernels import require_native
 
@@ -27,9 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def native():
-    """Requires the native kernels: skips only when no C++ compiler exists (or the user opted
-    out with KERAS_LLAMA_KERNELS=0); a compiler that fails to build them fails the test."""
-    require_native(kernels.available, kernels.build_error, "decoding")
+    """Requires the native library: skips only when no C++ compiler exists (or the user opted
+    out with KERAS_LLAMA_KERNELS=0); a compiler that fails to build it fails the test."""
+    require_native("decode_matmul")
 
 
 # --- products against numpy float64 ---------------------------------------------------------
@@ -38,10 +33,10 @@ def random_kernel(dtype, k, n, rng):
     float32 scale per column (the product must be ``x @ (q * scale)``)."""
     if dtype == "float32":
         w = rng.normal(0, 1, (k, n)).astype("float32")
-        return kernels.pack(w), w.astype("float64")
+        return decode_matmul.pack(w), w.astype("float64")
     q = rng.integers(-127, 128, (k, n)).astype("int8")
     scale = rng.uniform(0.001, 0.02, n).astype("float32")
-    return kernels.pack_int8(q, scale), q.astype("float64") * scale.astype("float64")
+    return decode_matmul.pack_int8(q, scale), q.astype("float64") * scale.astype("float64")
 
 
 def assert_product(y, x, w):
@@ -70,10 +65,10 @@ def test_matmul_matches_float64_in_and_outside_jit(native, dtype, k, n, m):
     rng = np.random.default_rng(k * 1000 + n + m)
     packed, w = random_kernel(dtype, k, n, rng)
     x = rng.normal(0, 1, (m, k)).astype("float32")
-    assert_product(kernels.matmul(x, packed), x, w)
+    assert_product(decode_matmul.matmul(x, packed), x, w)
     # Packed kernels are pytrees: as a jit argument, and as a constant closed over.
-    assert_product(jax.jit(kernels.matmul)(x, packed), x, w)
-    assert_product(jax.jit(lambda x: kernels.matmul(x, packed))(x), x, w)
+    assert_product(jax.jit(decode_matmul.matmul)(x, packed), x, w)
+    assert_product(jax.jit(lambda x: decode_matmul.matmul(x, packed))(x), x, w)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
@@ -84,8 +79,8 @@ def test_matmul_keeps_leading_batch_dims(native, dtype):
     packed, w = random_kernel(dtype, 100, 70, rng)
     for lead in [(2, 3), (1, 1), (3, 1), (2, 9), (1, 2, 5)]:  # [b, q, K] and more
         x = rng.normal(0, 1, (*lead, 100)).astype("float32")
-        assert_product(kernels.matmul(x, packed), x, w)
-        assert_product(jax.jit(kernels.matmul)(x, packed), x, w)
+        assert_product(decode_matmul.matmul(x, packed), x, w)
+        assert_product(jax.jit(decode_matmul.matmul)(x, packed), x, w)
 
 
 def test_matmul_is_deterministic_across_threads(native):
@@ -95,7 +90,7 @@ def test_matmul_is_deterministic_across_threads(native):
     rng = np.random.default_rng(2)
     packed, w = random_kernel("int8", 512, 4099, rng)
     x = rng.normal(0, 1, (5, 512)).astype("float32")
-    f = jax.jit(kernels.matmul)
+    f = jax.jit(decode_matmul.matmul)
     first = np.asarray(f(x, packed))
     assert_product(first, x, w)
     for _ in range(30):
@@ -105,23 +100,23 @@ def test_matmul_is_deterministic_across_threads(native):
 def test_packed_layout_is_zero_padded_column_panels(native):
     # Worked out by hand: column j of W is entry j % 32 of panel j // 32; past N, zeros.
     w = np.arange(3 * 37, dtype="float32").reshape(3, 37)
-    packed = kernels.pack(w)
+    packed = decode_matmul.pack(w)
     panels = np.asarray(packed.panels)
     assert packed.shape == (3, 37) and packed.n == 37 and packed.scale is None
     assert panels.shape == (2, 3, 32) and panels.dtype == np.float32
     np.testing.assert_array_equal(panels[0], w[:, :32])
     np.testing.assert_array_equal(panels[1, :, :5], w[:, 32:])
     np.testing.assert_array_equal(panels[1, :, 5:], 0)
-    packed_int8 = kernels.pack_int8(w.astype("int8"), np.full(37, 0.5, "float32"))
+    packed_int8 = decode_matmul.pack_int8(w.astype("int8"), np.full(37, 0.5, "float32"))
     assert np.asarray(packed_int8.panels).dtype == np.int8
     scale = np.asarray(packed_int8.scale)
     assert scale.shape == (64,) and (scale[:37] == 0.5).all() and (scale[37:] == 0).all()
 
 
 def test_matmul_rejects_a_kernel_of_another_depth(native):
-    packed = kernels.pack(np.ones((7, 40), "float32"))
+    packed = decode_matmul.pack(np.ones((7, 40), "float32"))
     with pytest.raises(Exception, match="expected x \\[M, K\\]"):
-        np.asarray(kernels.matmul(np.ones((2, 8), "float32"), packed))
+        np.asarray(decode_matmul.matmul(np.ones((2, 8), "float32"), packed))
 
 
 # --- the model's decode loop ----------------------------------------------------------------
@@ -160,24 +155,29 @@ SEQUENCE = np.array([[5, 17, 42, 9, 77, 3, 61, 28, 50], [8, 33, 2, 95, 40, 71, 5
 
 def is_native(fused):
     """Whether the decode loop's kernels are the native ones: every block's projections and
-    the output projection as `PackedKernel` s."""
+    the output projection as `PackedWeights`."""
     return (
         isinstance(fused, dict)
-        and isinstance(fused["head"], kernels.PackedKernel)
+        and isinstance(fused["head"], decode_matmul.PackedWeights)
         and all(
             isinstance(layer, dict)
             and set(layer) == {"qkv", "output", "gate_up", "down"}
-            and all(isinstance(p, kernels.PackedKernel) for p in layer.values())
+            and all(isinstance(p, decode_matmul.PackedWeights) for p in layer.values())
             for layer in fused["layers"]
         )
     )
 
 
 def greedy_generate(causal_lm, prompt=PROMPT):
-    """``(token_ids, the kernels the decode loop used)`` from a fresh engine."""
+    """``(token_ids, the weights the decode loop used)`` from a fresh engine."""
     causal_lm.compile(sampler="greedy")  # drops the previous engine
     token_ids = causal_lm.generate(prompt, stop_token_ids=None)["token_ids"]
-    return token_ids, causal_lm.generate_function._fused[1]
+    return token_ids, causal_lm.generate_function._weights[1]
+
+
+def decode_weights(causal_lm):
+    """The weights the model's decode plan multiplies (packed when native)."""
+    return causal_lm.decode_weights(causal_lm.execution_plan().decode)
 
 
 def assert_greedy(causal_lm, token_ids, prompt_lengths=PROMPT_LENGTHS, tolerance=1e-5):
@@ -199,18 +199,22 @@ def decode_logits(causal_lm, token_ids, prompt_length, fused):
     caches = causal_lm._build_layer_caches(batch, length)
     logits, _, caches = causal_lm.call_with_layer_caches(token_ids[:, :prompt_length], caches, 0)
     steps = [logits]
-    with causal_lm._decoding_with_kernels(fused):
-        for t in range(prompt_length, length):
-            logits, _, caches = causal_lm.call_with_layer_caches(token_ids[:, t : t + 1], caches, t)
-            steps.append(logits)
+    plan = causal_lm.execution_plan().decode
+    for t in range(prompt_length, length):
+        logits, _, caches = causal_lm.call_with_layer_caches(
+            token_ids[:, t : t + 1], caches, t, stage_plan=plan, weights=fused
+        )
+        steps.append(logits)
     return np.concatenate([np.asarray(s) for s in steps], axis=1)
 
 
 def all_at_once_logits(causal_lm, token_ids, fused):
     # The whole sequence in one pass through ``fused``: M = b * L rows per product.
     caches = causal_lm._build_layer_caches(*token_ids.shape)
-    with causal_lm._decoding_with_kernels(fused):
-        return np.asarray(causal_lm.call_with_layer_caches(token_ids, caches, 0)[0])
+    # The decode plan's projections with multi-token attention.
+    plan = llama_plan.with_choice(causal_lm.execution_plan().decode, "attention", "dot_product")
+    logits = causal_lm.call_with_layer_caches(token_ids, caches, 0, stage_plan=plan, weights=fused)
+    return np.asarray(logits[0])
 
 
 def assert_close(actual, expected, rtol):
@@ -220,7 +224,7 @@ def assert_close(actual, expected, rtol):
 
 def test_float32_decode_logits_match_transformers_and_the_forward_pass(native, float_lm):
     hf, causal_lm = float_lm
-    fused = causal_lm._fused_decode_kernels()
+    fused = decode_weights(causal_lm)
     assert is_native(fused)
     assert all(np.asarray(p.panels).dtype == np.float32 for p in fused["layers"][0].values())
     expected = hf_logits(hf, SEQUENCE)
@@ -233,7 +237,7 @@ def test_float32_decode_logits_match_transformers_and_the_forward_pass(native, f
 
 
 def test_int8_weight_only_decode_logits_match_keras_int8_layers(native, int8_lm):
-    fused = int8_lm._fused_decode_kernels()
+    fused = decode_weights(int8_lm)
     assert is_native(fused)
     assert np.asarray(fused["head"].panels).dtype == np.int8
     assert all(np.asarray(p.panels).dtype == np.int8 for p in fused["layers"][1].values())
@@ -246,7 +250,7 @@ def test_int8_weight_only_decode_logits_match_keras_int8_layers(native, int8_lm)
 def test_int8_head_is_packed_per_vocabulary_entry_when_the_embedding_stays_float(native, hf_models):
     causal_lm = to_keras_llama(hf_models["gqa"])
     causal_lm.quantize("int8_weight_only", filters=lambda layer: layer.name != "token_embedding")
-    fused = causal_lm._fused_decode_kernels()
+    fused = decode_weights(causal_lm)
     assert is_native(fused)
     assert np.asarray(fused["head"].panels).dtype == np.float32  # the float embedding
     assert np.asarray(fused["layers"][0]["qkv"].panels).dtype == np.int8
@@ -272,7 +276,7 @@ def test_int8_weight_only_generate_with_and_without_native_kernels(native, int8_
     assert is_native(fused)
     assert_greedy(int8_lm, ours)
     with monkeypatch.context() as m:
-        m.setattr(kernels, "available", lambda: False)
+        m.setenv("KERAS_LLAMA_KERNELS", "0")
         reference, fused = greedy_generate(int8_lm)
     assert fused is None  # the quantized layers' own path
     np.testing.assert_array_equal(ours, reference)
@@ -311,134 +315,9 @@ def test_other_models_keep_xla_and_generate_greedily(native, hf_models, name):
     token_ids, fused = greedy_generate(causal_lm)
     assert not is_native(fused)
     if name == "bfloat16":  # XLA's fused q/k/v and gate/up kernels, in bfloat16
-        assert fused["head"] is None and all(isinstance(x, tuple) for x in fused["layers"])
+        assert causal_lm.generate_function.plan.decode.projections == "fused"
+        assert fused["head"] is None and all("qkv" in x for x in fused["layers"])
     else:  # quantized otherwise, or LoRA: the layers' own path
+        assert causal_lm.generate_function.plan.decode.projections == "layers"
         assert fused is None
     assert_greedy(causal_lm, token_ids, tolerance=tolerance)
-
-
-# --- building -------------------------------------------------------------------------------
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """The kernels module as in a new process, with an empty keras-llama cache."""
-    monkeypatch.setattr(kernels, "_state", {"loaded": None, "error": None, "thread": None})
-    monkeypatch.setenv("KERAS_LLAMA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("KERAS_LLAMA_KERNELS", raising=False)
-    return tmp_path
-
-
-def fake_compiler(folder, body):
-    """An executable C++ "compiler" script: ``--version`` prints a version, else ``body``."""
-    path = folder / "fake-c++"
-    path.write_text(
-        '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake-c++ 1.0"; exit 0; fi\n' + body
-    )
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def record_subprocess(monkeypatch):
-    """Records every command the kernels module runs (and runs it)."""
-    calls = []
-
-    def run(command, *args, **kwargs):
-        calls.append(command)
-        return subprocess.run(command, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "subprocess", types.SimpleNamespace(run=run))
-    return calls
-
-
-def compiles(calls):
-    return [c for c in calls if "-o" in c]
-
-
-def test_without_a_compiler_build_fails_clearly_and_available_is_false(fresh, monkeypatch, caplog):
-    missing = str(fresh / "no-such-c++")
-    monkeypatch.setenv("CXX", missing)
-    # Only the (missing) $CXX can be found: no c++, g++ or clang++ on PATH.
-    monkeypatch.setattr(
-        kernels,
-        "shutil",
-        types.SimpleNamespace(which=lambda name: shutil.which(name) if name == missing else None),
-    )
-    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler found \(set CXX"):
-        kernels._build()
-    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
-        assert kernels.available() is False
-    assert "native decoding kernels unavailable" in caplog.text
-    assert "no C++ compiler found" in caplog.text
-    assert isinstance(kernels.build_error(), RuntimeError)
-    # Decided once per process: no second build, no second warning.
-    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built twice"))
-    caplog.clear()
-    assert kernels.available() is False and caplog.text == ""
-
-
-def test_a_failing_compiler_is_reported_and_leaves_no_library(fresh, monkeypatch, caplog):
-    compiler = fake_compiler(fresh, 'echo "fake-c++: error: refused" >&2\nexit 1\n')
-    monkeypatch.setenv("CXX", str(compiler))
-    assert kernels._compiler() == str(compiler)  # $CXX first
-    with pytest.raises(RuntimeError, match="compiling decode_matmul.cc failed") as error:
-        kernels._build()
-    assert "fake-c++: error: refused" in str(error.value)
-    assert os.listdir(fresh / "cache" / "kernels") == []  # the temporary folder is gone
-    # In the background, as generate() starts it: available() waits and reports the same.
-    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
-        kernels.ensure_built_in_background()
-        assert kernels._state["thread"] is not None
-        assert kernels.available() is False
-    assert "fake-c++: error: refused" in caplog.text
-    assert "compiling decode_matmul.cc failed" in str(kernels.build_error())
-
-
-@pytest.mark.parametrize("value", ["0", "false", "off", "no", "OFF"])
-def test_opting_out_disables_the_kernels_without_building(fresh, monkeypatch, value):
-    monkeypatch.setenv("KERAS_LLAMA_KERNELS", value)
-    built = []
-    monkeypatch.setattr(kernels, "_build", lambda *a: built.append(1))
-    assert kernels.enabled() is False
-    assert kernels.available() is False
-    kernels.ensure_built_in_background()
-    assert kernels._state["thread"] is None and built == []
-    import jax
-
-    monkeypatch.setenv("KERAS_LLAMA_KERNELS", "1")
-    assert kernels.enabled() is (jax.default_backend() == "cpu")
-
-
-def test_the_cached_library_is_reused_and_keyed_by_source_and_compiler(fresh, monkeypatch):
-    # A compiler that writes its -o file, so every build step but the compile itself is real.
-    compiler = fake_compiler(
-        fresh, 'while [ $# -gt 0 ]; do [ "$1" = "-o" ] && echo lib > "$2"; shift; done\n'
-    )
-    monkeypatch.setenv("CXX", str(compiler))
-    calls = record_subprocess(monkeypatch)
-    first = kernels._build()
-    assert first.parent == fresh / "cache" / "kernels" and first.read_text() == "lib\n"
-    assert len(compiles(calls)) == 1
-    calls.clear()
-    assert kernels._build() == first and compiles(calls) == []  # cached: not compiled again
-    # Another source: another library.
-    source = fresh / "decode_matmul.cc"
-    source.write_text(kernels.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(kernels, "SOURCE", source)
-    second = kernels._build()
-    assert second != first and second.exists() and len(compiles(calls)) == 1
-    # Another compiler version: another library.
-    compiler.write_text(compiler.read_text().replace("fake-c++ 1.0", "fake-c++ 2.0"))
-    assert kernels._build() not in (first, second) and len(compiles(calls)) == 2
-
-
-def test_a_real_build_compiles_once_then_reuses_the_library(native, fresh, monkeypatch):
-    import ctypes
-
-    calls = record_subprocess(monkeypatch)
-    library = kernels._build()
-    assert len(compiles(calls)) == 1
-    mtime = library.stat().st_mtime_ns
-    lib = ctypes.CDLL(str(library))
-    assert all(hasattr(lib, symbol) for symbol in kernels.TARGETS.values())
-    calls.clear()
-    assert kernels._build() == library
-    assert compiles(calls) == [] and library.stat().st_mtime_ns == mtime

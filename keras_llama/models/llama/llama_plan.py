@@ -227,7 +227,7 @@ def alternatives(backbone, stage):
     for part, strategies in _applicable(facts, stage).items():
         for strategy in strategies:
             if strategy != getattr(chosen, part):
-                plan = _swap(chosen, part, strategy)
+                plan = with_choice(chosen, part, strategy)
                 if plan not in plans:
                     plans.append(plan)
     return plans
@@ -259,7 +259,8 @@ def _applicable(facts, stage):
     }
 
 
-def _swap(stage_plan, part, strategy):
+def with_choice(stage_plan, part, strategy):
+    """``stage_plan`` with ``part`` run by ``strategy`` (and the choices that go with it)."""
     choices = {c.part: c for c in stage_plan.choices}
     choices[part] = Choice(part, strategy, "chosen by the caller")
     # Choices that go together: the decode head is packed exactly when the projections are;
