@@ -17,6 +17,8 @@ kernels on JAX CPU, plain JAX elsewhere), with the one-hot never materialized.
 import keras
 from keras import ops
 
+from keras_llama.utils import keras_compat
+
 
 def _fast_path(from_logits, ignore_class, axis):
     return (
@@ -95,7 +97,7 @@ class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
     def from_keras(cls, loss):
         """The same loss as a Keras ``SparseCategoricalCrossentropy`` instance."""
         config = loss.get_config()
-        config["axis"] = loss._fn_kwargs.get("axis", -1)
+        config["axis"] = keras_compat.loss_function_kwargs(loss).get("axis", -1)
         return cls(**config)
 
 

@@ -40,6 +40,8 @@ float), which `apply_layer_hooks` turns back into float activations after the la
 import keras
 from keras.dtype_policies import DTypePolicyMap, QuantizedDTypePolicy
 
+from keras_llama.utils import keras_compat
+
 MODES = ("int8", "int8_weight_only", "int4")
 
 # Layer types whose `quantize()` Keras implements (leaf layers holding the kernels).
@@ -111,7 +113,9 @@ def resolved_policy(layer):
 def mark_weight_only(layer):
     """Give a freshly int8-quantized layer the `Int8WeightOnlyDTypePolicy` (kept in configs)."""
     policy = resolved_policy(layer)
-    layer.dtype_policy = Int8WeightOnlyDTypePolicy(source_name=policy._source_name)
+    layer.dtype_policy = Int8WeightOnlyDTypePolicy(
+        source_name=keras_compat.policy_source_name(policy)
+    )
     apply_layer_hooks(layer)
 
 
@@ -128,7 +132,7 @@ def apply_layer_hooks(layer):
 def quantization_mode_of(model):
     """The scheme a model was quantized with (one of `MODES`, or a Keras mode for layers
     quantized some other way), or None for a float model. Mixed schemes give the first."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in keras_compat.sublayers(model):
         if not getattr(layer, "_is_quantized", False):
             continue
         policy = resolved_policy(layer)
@@ -141,9 +145,7 @@ def quantization_mode_of(model):
 def quantized_policy_map(model, default_policy):
     """A `DTypePolicyMap` with the policy of every quantized layer of ``model``, or None."""
     quantized = [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if getattr(layer, "_is_quantized", False)
+        layer for layer in keras_compat.sublayers(model) if getattr(layer, "_is_quantized", False)
     ]
     if not quantized:
         return None

@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_llama.kernels import decode_matmul
 from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
+from keras_llama.utils import keras_compat
 
 
 def is_plain(*layers):
@@ -55,6 +56,9 @@ def _mode(layer):
         return None
     if layer.quantization_mode is None:
         return "float32"
+    if isinstance(layer, keras.layers.EinsumDense):  # a Keras without it: the layer's own path
+        if not keras_compat.has_einsum_dequantization_scale(layer):
+            return None
     return "int8" if _int8_weight_only(layer) else None
 
 
@@ -70,13 +74,10 @@ def pack_dense(layers, input_dims):
         return decode_matmul.pack(ops.concatenate(matrices, axis=1))
     matrices, scales = [], []
     for layer in layers:
-        kernel = ops.convert_to_tensor(layer._kernel)
+        kernel = ops.convert_to_tensor(keras_compat.int8_kernel(layer))
         scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
         if isinstance(layer, keras.layers.EinsumDense):
-            adjust = getattr(layer, "_adjust_scale_for_dequant", None)
-            if adjust is None:  # a Keras without it: keep the layer's own path
-                return None
-            scale = adjust(scale)
+            scale = keras_compat.einsum_dequantization_scale(layer, scale)
         scale = ops.broadcast_to(scale, kernel.shape)
         matrices.append(_as_matrix(kernel, input_dims))
         scales.append(1.0 / _as_matrix(scale, input_dims)[0])
@@ -99,7 +100,7 @@ def pack_reverse_embedding(embedding):
             matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
         return decode_matmul.pack(matrix)
     if embedding.tie_weights:
-        matrix = ops.transpose(ops.convert_to_tensor(embedding._embeddings))
+        matrix = ops.transpose(ops.convert_to_tensor(keras_compat.int8_embeddings(embedding)))
         scale = ops.convert_to_tensor(embedding.embeddings_scale)
     else:
         matrix = ops.convert_to_tensor(embedding.reverse_embeddings)

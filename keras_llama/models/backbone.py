@@ -1,8 +1,6 @@
 """Backbone base class: a functional Keras model holding a model's core architecture."""
 
-import contextlib
 import functools
-import gc
 import os
 
 import keras
@@ -11,6 +9,7 @@ from keras_llama import quantization
 from keras_llama.models.preset_loading import load_backbone
 from keras_llama.models.preset_saving import save_backbone
 from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.utils import keras_compat
 from keras_llama.utils.python_utils import functional_setattr
 from keras_llama.utils.validation import check_positive_int
 
@@ -46,9 +45,9 @@ class Backbone(PresetsMixin, keras.Model):
             # policy, and parts of Keras read `layer.dtype_policy.quantization_mode` directly
             # (None on a map: saving an int8 ReversibleEmbedding then fails). Give each layer
             # its own entry.
-            policy = layer._dtype_policy
+            policy = keras_compat.own_dtype_policy(layer)
             if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and layer.path:
-                layer._dtype_policy = policy[layer.path]
+                keras_compat.set_own_dtype_policy(layer, policy[layer.path])
             quantization.apply_layer_hooks(layer)
 
     def __setattr__(self, name, value):
@@ -144,7 +143,7 @@ class Backbone(PresetsMixin, keras.Model):
         def keep(layer):
             return scheme_filter(layer) and user_filter(layer)
 
-        with _one_garbage_collection():
+        with keras_compat.one_garbage_collection():
             keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
         if mode == "int8_weight_only":
             for layer in self._flatten_layers(include_self=False):
@@ -338,19 +337,3 @@ def _compile_filters(filters):
         )
     patterns = [re.compile(f) for f in filters]
     return lambda layer: any(p.search(layer.path or layer.name) for p in patterns)
-
-
-@contextlib.contextmanager
-def _one_garbage_collection():
-    """Run one ``gc.collect()`` at the end instead of one per replaced variable.
-
-    Keras's ``Layer.__delattr__`` calls ``gc.collect()`` each time a variable is deleted, which
-    `quantize` does for every kernel: ~0.1 s a call, 26 s of a 29 s SmolLM2 quantization.
-    """
-    collect = gc.collect
-    gc.collect = lambda *args, **kwargs: 0
-    try:
-        yield
-    finally:
-        gc.collect = collect
-        gc.collect()

@@ -8,6 +8,7 @@ from keras_llama.models import training_data
 from keras_llama.models.preset_loading import load_task
 from keras_llama.models.preset_saving import save_task
 from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.utils import keras_compat
 from keras_llama.utils.python_utils import functional_setattr
 
 
@@ -129,8 +130,8 @@ class Task(PresetsMixin, keras.Model):
         if hasattr(self, "generate_function"):
             self.generate_function = None
         if keras.config.backend() == "torch":
-            for layer in self._flatten_layers():
-                layer._track_variables()
+            for layer in keras_compat.sublayers(self):
+                keras_compat.retrack_variables(layer)
 
     # --- whole-model saving (`model.save()`): the tokenizer's files travel as Keras assets ---
     def save_assets(self, dir_path):

@@ -12,6 +12,8 @@ value straight from the checkpoint.
 import keras
 import numpy as np
 
+from keras_llama.utils import keras_compat
+
 
 def build_uninitialized(constructor, **kwargs):
     """``constructor(**kwargs)`` without drawing initial values for its variables.
@@ -21,13 +23,9 @@ def build_uninitialized(constructor, **kwargs):
     stateless scope, under a `keras.distribution` whose layouts are set at initialization, or a
     Keras without the mechanism) this is a plain ``constructor(**kwargs)``.
     """
-    from keras.src.backend.common import global_state
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-
-    if in_stateless_scope() or keras.distribution.distribution() is not None:
+    if keras_compat.in_stateless_scope() or keras.distribution.distribution() is not None:
         return constructor(**kwargs)
-    key = "uninitialized_variables"
-    before = list(global_state.get_global_attribute(key) or [])
+    before = keras_compat.deferred_variables()
     try:
         with keras.StatelessScope(initialize_variables=False):
             model = constructor(**kwargs)
@@ -36,47 +34,26 @@ def build_uninitialized(constructor, **kwargs):
         # the next outermost stateless scope closes: ours are taken off it, and initialized by
         # the loader instead.
         earlier = {id(v) for v in before}
-        mine = [v for v in global_state.get_global_attribute(key) or [] if id(v) not in earlier]
-        global_state.set_global_attribute(key, before)
+        mine = [v for v in keras_compat.deferred_variables() if id(v) not in earlier]
+        keras_compat.set_deferred_variables(before)
     weights = {id(w) for w in model.weights}
     for variable in mine:  # state outside `weights` (e.g. seed generators) starts as usual
         if id(variable) not in weights:
-            variable._deferred_initialize()
+            keras_compat.initialize(variable)
     return model
-
-
-def is_uninitialized(variable):
-    """True for a variable created by `build_uninitialized` that has no value yet."""
-    return getattr(variable, "_value", 0) is None and callable(
-        getattr(variable, "_initializer", None)
-    )
-
-
-def _initialize_with(variable, array):
-    """Give an uninitialized variable its first value (the backend's own initialization path,
-    so that the value gets the variable's device and, on torch, becomes its Parameter)."""
-    variable._initializer = lambda shape, dtype=None: array
-    variable._deferred_initialize()
 
 
 def fill_uninitialized(model, value=0):
     """Give every still-uninitialized variable of ``model`` a constant value (zeros by default),
     e.g. before Keras' ``load_weights`` overwrites them all."""
     for variable in model.weights:
-        if is_uninitialized(variable):
+        if keras_compat.is_uninitialized(variable):
             try:
                 dtype = np.dtype(variable.dtype)
             except TypeError:  # a dtype numpy lacks (float8...): use the variable's initializer
-                variable._deferred_initialize()
+                keras_compat.initialize(variable)
                 continue
-            _initialize_with(variable, np.full(variable.shape, value, dtype))
-
-
-def initialize_randomly(model):
-    """Draw values for any uninitialized variable of ``model`` from its own initializer."""
-    for variable in model.weights:
-        if is_uninitialized(variable):
-            variable._deferred_initialize()
+            keras_compat.initialize(variable, np.full(variable.shape, value, dtype))
 
 
 def assign_weights(backbone, named_arrays, source="checkpoint"):
@@ -101,8 +78,8 @@ def assign_weights(backbone, named_arrays, source="checkpoint"):
                 f"{tuple(variable.shape)}, received {tuple(array.shape)}"
             )
         array = np.asarray(array).astype(variable.dtype, copy=False)
-        if is_uninitialized(variable):
-            _initialize_with(variable, array)
+        if keras_compat.is_uninitialized(variable):
+            keras_compat.initialize(variable, array)
         else:
             variable.assign(array)
         assigned.add(path)

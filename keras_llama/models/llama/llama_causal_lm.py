@@ -6,6 +6,7 @@ from keras import ops
 from keras_llama.models.causal_lm import CausalLM
 from keras_llama.models.execution_plan import STAGES
 from keras_llama.models.llama import llama_cache, llama_plan
+from keras_llama.models.llama.llama_attention import causal_attention_mask
 from keras_llama.models.llama.llama_backbone import LlamaBackbone
 from keras_llama.models.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
 from keras_llama.utils import registry
@@ -142,12 +143,11 @@ class LlamaCausalLM(CausalLM):
             stage_plan = llama_plan.make_plan(self.backbone).prefill
         q_len = ops.shape(token_ids)[1]
         max_length = ops.shape(layer_caches[0][1])[1]
-        query_slots = ops.arange(q_len) + cache_update_index  # [q]
         if positions is None:
-            positions = query_slots[None, :]
-        mask = ops.less_equal(ops.arange(max_length)[None, :], query_slots[:, None])[None]
-        if cache_padding_mask is not None:
-            mask = ops.logical_and(mask, ops.cast(cache_padding_mask, "bool")[:, None, :])
+            positions = (ops.arange(q_len) + cache_update_index)[None, :]
+        mask = causal_attention_mask(  # [b, q, max_length]
+            cache_padding_mask, q_len, max_length, query_offset=cache_update_index
+        )
         hidden, new_caches = self.backbone.run(
             token_ids,
             stage_plan,
