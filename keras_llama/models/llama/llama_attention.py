@@ -82,15 +82,10 @@ class LlamaAttention(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.dropout = dropout
         self.num_key_value_groups = num_query_heads // num_key_value_heads
+        # LlamaRotaryEmbedding's arguments are ours without the "rope_" prefix.
+        rotary = {name.removeprefix("rope_"): value for name, value in rope_config(self).items()}
         self.rotary_embedding_layer = LlamaRotaryEmbedding(
-            max_wavelength=rope_max_wavelength,
-            scaling_factor=rope_scaling_factor,
-            frequency_adjustment_factor=rope_frequency_adjustment_factor,
-            low_freq_factor=rope_low_freq_factor,
-            high_freq_factor=rope_high_freq_factor,
-            pretraining_sequence_length=rope_pretraining_sequence_length,
-            dtype=self.dtype_policy,
-            name="rotary_embedding",
+            **rotary, dtype=self.dtype_policy, name="rotary_embedding"
         )
 
     def build(self, inputs_shape):

@@ -8,7 +8,11 @@ from keras import ops
 
 from keras_llama.models.llama import llama_strategies
 from keras_llama.models.llama.llama_attention import LlamaAttention, causal_attention_mask
-from keras_llama.models.llama.llama_layers import LlamaLayerNorm, clone_initializer, rope_config
+from keras_llama.models.llama.llama_layers import (
+    ROPE_ARGUMENTS,
+    LlamaLayerNorm,
+    clone_initializer,
+)
 from keras_llama.utils.validation import check_positive_int
 
 
@@ -43,14 +47,14 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         num_key_value_heads,
         rope_max_wavelength=10000,
         rope_scaling_factor=1.0,
-        rope_frequency_adjustment_factor=None,
-        rope_low_freq_factor=None,
-        rope_high_freq_factor=None,
-        rope_pretraining_sequence_length=None,
         activation="silu",
         layer_norm_epsilon=1e-6,
         kernel_initializer="glorot_uniform",
         dropout=0,
+        rope_frequency_adjustment_factor=None,
+        rope_low_freq_factor=None,
+        rope_high_freq_factor=None,
+        rope_pretraining_sequence_length=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -172,12 +176,13 @@ class LlamaTransformerDecoder(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        # The head counts and rotary arguments live in the attention layer.
+        attention = self._self_attention_layer.get_config()
+        shared = ("num_query_heads", "num_key_value_heads", *ROPE_ARGUMENTS)
+        config.update({name: attention[name] for name in shared})
         config.update(
             {
                 "intermediate_dim": self.intermediate_dim,
-                "num_query_heads": self.num_query_heads,
-                "num_key_value_heads": self.num_key_value_heads,
-                **rope_config(self._self_attention_layer),
                 "activation": keras.activations.serialize(self.activation),
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
