@@ -277,5 +277,5 @@ def load_json(folder, name, missing_ok=False, what="preset folder"):
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting
+            raise ValueError(f"{path!r} is not valid JSON: {type(e).__name__}: {e}") from e
