@@ -33,7 +33,6 @@ from keras_llama.presets.handles import load_json, require_file, safe_join
 from keras_llama.presets.rotary import interleaved_to_half
 from keras_llama.utils.validation import check_positive_int, check_positive_number
 
-
 _REQUIRED = object()
 
 
