@@ -174,7 +174,7 @@ class GGUFFile:
         left = self._size - offset
         if count * min_bytes > left:
             raise ValueError(
-                f"{self.path!r} is corrupt: {field} claims {count} entries of at least "
+                f"{self.path!r} is truncated or corrupt: {field} claims {count} entries of at least "
                 f"{min_bytes} bytes each, but only {left} bytes follow offset {offset}. "
                 f"Received: {field}={count}"
             )
