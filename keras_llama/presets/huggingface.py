@@ -57,7 +57,8 @@ def convert_backbone_config(hf_config, source=None):
 
     def integer(config, key, default=_REQUIRED, prefix=""):
         value = get(config, key, default, prefix)
-        check_positive_int(prefix + key, value, where)
+        if value is not None or default is _REQUIRED:  # None: absent and optional
+            check_positive_int(prefix + key, value, where)
         return value
 
     def number(config, key, default=_REQUIRED, prefix=""):
@@ -102,7 +103,7 @@ def convert_backbone_config(hf_config, source=None):
         "num_query_heads": heads,
         "hidden_dim": hidden,
         "intermediate_dim": integer(hf_config, "intermediate_size"),
-        "num_key_value_heads": integer(hf_config, "num_key_value_heads", None) or heads,
+        "num_key_value_heads": integer(hf_config, "num_key_value_heads", None, "") or heads,
         "rope_max_wavelength": theta,
         "layer_norm_epsilon": number(hf_config, "rms_norm_eps", 1e-6),
         "tie_word_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
