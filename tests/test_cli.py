@@ -107,7 +107,7 @@ def test_generate_length_options_are_exclusive_and_checked(converted, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     # A total length that leaves no room after the prompt: generate()'s own error.
     code, _ = run_cli("generate", "the quick brown", "--preset", converted, "--max-length", "3")
-    assert code == 2
+    assert code == 1
     assert "Received: max_length=3" in capsys.readouterr().err
     code, _ = run_cli("generate", "hi", "--preset", converted, "--max-new-tokens", "0")
     assert code == 2
@@ -124,18 +124,24 @@ def test_chat_answers_each_turn_and_exits(converted):
         stdin="hello\n\nagain\n/exit\nignored\n",
     )
     assert code == 0
-    assert len(out.rstrip("\n").split("\n")) == 2  # two replies, nothing after /exit
+    # Two replies, each cut by the 4-token limit and marked so; nothing after /exit.
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) == 4 and lines[1] == lines[3] == cli.CUT_MARK
 
 
-def test_bad_sampler_option_is_refused(converted):
-    with pytest.raises(SystemExit, match="--top-p applies to the top_p sampler"):
-        run_cli("generate", "hi", "--preset", converted, "--sampler", "greedy", "--top-p", "0.5")
+def test_bad_sampler_option_is_refused(converted, capsys):
+    code, _ = run_cli(
+        "generate", "hi", "--preset", converted, "--sampler", "greedy", "--top-p", "0.5"
+    )
+    assert code == 2
+    assert "--top-p has no effect with the greedy sampler" in capsys.readouterr().err
 
 
 def test_missing_preset_reports_error(tmp_path, capsys):
     code, _ = run_cli("generate", "hi", "--preset", str(tmp_path / "nope"))
-    assert code == 2
-    assert "nope" in capsys.readouterr().err
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("keras-llama: error: ") and "nope" in err and err.count("\n") == 1
 
 
 @pytest.mark.real_model

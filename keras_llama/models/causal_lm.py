@@ -5,7 +5,12 @@ import keras
 from keras_llama import kernels, losses, samplers
 from keras_llama.models import generation, generation_engine
 from keras_llama.models.task import Task
-from keras_llama.utils.validation import check_token_ids
+from keras_llama.utils.validation import check_positive_int, check_token_ids
+
+# The limit on generate()'s `max_length` when the model's context is unknown: the longest Llama
+# context (Llama 3.1). A key/value cache is allocated for the whole length up front, so an
+# unchecked `max_length=10**9` would try to allocate gigabytes before the first token.
+DEFAULT_MAX_SEQUENCE_LENGTH = 131072
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
@@ -87,6 +92,20 @@ class CausalLM(Task):
         return super().make_predict_function(force)
 
     # --- generation (stages in keras_llama/models/generation.py) --------------------------------
+    @property
+    def max_sequence_length(self):
+        """The longest ``max_length`` (prompt plus completion) ``generate()`` accepts: the
+        model's context as its preset gives it (Hugging Face ``max_position_embeddings``,
+        GGUF ``llama.context_length``), else `DEFAULT_MAX_SEQUENCE_LENGTH`. Settable (None
+        restores the default)."""
+        return getattr(self, "_max_sequence_length", None) or DEFAULT_MAX_SEQUENCE_LENGTH
+
+    @max_sequence_length.setter
+    def max_sequence_length(self, value):
+        if value is not None:
+            check_positive_int("max_sequence_length", value)
+        self._max_sequence_length = value
+
     def make_generate_function(self):
         """The `GenerationEngine` (compiled prefill and decode) for the current sampler; built
         on first use and again after ``compile()`` or ``quantize()``."""

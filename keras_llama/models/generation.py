@@ -109,6 +109,7 @@ def preprocess(model, batch, max_length):
                 f"token_ids.shape={token_ids.shape}, padding_mask.shape={mask.shape}"
             )
         max_length = token_ids.shape[1] if max_length is None else int(max_length)
+        _check_context(model, max_length)
     else:
         preprocessor = model.preprocessor
         if preprocessor is None:
@@ -116,11 +117,29 @@ def preprocess(model, batch, max_length):
                 "`generate()` received text, but the model has no `preprocessor`. Attach one, or "
                 "pass token ids as {'token_ids': ..., 'padding_mask': ...}."
             )
-        max_length = preprocessor.sequence_length if max_length is None else int(max_length)
+        if max_length is None:  # the preprocessor's default, within the model's context
+            max_length = min(preprocessor.sequence_length, _context(model))
+        max_length = int(max_length)
+        _check_context(model, max_length)
         x = preprocessor.generate_preprocess(batch, sequence_length=max_length)
         token_ids = np.asarray(ops.convert_to_numpy(x["token_ids"]))
         mask = np.asarray(ops.convert_to_numpy(x["padding_mask"]))
     return _prompts_from_arrays(model, token_ids.astype("int32"), mask.astype(bool), max_length)
+
+
+def _context(model):
+    return getattr(model, "max_sequence_length", None) or float("inf")
+
+
+def _check_context(model, max_length):
+    """Refuse a length beyond the model's context before any cache is allocated for it."""
+    limit = _context(model)
+    if max_length > limit:
+        raise ValueError(
+            f"`max_length` must be at most the model's context length, "
+            f"max_sequence_length={limit} (set `max_sequence_length` on the model to change the "
+            f"limit). Received: max_length={max_length}"
+        )
 
 
 def _prompts_from_arrays(model, token_ids, mask, max_length):

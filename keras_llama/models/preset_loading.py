@@ -34,13 +34,14 @@ def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
         config = dict(src.backbone["config"])
         config["dtype"] = _resolve_dtype(config.get("dtype"), kwargs.pop("dtype", None))
         config.update(kwargs)
+        _check_arguments(backbone_cls, config, src)
     if not load_weights:
-        return backbone_cls(**config)  # random initialization, as the constructor does
+        return _construct(backbone_cls, config, src)  # random initialization
     # Opens the weight files (missing ones fail here, before the model is built); the arrays
     # are read one at a time as they are assigned.
     tensors = src.read_weights(config) if isinstance(src, Checkpoint) else None
     # Weights will overwrite every variable: skip drawing random initial values.
-    backbone = _weights.build_uninitialized(backbone_cls, **config)
+    backbone = _construct(_weights.build_uninitialized, config, src, backbone_cls)
     if isinstance(src, Checkpoint):
         named_arrays = with_progress(
             tensors,
@@ -52,6 +53,32 @@ def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
     else:
         _load_keras_weights(backbone, src)
     return backbone
+
+
+def _check_arguments(backbone_cls, config, src):
+    """A preset's ``config.json`` must give every required constructor argument (else Python's
+    ``TypeError`` would name neither the file nor the field)."""
+    params = inspect.signature(backbone_cls.__init__).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for name, param in params.items():
+        if name != "self" and param.kind in kinds and param.default is param.empty:
+            if name not in config:
+                raise ValueError(
+                    f"{keras_format.CONFIG_FILE} of the preset {src.source!r} has no `{name}`, "
+                    f"which {backbone_cls.__name__} needs. Received keys: {sorted(config)}"
+                )
+
+
+def _construct(function, config, src, *args):
+    """``function(*args, **config)``, with the preset named in any error its config causes."""
+    if isinstance(src, Checkpoint):  # its reader checked the config field by field
+        return function(*args, **config)
+    try:
+        return function(*args, **config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{keras_format.CONFIG_FILE} of the preset {src.source!r} is invalid: {e}"
+        ) from e
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -190,7 +217,18 @@ def load_task(cls, preset, load_weights=True, **kwargs):
             if has_tokenizer
             else None
         )
-    return task_cls(**kwargs)
+    task = task_cls(**kwargs)
+    if hasattr(task_cls, "max_sequence_length"):  # causal LMs: the context known to the preset
+        task.max_sequence_length = _context_length(src)
+    return task
+
+
+def _context_length(src):
+    if isinstance(src, Checkpoint):
+        return src.context_length
+    ours = (src.task or {}).get(keras_format.OUR_CONFIG_KEY)
+    value = ours.get("max_sequence_length") if isinstance(ours, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _take(kwargs, target_cls, extra=(), skip=("self",)):

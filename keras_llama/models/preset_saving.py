@@ -185,4 +185,6 @@ def save_task(task, preset_dir, max_shard_size=10):
             ),
             "name": task.name,
         }
-        writer.write_json(keras_format.TASK_FILE, _serialize(task, config))
+        limit = getattr(task, "_max_sequence_length", None)  # only a known context is written
+        ours = {"max_sequence_length": limit} if limit else None
+        writer.write_json(keras_format.TASK_FILE, _serialize(task, config, ours=ours))

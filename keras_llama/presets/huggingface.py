@@ -31,18 +31,49 @@ import numpy as np
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
 from keras_llama.presets.handles import load_json, require_file, safe_join
 from keras_llama.presets.rotary import interleaved_to_half
+from keras_llama.utils.validation import check_positive_int, check_positive_number
+
+_REQUIRED = object()
 
 
-def convert_backbone_config(hf_config):
-    """`LlamaBackbone` keyword arguments from a Hugging Face ``config.json`` dict."""
+def convert_backbone_config(hf_config, source=None):
+    """`LlamaBackbone` keyword arguments from a Hugging Face ``config.json`` dict.
+
+    Each field is checked (present where required, type and range) and named in the error with
+    ``source`` (the file it came from), before anything is built from it.
+    """
+    where = f"the Hugging Face config {source!r}" if source else "the Hugging Face config"
+    if not isinstance(hf_config, dict):
+        raise ValueError(
+            f"In {where}: expected a JSON object (a dict of settings). "
+            f"Received: {type(hf_config).__name__}"
+        )
+
+    def get(config, key, default=_REQUIRED, prefix=""):
+        value = config.get(key, default)
+        if value is _REQUIRED:
+            raise ValueError(f"In {where}: the required field `{prefix}{key}` is missing.")
+        return value
+
+    def integer(config, key, default=_REQUIRED, prefix=""):
+        value = get(config, key, default, prefix)
+        if value is not None or default is _REQUIRED:  # None: absent and optional
+            check_positive_int(prefix + key, value, where)
+        return value
+
+    def number(config, key, default=_REQUIRED, prefix=""):
+        value = get(config, key, default, prefix)
+        check_positive_number(prefix + key, value, where)
+        return float(value)
+
     model_type = hf_config.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(
             "Only Llama-architecture checkpoints can be converted. "
             f"Received: model_type={model_type!r}"
         )
-    hidden = hf_config["hidden_size"]
-    heads = hf_config["num_attention_heads"]
+    hidden = integer(hf_config, "hidden_size")
+    heads = integer(hf_config, "num_attention_heads")
     head_dim = hf_config.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
         raise ValueError(
@@ -59,33 +90,47 @@ def convert_backbone_config(hf_config):
         raise ValueError(f"Only the silu activation is supported. Received: hidden_act={act!r}")
 
     # transformers >= 5 keeps rope settings in `rope_parameters`; older ones in `rope_scaling`.
-    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope_key = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
+    rope = hf_config.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(
+            f"In {where}: `{rope_key}` must be an object. Received: {rope_key}={rope!r}"
+        )
+    theta = number(rope, "rope_theta", number(hf_config, "rope_theta", 10000.0), f"{rope_key}.")
     config = {
-        "vocabulary_size": hf_config["vocab_size"],
-        "num_layers": hf_config["num_hidden_layers"],
+        "vocabulary_size": integer(hf_config, "vocab_size"),
+        "num_layers": integer(hf_config, "num_hidden_layers"),
         "num_query_heads": heads,
         "hidden_dim": hidden,
-        "intermediate_dim": hf_config["intermediate_size"],
-        "num_key_value_heads": hf_config.get("num_key_value_heads") or heads,
+        "intermediate_dim": integer(hf_config, "intermediate_size"),
+        "num_key_value_heads": integer(hf_config, "num_key_value_heads", None, "") or heads,
         "rope_max_wavelength": theta,
-        "layer_norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
+        "layer_norm_epsilon": number(hf_config, "rms_norm_eps", 1e-6),
         "tie_word_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
     }
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    prefix = f"{rope_key}."
     if rope_type == "linear":
-        config["rope_position_scaling_factor"] = float(rope["factor"])
+        config["rope_position_scaling_factor"] = number(rope, "factor", prefix=prefix)
     elif rope_type == "llama3":
-        config["rope_frequency_adjustment_factor"] = float(rope["factor"])
-        config["rope_low_freq_factor"] = float(rope["low_freq_factor"])
-        config["rope_high_freq_factor"] = float(rope["high_freq_factor"])
-        config["rope_pretraining_sequence_length"] = int(rope["original_max_position_embeddings"])
+        config["rope_frequency_adjustment_factor"] = number(rope, "factor", prefix=prefix)
+        config["rope_low_freq_factor"] = number(rope, "low_freq_factor", prefix=prefix)
+        config["rope_high_freq_factor"] = number(rope, "high_freq_factor", prefix=prefix)
+        config["rope_pretraining_sequence_length"] = integer(
+            rope, "original_max_position_embeddings", prefix=prefix
+        )
     elif rope_type != "default":
         raise ValueError(
             "Supported RoPE scalings are 'default', 'linear' and 'llama3'. "
             f"Received: rope_type={rope_type!r}"
         )
     return config
+
+
+def context_length(hf_config):
+    """``max_position_embeddings`` (the model's context), or None when absent or invalid."""
+    value = hf_config.get("max_position_embeddings") if isinstance(hf_config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _heads_in(n_heads):
@@ -263,8 +308,15 @@ class SafetensorsCheckpoint:
         index_path = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            index = load_json(folder, "model.safetensors.index.json")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise ValueError(
+                    f"{index_path!r} has no `weight_map` object of tensor name -> shard file. "
+                    f"Received: {str(weight_map if isinstance(index, dict) else index)[:80]}"
+                )
             self._file_of = {name: safe_join(folder, file) for name, file in weight_map.items()}
             for file in sorted(set(weight_map.values())):
                 require_file(folder, file, "weight shard (listed in model.safetensors.index.json)")
@@ -295,13 +347,48 @@ class SafetensorsCheckpoint:
             return self._file(self._single)[name]
         return self._file(self._file_of[name])[name]
 
+    def names(self):
+        """The names of every tensor (headers only; no tensor is read)."""
+        if self._file_of is None:
+            return set(self._file(self._single).keys())
+        return set(self._file_of)
+
+    def check_holds(self, backbone_config, source):
+        """Raise unless every tensor a backbone of this config needs is present, before that
+        backbone is built (a crafted ``num_hidden_layers`` would otherwise build its layers
+        first). The last layer is checked first, so a huge count fails without a huge table."""
+        names = self.names()
+        last = backbone_config["num_layers"] - 1
+        needed = [f"model.layers.{last}.{hf_name}" for hf_name, *_ in LAYER_WEIGHTS]
+        if all(n in names for n in needed):
+            needed = [hf_name for hf_name, *_ in weight_table(backbone_config)]
+        missing = [n for n in needed if n not in names]
+        if missing:
+            layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
+            raise ValueError(
+                f"The checkpoint {source!r} has no tensor {missing[0]!r} ({len(missing)} "
+                f"missing): it holds {len(layers)} layers. Received: "
+                f"num_hidden_layers={backbone_config['num_layers']}"
+            )
+
 
 # --- the whole checkpoint ----------------------------------------------------------------------
 def read(folder, source=None):
     """Read a Hugging Face Llama checkpoint folder into a `Checkpoint`."""
     source = source or folder
     config = _load_json(folder, "config.json")
+    config_path = os.path.join(folder, "config.json")
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_path!r} must hold a JSON object (a dict of settings). "
+            f"Received: {type(config).__name__}"
+        )
     tokenizer_config = _load_json(folder, "tokenizer_config.json", missing_ok=True) or {}
+    if not isinstance(tokenizer_config, dict):
+        raise ValueError(
+            f"{os.path.join(folder, 'tokenizer_config.json')!r} must hold a JSON object. "
+            f"Received: {type(tokenizer_config).__name__}"
+        )
     tokenizer, family = _tokenizer_spec(folder, config, tokenizer_config)
     preprocessor = {}
     add_bos = _add_bos_token(folder, tokenizer_config)
@@ -310,6 +397,7 @@ def read(folder, source=None):
 
     def read_weights(final_config):
         tensors = SafetensorsCheckpoint(folder)  # only now: a tokenizer needs no weights
+        tensors.check_holds(final_config, source)
         return convert_weights(tensors.__getitem__, final_config, source)
 
     return Checkpoint(
@@ -317,11 +405,12 @@ def read(folder, source=None):
         path=folder,
         format="huggingface",
         family=family,
-        read_config=lambda: convert_backbone_config(config),
+        read_config=lambda: convert_backbone_config(config, config_path),
         read_weights=read_weights,
         tokenizer=tokenizer,
         preprocessor=preprocessor,
         chat_template=_chat_template(folder, tokenizer_config),
+        context_length=context_length(config),
     )
 
 
@@ -363,37 +452,46 @@ def _tokenizer_spec(folder, config, tokenizer_config):
         )
         return spec, "llama"
     if os.path.isfile(json_path):
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-        model = data.get("model") or {}
-        if model.get("type") != "BPE" or not _is_byte_level(data):
+        try:
+            return _tokenizer_json_spec(json_path, config, bos, eos, pad)
+        except (KeyError, TypeError, AttributeError) as e:  # a malformed structure
             raise ValueError(
-                f"{json_path!r} holds a {model.get('type')} tokenizer without byte-level "
-                "pre-tokenization and there is no SentencePiece `tokenizer.model` beside it. "
-                "Llama checkpoints ship one of: `tokenizer.model` (SentencePiece) or a "
-                "byte-level BPE `tokenizer.json`."
-            )
-        added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
-        vocab = model.get("vocab", {})
-        id_to_token = {**{i: t for t, i in vocab.items()}, **added}
-        bos = bos or id_to_token.get(config.get("bos_token_id"))
-        eos_ids = config.get("eos_token_id")
-        eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
-        eos_tokens = [id_to_token[i] for i in eos_ids if i in id_to_token]
-        eos = eos or (eos_tokens[0] if eos_tokens else None)
-        spec = TokenizerSpec(
-            "tokenizer_json",
-            {"path": json_path},
-            start_token=bos,
-            end_token=eos,
-            pad_token=pad,
-            stop_tokens=[t for t in eos_tokens if t != eos],
-        )
-        return spec, "llama3"
+                f"{json_path!r} is not a valid tokenizer.json ({type(e).__name__}: {e})."
+            ) from e
     if os.path.isfile(spm_path):  # Meta-style tiktoken file copied into an HF folder
         return TokenizerSpec("tiktoken", {"path": spm_path}), "llama3"
     # No tokenizer: a backbone-only checkpoint. Llama 3 vocabularies are 128256 tokens.
-    return None, ("llama3" if config.get("vocab_size", 0) >= 128000 else "llama")
+    vocab_size = config.get("vocab_size", 0)
+    return None, ("llama3" if isinstance(vocab_size, int) and vocab_size >= 128000 else "llama")
+
+
+def _tokenizer_json_spec(json_path, config, bos, eos, pad):
+    data = load_json(*os.path.split(json_path), what="checkpoint folder")
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not _is_byte_level(data):
+        raise ValueError(
+            f"{json_path!r} holds a {model.get('type')} tokenizer without byte-level "
+            "pre-tokenization and there is no SentencePiece `tokenizer.model` beside it. "
+            "Llama checkpoints ship one of: `tokenizer.model` (SentencePiece) or a "
+            "byte-level BPE `tokenizer.json`."
+        )
+    added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
+    vocab = model.get("vocab", {})
+    id_to_token = {**{i: t for t, i in vocab.items()}, **added}
+    bos = bos or id_to_token.get(config.get("bos_token_id"))
+    eos_ids = config.get("eos_token_id")
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    eos_tokens = [id_to_token[i] for i in eos_ids if i in id_to_token]
+    eos = eos or (eos_tokens[0] if eos_tokens else None)
+    spec = TokenizerSpec(
+        "tokenizer_json",
+        {"path": json_path},
+        start_token=bos,
+        end_token=eos,
+        pad_token=pad,
+        stop_tokens=[t for t in eos_tokens if t != eos],
+    )
+    return spec, "llama3"
 
 
 def _is_byte_level(tokenizer_json):
@@ -416,13 +514,18 @@ def _add_bos_token(folder, tokenizer_config):
     json_path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(json_path):
         return None
-    with open(json_path, encoding="utf-8") as f:
-        post = json.load(f).get("post_processor") or {}
-    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for processor in processors:
-        if processor.get("type") == "TemplateProcessing":
-            single = processor.get("single") or []
-            return bool(single) and "SpecialToken" in single[0]
+    try:
+        post = load_json(folder, "tokenizer.json", what="checkpoint folder").get("post_processor")
+        post = post or {}
+        processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+        for processor in processors:
+            if processor.get("type") == "TemplateProcessing":
+                single = processor.get("single") or []
+                return bool(single) and "SpecialToken" in single[0]
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(
+            f"{json_path!r} has a malformed `post_processor` ({type(e).__name__}: {e})."
+        ) from e
     return False
 
 
@@ -436,6 +539,15 @@ def _chat_template(folder, tokenizer_config):
             return f.read()
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {
+            t.get("name"): t.get("template")
+            for t in template
+            if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise ValueError(
+            f"The `chat_template` of {os.path.join(folder, 'tokenizer_config.json')!r} must be "
+            f"a string or a list of named templates. Received: {type(template).__name__}"
+        )
     return template

@@ -25,7 +25,9 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import tempfile
+import time as _time
 from typing import Optional
 
 from keras_llama.presets.handles import load_json, require_file, safe_join
@@ -221,8 +223,12 @@ def atomic_preset(target):
             "folder; an existing preset folder is replaced atomically."
         )
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    remove_stale_staging(parent, name)
+    # The PID in the name tells a later save whether the process writing here is gone.
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-{os.getpid()}-", dir=parent)
     try:
+        # mkdtemp makes a private (0700) folder; a preset gets the user's usual modes.
+        os.chmod(staging, _folder_mode(target))
         if os.path.isdir(target):
             shutil.copytree(target, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
         yield PresetWriter(staging)
@@ -230,6 +236,47 @@ def atomic_preset(target):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+STALE_AFTER_S = 24 * 3600  # leftovers whose writer cannot be told (no PID in the name)
+
+
+def remove_stale_staging(parent, name):
+    """Remove ``.NAME.saving-*`` and ``.NAME.old-*`` folders left in ``parent`` by saves that
+    were killed (``kill -9``, power loss): those whose writing process no longer runs, or,
+    when the name holds no PID, that have not changed for `STALE_AFTER_S`. A save still in
+    progress in another process keeps its folder."""
+    for prefix in (f".{name}.saving-", f".{name}.old-"):
+        for entry in os.listdir(parent):
+            path = os.path.join(parent, entry)
+            if not entry.startswith(prefix) or not os.path.isdir(path):
+                continue
+            pid = entry[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and "-" in entry[len(prefix) :]:
+                stale = int(pid) != os.getpid() and not _process_exists(int(pid))
+            else:
+                stale = _time.time() - os.path.getmtime(path) > STALE_AFTER_S
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot be told: keep its folder
+    return True
+
+
+def _folder_mode(target):
+    """An existing preset folder's mode, else what ``mkdir`` gives under the current umask."""
+    if os.path.isdir(target):
+        return stat.S_IMODE(os.stat(target).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _looks_like_preset(folder):
@@ -251,7 +298,9 @@ def _swap(staging, target):
     if not os.path.exists(target):
         os.rename(staging, target)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(target)}.old-{os.getpid()}-", dir=os.path.dirname(target)
+    )
     os.rmdir(old)
     os.rename(target, old)
     try:

@@ -304,6 +304,14 @@ def _canonicalize_text(inputs):
 
 def _as_str(x, index):
     if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: no UTF-8 text holds them
+            where = "" if index is None else f" at index {index}"
+            raise ValueError(
+                f"Expected text that can be encoded as UTF-8; the string{where} holds a lone "
+                f"surrogate {x[e.start]!r} at position {e.start}. Received: {x[:40]!r}"
+            ) from None
         return x
     if isinstance(x, bytes):
         try:

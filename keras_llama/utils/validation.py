@@ -1,20 +1,49 @@
 """Checks of user input shared by the package: each raises with what was expected and what was
 received (DESIGN.md rule 9)."""
 
+import math
+import numbers
 import sys
 
 import numpy as np
 
 
-def check_positive_int(name, value):
-    """Raise a `ValueError` unless ``value`` is a Python int >= 1 (bools are refused).
+def _in(where):
+    return f"In {where}: " if where else ""
+
+
+def check_positive_int(name, value, where=None):
+    """Raise a `ValueError` unless ``value`` is an int >= 1 (bools are refused). ``where``
+    names the file or object the value came from.
 
     Example:
     >>> check_positive_int("num_layers", 0)
     ValueError: `num_layers` must be a positive integer. Received: num_layers=0
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        raise ValueError(
+            f"{_in(where)}`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+
+
+def check_positive_number(name, value, where=None):
+    """Raise a `ValueError` unless ``value`` is a finite real number > 0 (NaN, infinities,
+    bools, strings and None are refused): a zero or NaN ``rope_theta`` or ``rms_norm_eps``
+    would otherwise load and give NaN logits.
+
+    Example:
+    >>> check_positive_number("rope_theta", float("nan"))
+    ValueError: `rope_theta` must be a positive finite number. Received: rope_theta=nan
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{_in(where)}`{name}` must be a positive finite number. Received: {name}={value!r}"
+        )
 
 
 def is_tf_dataset(x):

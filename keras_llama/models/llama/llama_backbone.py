@@ -12,7 +12,13 @@ from keras_llama.models.llama.llama_layers import (
     kernel_initializer,
 )
 from keras_llama.utils import registry
-from keras_llama.utils.validation import check_positive_int, check_token_ids
+from keras_llama.utils.validation import (
+    check_positive_int,
+    check_positive_number,
+    check_token_ids,
+)
+
+ROPE_REQUIRED = ("rope_max_wavelength", "rope_position_scaling_factor", "layer_norm_epsilon")
 
 
 @registry.register_class("llama", "backbone")
@@ -95,6 +101,18 @@ class LlamaBackbone(Backbone):
                 "`num_query_heads` must be a multiple of `num_key_value_heads`. Received: "
                 f"num_query_heads={num_query_heads}, num_key_value_heads={num_key_value_heads}"
             )
+        # A zero, negative or NaN RoPE base or norm epsilon builds fine and gives NaN logits.
+        for name, value in [
+            ("rope_max_wavelength", rope_max_wavelength),
+            ("rope_position_scaling_factor", rope_position_scaling_factor),
+            ("layer_norm_epsilon", layer_norm_epsilon),
+            ("rope_frequency_adjustment_factor", rope_frequency_adjustment_factor),
+            ("rope_low_freq_factor", rope_low_freq_factor),
+            ("rope_high_freq_factor", rope_high_freq_factor),
+            ("rope_pretraining_sequence_length", rope_pretraining_sequence_length),
+        ]:
+            if value is not None or name in ROPE_REQUIRED:
+                check_positive_number(name, value)
         if not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
         # Validates the RoPE arguments (all-or-none Llama 3 scaling) before anything is built.

@@ -10,6 +10,8 @@ import math
 import keras
 from keras import ops
 
+from keras_llama.utils.validation import check_positive_number
+
 
 def kernel_initializer(stddev=0.02):
     return keras.initializers.RandomNormal(stddev=stddev)
@@ -64,6 +66,7 @@ class LlamaLayerNorm(keras.layers.Layer):
 
     def __init__(self, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
+        check_positive_number("epsilon", epsilon)  # 0 or NaN: NaN outputs
         self.epsilon = epsilon
 
     def build(self, input_shape):
@@ -129,9 +132,15 @@ class LlamaRotaryEmbedding(keras.layers.Layer):
                 "`low_freq_factor`, `high_freq_factor` and `pretraining_sequence_length`, or none. "
                 f"Missing: {missing}. Received: {llama3}"
             )
-        if scaling_factor is None or scaling_factor <= 0:
+        check_positive_number("max_wavelength", max_wavelength)
+        check_positive_number("scaling_factor", scaling_factor)
+        for name in given:
+            check_positive_number(name, llama3[name])
+        if given and not high_freq_factor > low_freq_factor:
             raise ValueError(
-                f"`scaling_factor` must be a positive number. Received: scaling_factor={scaling_factor}"
+                "Llama 3 RoPE scaling needs `high_freq_factor` > `low_freq_factor` (the band "
+                f"between them is interpolated). Received: low_freq_factor={low_freq_factor}, "
+                f"high_freq_factor={high_freq_factor}"
             )
         self.max_wavelength = max_wavelength
         self.scaling_factor = scaling_factor

