@@ -108,7 +108,7 @@ class SlotEngine:
         self.vocabulary_size = causal_lm.backbone.vocabulary_size
         self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(6,))
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
-        self._compact_jit = jax.jit(self._compact, donate_argnums=(0,))
+        self._compact_jit = jax.jit(self._compact_rows, donate_argnums=(0,))
         self._cond = threading.Condition()
         self._waiting = []  # Requests not yet in a row (FIFO)
         self._rows = [None] * max_batch_size  # the Request in each row
@@ -368,7 +368,7 @@ class SlotEngine:
         )
         return state, token, info
 
-    def _compact(self, state, occupied):
+    def _compact_rows(self, state, occupied):
         # Each row's valid slots move to the front (stable: their order is kept).
         import jax.numpy as jnp
 

@@ -15,8 +15,11 @@ from keras_llama.tokenizers.byte_level_bpe import bytes_to_unicode
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
            "<|end_header_id|>"]  # fmt: skip
-MERGES = ["h e", "l l", "Ġ t", "e r", "Ġ a"]
-VOCAB = SPECIAL + [bytes_to_unicode()[b] for b in range(256)] + [m.replace(" ", "") for m in MERGES]
+# Printable ASCII only (so that a random model writes readable text), and a few merges (tokens
+# of several characters, for stop strings that start inside a token).
+CHARS = [bytes_to_unicode()[b] for b in b"abcdefghijklmnopqrstuvwxyz ,.!?\n"]
+MERGES = ["h e", "l l", "Ġ t", "e r", "Ġ a", "o n", "i n", "Ġ s"]
+VOCAB = SPECIAL + CHARS + [m.replace(" ", "") for m in MERGES]
 MAX_MODEL_LEN = 96
 MODEL_NAME = "tiny"
 
@@ -78,10 +81,10 @@ def tiny_lm():
 
 @pytest.fixture(scope="session")
 def served(tiny_lm):
-    """``(base_url, app)`` of a server on the tiny model with 4 slots and a queue of 4."""
+    """``(base_url, app)`` of a server on the tiny model with 8 slots and a queue of 2."""
     from keras_llama.serving import create_app
 
-    app = create_app(tiny_lm, model_name=MODEL_NAME, max_batch_size=4, max_queue=4,
+    app = create_app(tiny_lm, model_name=MODEL_NAME, max_batch_size=8, max_queue=2,
                      max_model_len=MAX_MODEL_LEN, prefill_chunk=32)  # fmt: skip
     with serve(app) as url:
         yield url, app
@@ -92,3 +95,30 @@ def client(served):
     import openai
 
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(lm, prompt_ids, max_new_tokens, stop=True):
+    """``generate()``'s greedy completion (text, token count) of ``prompt_ids``: the
+    independent reference for the server's greedy outputs."""
+    ids = np.array([prompt_ids], "int32")
+    out = lm.generate(
+        {"token_ids": ids},
+        max_length=len(prompt_ids) + max_new_tokens,
+        stop_token_ids="auto" if stop else None,
+        strip_prompt=True,
+    )
+    generated = out["token_ids"][0][out["padding_mask"][0]]
+    return lm.preprocessor.generate_postprocess(
+        {"token_ids": generated, "padding_mask": np.ones(len(generated), bool)}
+    ), len(generated)
+
+
+def chat_ids(lm, messages):
+    """The prompt ids of ``messages``: Llama 3's chat format written out by hand."""
+    text = "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+        for m in messages
+    )
+    text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    tokenizer = lm.preprocessor.tokenizer
+    return [tokenizer.start_token_id] + [int(t) for t in tokenizer(text)]
