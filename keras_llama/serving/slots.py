@@ -1,0 +1,395 @@
+"""The slot engine: continuous batching over a fixed batch of cache rows (slots).
+
+A `SlotEngine` owns ``B`` cache rows of ``S`` slots each, and a thread that loops::
+
+    admit waiting requests into free rows ─> prefill one chunk of one row ─> decode every
+    active row by one compiled step ─> hand each request its token ─> free finished rows
+
+Every row writes its next token at the same cache slot, the ``pointer``; each row keeps its own
+valid-slot mask and rotary positions, so rows of any lengths share one step (the same
+``DecodeState`` idea as `generate()`'s left padding). A new request's prompt is written into its
+row just below the pointer (the pointer jumps ahead when the row needs the room: the other rows
+just get masked-out slots). When the pointer reaches ``S``, each row's valid slots are moved to
+the front of its row (attention does not depend on the order of the keys: rotary positions are
+applied when a key is written) and the pointer restarts after the longest row.
+
+The decode step is `GenerationEngine.make_step` (the model's decode plan and weights, as
+`generate()` runs it) and the tokens are picked by `RowSampler` (per-row settings as arrays):
+the shapes never change, so requests come and go without recompiling. JAX only.
+"""
+
+import threading
+import time
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_llama import samplers
+from keras_llama.models.generation_engine import GenerationEngine, bucket_length
+from keras_llama.samplers.row_sampler import (
+    MAX_TOP_LOGPROBS,
+    RowSampler,
+    RowSettings,
+    token_logprobs,
+)
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is full (the server answers 429)."""
+
+
+class SlotState(NamedTuple):
+    """Device state of the batch of rows. ``B`` rows, ``S`` cache slots, ``V`` vocabulary."""
+
+    caches: Any  # tuple over layers of (keys [B * kv, h, S], values [B * kv, S, h])
+    cache_mask: Any  # bool [B, S]: the slots that hold a token of the row's request
+    positions: Any  # int32 [B]: rotary position of each row's next token (its length so far)
+    tokens: Any  # int32 [B]: the token each row feeds at the next step (its last pick)
+    counts: Any  # int32 [B, V]: how often each token was generated (penalties)
+    steps: Any  # int32 [B]: tokens generated so far (the random stream's counter)
+
+
+class Request:
+    """One sequence to generate. ``deliver(event)`` is called from the engine thread with
+    ``("token", token_id, logprob, top_ids, top_logprobs)``, ``("finish", reason)`` or
+    ``("error", message)``; it must not block."""
+
+    def __init__(self, prompt_ids, max_tokens, settings, stop_ids, deliver):
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.max_tokens = int(max_tokens)
+        self.settings = dict(settings)
+        self.stop_ids = frozenset(stop_ids)
+        self.deliver = deliver
+        self.cancelled = False
+        self.generated = 0
+        self.submitted = time.monotonic()
+
+
+class SlotEngine:
+    """Continuous batching of `Request`s for one causal LM (see the module docstring).
+
+    Args:
+        causal_lm: a `CausalLM` (JAX backend).
+        max_batch_size: the number of rows decoded together.
+        max_queue: requests that may wait for a row; `submit` raises `QueueFull` beyond.
+        max_model_len: the most tokens (prompt + completion) of one request.
+        prefill_chunk: the most prompt tokens prefilled between two decode steps.
+    """
+
+    def __init__(self, causal_lm, max_batch_size=8, max_queue=64, max_model_len=1024,
+                 prefill_chunk=256):  # fmt: skip
+        if keras.config.backend() != "jax":
+            raise ValueError(
+                "The slot engine runs on the JAX backend. Received: "
+                f"KERAS_BACKEND={keras.config.backend()}"
+            )
+        for name, value in (("max_batch_size", max_batch_size), ("max_model_len", max_model_len),
+                            ("prefill_chunk", prefill_chunk)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"`max_queue` must be an integer >= 0. Received: {max_queue!r}")
+        import jax
+
+        self.model = causal_lm
+        self.engine = GenerationEngine(causal_lm, samplers.GreedySampler())
+        self.sampler = RowSampler()
+        self.batch_size, self.max_queue, self.max_model_len = (
+            max_batch_size,
+            max_queue,
+            max_model_len,
+        )
+        self.prefill_chunk = min(prefill_chunk, max_model_len)
+        self.cache_length = max_model_len + max(
+            max_model_len // 2, bucket_length(self.prefill_chunk)
+        )
+        self.vocabulary_size = causal_lm.backbone.vocabulary_size
+        self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(6,))
+        self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
+        self._compact_jit = jax.jit(self._compact_rows, donate_argnums=(0,))
+        self._cond = threading.Condition()
+        self._waiting = []  # Requests not yet in a row (FIFO)
+        self._rows = [None] * max_batch_size  # the Request in each row
+        self._prefilled = [0] * max_batch_size  # prompt tokens of the row already prefilled
+        self._row_end = np.zeros(max_batch_size, "int64")  # slot after each row's last token
+        self._settings = [RowSettings.neutral()] * max_batch_size
+        self._pointer = 0
+        self._thread = None
+        self._running = False
+        self.stats = {"steps": 0, "compactions": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.on_step = None  # optional callback(num_active) after each decode step (metrics)
+        self._state = self._initial_state()
+
+    # --- the public side (any thread) -----------------------------------------------------
+    def submit(self, request):
+        """Queues a request; raises `QueueFull` when ``max_queue`` requests already wait."""
+        with self._cond:
+            free = sum(r is None for r in self._rows)
+            if len(self._waiting) >= self.max_queue + free:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def cancel(self, request):
+        """Frees the request's row (or drops it from the queue) before the next step."""
+        with self._cond:
+            request.cancelled = True
+            self._cond.notify()
+
+    def occupancy(self):
+        """``(rows in use, requests waiting)``."""
+        with self._cond:
+            return sum(r is not None for r in self._rows), len(self._waiting)
+
+    def start(self):
+        """Compiles the decode step (so that the first request does not wait for it) and
+        starts the engine thread."""
+        self._run_decode(1)  # all rows inactive: computes nothing anyone reads
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="slot-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # --- the engine thread ----------------------------------------------------------------
+    def _loop(self):
+        while True:
+            with self._cond:
+                self._drop_cancelled()
+                self._admit()
+                busy = any(r is not None for r in self._rows)
+                if not busy:
+                    if not self._running:
+                        return
+                    self._cond.wait(timeout=1.0)
+                    continue
+                if not self._running:
+                    return
+            try:
+                self._prefill_next_chunk()
+                if any(self._decoding(i) for i in range(self.batch_size)):
+                    self._decode_step()
+            except Exception as e:  # a failed step ends its requests, never the server
+                with self._cond:
+                    for i, request in enumerate(self._rows):
+                        if request is not None:
+                            request.deliver(("error", f"{type(e).__name__}: {e}"))
+                            self._free(i)
+                    self._state = self._initial_state()
+                    self._pointer = 0
+
+    def _drop_cancelled(self):
+        self._waiting = [r for r in self._waiting if not r.cancelled]
+        for i, request in enumerate(self._rows):
+            if request is not None and request.cancelled:
+                self._free(i)
+
+    def _admit(self):
+        for i in range(self.batch_size):
+            if self._rows[i] is None and self._waiting:
+                request = self._waiting.pop(0)
+                self._rows[i], self._prefilled[i] = request, 0
+                self._settings[i] = {**RowSettings.neutral(), **request.settings}
+
+    def _free(self, i):
+        self._rows[i], self._prefilled[i], self._row_end[i] = None, 0, 0
+        self._settings[i] = RowSettings.neutral()
+
+    def _decoding(self, i):
+        request = self._rows[i]
+        return request is not None and self._prefilled[i] == len(request.prompt_ids)
+
+    def _prefill_next_chunk(self):
+        """Prefills one chunk of the row that waited longest (its first token comes from the
+        last chunk)."""
+        pending = [i for i in range(self.batch_size)
+                   if self._rows[i] is not None and not self._decoding(i)]  # fmt: skip
+        if not pending:
+            return
+        i = min(pending, key=lambda j: self._rows[j].submitted)
+        request, done = self._rows[i], self._prefilled[i]
+        chunk = request.prompt_ids[done : done + self.prefill_chunk]
+        width = bucket_length(len(chunk))
+        if max(self._pointer, self._row_end[i] + width) > self.cache_length:
+            self._compact()
+        start = max(self._pointer, int(self._row_end[i]) + width) - width
+        ids = np.zeros((1, width), "int32")
+        ids[0, width - len(chunk) :] = chunk  # left padding, masked out
+        settings = RowSettings.make([self._settings[i]])
+        values = [v.value for v in self.engine.variables]
+        self._state, token, info = self._prefill_jit(
+            values, self._state, np.int32(i), ids, np.int32(len(chunk)), np.int32(start),
+            np.int32(done), np.bool_(done == 0), settings,
+        )  # fmt: skip
+        self._pointer = start + width
+        self._row_end[i] = start + width
+        self._prefilled[i] = done + len(chunk)
+        self.stats["prompt_tokens"] += len(chunk)
+        if self._decoding(i):
+            info = [np.asarray(x)[0] for x in info]
+            self._hand_out(i, int(np.asarray(token)[0]), *info)
+
+    def _decode_step(self):
+        if self._pointer >= self.cache_length:
+            self._compact()
+        active = np.array([self._decoding(i) for i in range(self.batch_size)])
+        tokens, logprobs, top_ids, top_lps = self._run_decode(1, active)
+        self.stats["steps"] += 1
+        if self.on_step is not None:
+            self.on_step(int(active.sum()))
+        for i in np.flatnonzero(active):
+            self._hand_out(i, int(tokens[0, i]), logprobs[0, i], top_ids[0, i], top_lps[0, i])
+
+    def _run_decode(self, num_steps, active=None):
+        if active is None:
+            active = np.zeros(self.batch_size, bool)
+        values = [v.value for v in self.engine.variables]
+        weights = self.engine.current_weights(values)
+        settings = RowSettings.make(self._settings)
+        self._state, out = self._decode_jit(
+            values, weights, self._state, settings, active, np.int32(self._pointer), num_steps
+        )
+        self._pointer += num_steps
+        return [np.asarray(x) for x in out]
+
+    def _hand_out(self, i, token, logprob, top_ids, top_lps):
+        """Gives row ``i``'s new token to its request; frees the row when it is finished."""
+        request = self._rows[i]
+        request.generated += 1
+        self.stats["generation_tokens"] += 1
+        length = len(request.prompt_ids) + request.generated
+        reason = None
+        if token in request.stop_ids:  # counted in the usage, never shown
+            reason = "stop"
+        else:
+            request.deliver(("token", token, float(logprob), top_ids, top_lps))
+        if reason is None and (
+            request.generated >= request.max_tokens or length >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            request.deliver(("finish", reason, request.generated))
+            with self._cond:
+                self._free(i)
+
+    def _compact(self):
+        occupied = np.array([r is not None for r in self._rows])
+        self._state, counts = self._compact_jit(self._state, occupied)
+        counts = np.asarray(counts)
+        self._row_end[:] = counts
+        self._pointer = int(counts.max(initial=0))
+        self.stats["compactions"] += 1
+
+    # --- the traced functions ---------------------------------------------------------------
+    def _initial_state(self):
+        b, s = self.batch_size, self.cache_length
+        return SlotState(
+            caches=tuple(tuple(kv) for kv in self.model._build_layer_caches(b, s)),
+            cache_mask=np.zeros((b, s), bool),
+            positions=np.zeros(b, "int32"),
+            tokens=np.zeros(b, "int32"),
+            counts=np.zeros((b, self.vocabulary_size), "int32"),
+            steps=np.zeros(b, "int32"),
+        )
+
+    def _decode(self, values, weights, state, settings, active, pointer, num_steps):
+        from jax import lax
+
+        step = self.engine.make_step(weights)
+        slots = ops.arange(self.cache_length)[None, :]
+
+        def one(carry, _):
+            state, pointer = carry
+            with self.engine.scope(values):
+                here = slots == pointer  # [1, S]
+                # Every row attends to the slot it writes (free rows to nothing else).
+                logits, _, caches = step(state.tokens[:, None], state.caches, pointer,
+                                         state.cache_mask | here, state.positions[:, None])  # fmt: skip
+                tokens = self.sampler.next_tokens(logits, state.counts, settings, state.steps)
+                info = _logprobs(logits, tokens)
+            grow = ops.cast(active, "int32")
+            new = state._replace(
+                caches=caches,
+                cache_mask=state.cache_mask | (here & active[:, None]),
+                positions=state.positions + grow,
+                tokens=ops.where(active, tokens, state.tokens),
+                counts=state.counts + _one_hot(tokens, self.vocabulary_size) * grow[:, None],
+                steps=state.steps + grow,
+            )
+            return (new, pointer + 1), (tokens, *info)
+
+        (state, _), out = lax.scan(one, (state, pointer), None, length=num_steps)
+        return state, out
+
+    def _prefill(self, values, state, row, ids, length, start, position, reset, settings):
+        from jax import lax
+
+        kv = self.model.backbone.num_key_value_heads
+        width = ids.shape[1]
+        slots = ops.arange(self.cache_length)
+        mask = lax.dynamic_index_in_dim(state.cache_mask, row, keepdims=False)  # [S]
+        mask = ops.where(reset, False, mask)
+        mask = mask | ((slots >= start + width - length) & (slots < start + width))
+        positions = ops.maximum(position + ops.arange(width) - (width - length), 0)[None, :]
+        caches = [tuple(lax.dynamic_slice_in_dim(c, row * kv, kv, axis=0) for c in pair)
+                  for pair in state.caches]  # fmt: skip
+        with self.engine.scope(values):
+            logits, _, caches = self.model.call_with_layer_caches(
+                ids, caches, start, mask[None], positions, last_logits_only=True,
+                stage_plan=self.engine.plan.prefill,
+            )  # fmt: skip
+            logits = ops.cast(logits[:, -1], "float32")
+            zeros = ops.zeros((1, self.vocabulary_size), "int32")
+            token = self.sampler.next_tokens(logits, zeros, settings, ops.zeros((1,), "int32"))
+            info = _logprobs(logits, token)
+        new_caches = tuple(
+            tuple(lax.dynamic_update_slice_in_dim(big, ops.cast(small, big.dtype), row * kv, axis=0)
+                  for big, small in zip(pairs, pair))
+            for pairs, pair in zip(state.caches, caches)
+        )  # fmt: skip
+
+        def put(x, value):
+            return lax.dynamic_update_index_in_dim(x, ops.cast(value, x.dtype), row, axis=0)
+
+        state = state._replace(
+            caches=new_caches,
+            cache_mask=put(state.cache_mask, mask),
+            positions=put(state.positions, position + length),
+            tokens=put(state.tokens, token[0]),
+            counts=put(state.counts, _one_hot(token, self.vocabulary_size)[0]),
+            steps=put(state.steps, 1),
+        )
+        return state, token, info
+
+    def _compact_rows(self, state, occupied):
+        # Each row's valid slots move to the front (stable: their order is kept).
+        import jax.numpy as jnp
+
+        mask = state.cache_mask & occupied[:, None]
+        order = jnp.argsort(~mask, axis=1, stable=True)  # [B, S]
+        counts = mask.sum(axis=1).astype("int32")
+        b, kv = self.batch_size, self.model.backbone.num_key_value_heads
+
+        def move(x, keys):
+            blocks = x.reshape(b, kv, *x.shape[1:])
+            index = order[:, None, None, :] if keys else order[:, None, :, None]
+            return jnp.take_along_axis(blocks, index, axis=3 if keys else 2).reshape(x.shape)
+
+        caches = tuple((move(k, True), move(v, False)) for k, v in state.caches)
+        mask = jnp.arange(self.cache_length)[None, :] < counts[:, None]
+        return state._replace(caches=caches, cache_mask=mask), counts
+
+
+def _one_hot(tokens, vocabulary_size):
+    return ops.cast(ops.arange(vocabulary_size)[None, :] == tokens[:, None], "int32")
+
+
+def _logprobs(logits, tokens):
+    return token_logprobs(logits, tokens, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
