@@ -72,20 +72,35 @@ class RowSampler:
             settings: a `RowSettings` of [b] arrays.
             steps: int32 [b], the index of the token being picked (the random counter).
         """
-        logits = apply_penalties(
-            ops.cast(logits, "float32"),
-            counts,
-            settings.presence_penalty,
-            settings.frequency_penalty,
+        logits = ops.cast(logits, "float32")
+        # Each part runs only when some row needs it (`ops.cond`: one branch executes), so an
+        # all-greedy batch costs an argmax, not a sort of the vocabulary.
+        penalized = ops.any(settings.presence_penalty != 0) | ops.any(
+            settings.frequency_penalty != 0
         )
-        greedy = ops.argmax(logits, axis=-1)
-        temperature = ops.maximum(settings.temperature, 1e-6)[:, None]
-        filtered = filter_logits(
-            logits / temperature, settings.top_k, settings.top_p, settings.min_p
+        logits = ops.cond(
+            penalized,
+            lambda: apply_penalties(
+                logits, counts, settings.presence_penalty, settings.frequency_penalty
+            ),
+            lambda: logits,
         )
-        noise = gumbel_noise(settings.seed, steps, ops.shape(logits)[-1])
-        sampled = ops.argmax(filtered + noise, axis=-1)
-        return ops.cast(ops.where(settings.temperature > 0, sampled, greedy), "int32")
+        greedy = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        sampling = settings.temperature > 0
+        filtering = sampling & ((settings.top_k > 0) | (settings.top_p < 1) | (settings.min_p > 0))
+
+        def sample():
+            scaled = logits / ops.maximum(settings.temperature, 1e-6)[:, None]
+            scaled = ops.cond(
+                ops.any(filtering),
+                lambda: filter_logits(scaled, settings.top_k, settings.top_p, settings.min_p),
+                lambda: scaled,
+            )
+            noise = gumbel_noise(settings.seed, steps, ops.shape(logits)[-1])
+            return ops.cast(ops.argmax(scaled + noise, axis=-1), "int32")
+
+        sampled = ops.cond(ops.any(sampling), sample, lambda: greedy)
+        return ops.where(sampling, sampled, greedy)
 
 
 def apply_penalties(logits, counts, presence, frequency):
