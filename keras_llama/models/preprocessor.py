@@ -196,6 +196,13 @@ class CausalLMPreprocessor(Preprocessor):
         return config
 
     # --- helpers -------------------------------------------------------------------------
+    def export_to_transformers(self, path, overwrite=False):
+        """Write the tokenizer's transformers files with ``add_bos_token`` set from
+        ``add_start_token`` (see `keras_llama.export.transformers`)."""
+        from keras_llama.export import transformers  # export imports models: lazily
+
+        transformers.export_preprocessor(self, path, overwrite)
+
     def _length(self, sequence_length):
         if sequence_length is None:
             return self.sequence_length

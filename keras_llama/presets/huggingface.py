@@ -30,7 +30,7 @@ import numpy as np
 
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
 from keras_llama.presets.handles import load_json, require_file, safe_join
-from keras_llama.presets.rotary import interleaved_to_half
+from keras_llama.presets.rotary import half_to_interleaved, interleaved_to_half
 
 
 def convert_backbone_config(hf_config):
@@ -86,6 +86,47 @@ def convert_backbone_config(hf_config):
             f"Received: rope_type={rope_type!r}"
         )
     return config
+
+
+def export_config(config):
+    """A Hugging Face ``config.json`` dict (``LlamaConfig``) from `LlamaBackbone` keyword
+    arguments: the inverse of `convert_backbone_config`."""
+    heads = config["num_query_heads"]
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config["vocabulary_size"],
+        "hidden_size": config["hidden_dim"],
+        "intermediate_size": config["intermediate_dim"],
+        "num_hidden_layers": config["num_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config["hidden_dim"] // heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(config.get("layer_norm_epsilon", 1e-6)),
+        "rope_theta": float(config.get("rope_max_wavelength", 10000.0)),
+        "rope_scaling": None,
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "max_position_embeddings": 4096,
+    }
+    if config.get("rope_frequency_adjustment_factor") is not None:
+        original = int(config["rope_pretraining_sequence_length"])
+        factor = float(config["rope_frequency_adjustment_factor"])
+        hf_config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": float(config["rope_low_freq_factor"]),
+            "high_freq_factor": float(config["rope_high_freq_factor"]),
+            "original_max_position_embeddings": original,
+        }
+        hf_config["max_position_embeddings"] = int(original * factor)
+    elif float(config.get("rope_position_scaling_factor") or 1.0) != 1.0:
+        factor = float(config["rope_position_scaling_factor"])
+        hf_config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    return hf_config
 
 
 def _heads_in(n_heads):
@@ -189,6 +230,30 @@ def convert_weights(get_tensor, backbone_config, source="checkpoint", file_names
         if interleaved_rotary and heads:
             array = interleaved_to_half(array, backbone_config[heads])
         yield ours, np.asarray(hook(array, backbone_config))
+
+
+def _from_ours(hook):
+    """The inverse of a table hook: our array -> the Hugging Face tensor of ``shape``."""
+    if hook is _same:
+        return lambda w, shape: w
+    # Every other hook is "transpose, then split dimensions": merge them back, transpose.
+    return lambda w, shape: w.reshape(shape[::-1]).T
+
+
+def export_weights(get_variable, backbone_config, interleaved_rotary=False):
+    """Yield ``(hf_name, numpy array)`` for every weight, in Hugging Face layout: `convert_weights`
+    run backwards over the same table (the exporters' half of rule 6).
+
+    Args:
+        get_variable: ``get_variable(our_path)`` -> our variable's value (a numpy array).
+        interleaved_rotary: write q/k rows in interleaved rotary pairs (GGUF, Meta).
+    """
+    for hf_name, ours, hook, shape in weight_table(backbone_config):
+        array = _from_ours(hook)(np.asarray(get_variable(ours)), shape)
+        heads = _ROTARY_HEADS.get(hf_name.split(".", 3)[-1])
+        if interleaved_rotary and heads:
+            array = half_to_interleaved(array, backbone_config[heads])
+        yield hf_name, np.ascontiguousarray(array)
 
 
 # --- safetensors -------------------------------------------------------------------------------

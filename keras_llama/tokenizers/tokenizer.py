@@ -228,6 +228,15 @@ class Tokenizer:
         save_tokenizer = registry.tokenizer_preset_function("save_tokenizer")
         save_tokenizer(self, preset_dir)
 
+    def export_to_transformers(self, path, overwrite=False):
+        """Write the files transformers' ``AutoTokenizer.from_pretrained(path)`` reads
+        (SentencePiece: ``tokenizer.model``; byte-level BPE: ``tokenizer.json``; both with
+        ``tokenizer_config.json``, the special tokens and the chat template). Atomic; see
+        `keras_llama.export.transformers`."""
+        from keras_llama.export import transformers  # exporters sit above tokenizers: lazily
+
+        transformers.export_tokenizer(self, path, overwrite)
+
     @classproperty
     def presets(cls):
         """Built-in presets available on this class, as ``{name: metadata}``."""

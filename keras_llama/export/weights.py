@@ -1,0 +1,47 @@
+"""A backbone's weights as exporters need them: numpy arrays by our variable path, LoRA merged.
+
+Quantized backbones are refused with the mode named: their int8/int4 kernels are not the
+weights a float checkpoint holds, and an exporter must never write wrong weights.
+"""
+
+import keras
+import numpy as np
+
+
+def backbone_config(backbone):
+    """The `LlamaBackbone` keyword arguments the converter tables read."""
+    return backbone.get_config()
+
+
+def float_dtype(backbone):
+    """The variables' float dtype name ("float32", "bfloat16" or "float16")."""
+    return keras.backend.standardize_dtype(backbone.dtype_policy.variable_dtype)
+
+
+def weight_reader(backbone):
+    """``get(our_path) -> numpy array`` with LoRA adapters merged into their kernels.
+
+    Raises:
+        ValueError: for a quantized backbone (the error names the mode).
+    """
+    mode = backbone.quantization_scheme
+    if mode is not None:
+        raise ValueError(
+            f"Cannot export a quantized model (mode={mode!r}): its kernels are integers with "
+            "scales, not the float weights a checkpoint holds. Export the float model (reload "
+            "it from its preset before `quantize()`), and quantize the export instead, e.g. "
+            "`export_to_gguf(path, dtype='q8_0')`."
+        )
+    layers = {layer.path: layer for layer in backbone._flatten_layers(include_self=False)}
+    variables = {v.path: v for v in backbone.weights}
+
+    def get(path):
+        layer_path, name = path.rsplit("/", 1)
+        layer = layers.get(layer_path)
+        if layer is not None and getattr(layer, "lora_enabled", False):
+            value = getattr(layer, name)  # Keras merges the adapters: W + (alpha/r) A @ B
+        else:
+            value = variables[path]
+        return np.asarray(keras.ops.convert_to_numpy(value))
+
+    return get
