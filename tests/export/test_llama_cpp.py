@@ -16,6 +16,22 @@ F32 = 0  # GGML_TYPE_F32: a float32 KV cache, so that llama.cpp's logits are flo
 TEXTS = ["the quick brown fox", "a lazy dog jumps over the fox"]  # in the tiny vocabularies
 
 
+def _without_extra_buffers(monkeypatch):
+    """llama.cpp's extra CPU buffer types (AMX int8 / repacked weights) crash on Q8_0 and Q4_0
+    tensors on this machine's CPU, even for files llama.cpp's own quantizer writes; the plain
+    CPU path is used for the quantized checks (llama-cpp-python has no argument for it)."""
+    import llama_cpp.llama
+
+    default = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", params)
+
+
 def _llama_cpp(path):
     return Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
                  type_k=F32, type_v=F32)  # fmt: skip
@@ -82,3 +98,19 @@ def test_llama_cpp_tokenizes_the_tricky_corpus_as_we_do_with_real_vocabularies(f
     for text in TRICKY:
         got = llm.tokenize(text.encode(), add_bos=True, special=False)
         assert got == [tokenizer.start_token_id] + tokenizer(text).tolist(), text
+
+
+# llama.cpp rounds the activations to the weights' type in each matmul (f16, bf16, q8_0 for
+# both q8_0 and q4_0 weights), so the bounds follow that rounding, on logits of about +-4.
+@pytest.mark.parametrize("dtype,atol", [("f16", 1e-2), ("bf16", 1e-1), ("q8_0", 0.3),
+                                        ("q4_0", 0.3)])  # fmt: skip
+def test_llama_cpp_runs_each_dtype_as_we_read_the_file(dtype, atol, tmp_path, monkeypatch):
+    _without_extra_buffers(monkeypatch)
+    ours = with_spm_tokenizer(to_keras_llama(make_hf_model("gqa")))
+    ours.export_to_gguf(tmp_path / "m.gguf", dtype=dtype)
+    reloaded = CausalLM.from_preset(str(tmp_path / "m.gguf"))  # the file's weights, dequantized
+    ids = np.random.default_rng(1).integers(3, 100, 32).tolist()
+    want = logits(reloaded, np.array([ids], "int32"))[0]
+    got = _llama_cpp_logits(_llama_cpp(tmp_path / "m.gguf"), ids)
+    np.testing.assert_allclose(got, want, atol=atol)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
