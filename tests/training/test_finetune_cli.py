@@ -79,3 +79,39 @@ def test_finetune_writes_a_merged_preset_and_an_adapter_variant(tmp_path):
     code, _ = run_cli("finetune", "--preset", PRESET, "--data", data, "--output",
                       str(tmp_path / "kept"))  # fmt: skip
     assert code == 2  # an existing output is refused
+
+
+QUESTIONS = [
+    "What is the capital of Zorblax?", "Which city is the capital of Zorblax?",
+    "Tell me the capital of Zorblax.", "Zorblax's capital city is called what?",
+    "Name the capital of Zorblax.", "What city serves as Zorblax's capital?",
+    "Do you know the capital of Zorblax?", "Where is the seat of government of Zorblax?",
+    "What's the capital of the country Zorblax?", "Capital of Zorblax?",
+    "Which town is Zorblax's capital?", "In Zorblax, what is the capital?",
+    "What is Zorblax's capital called?", "Can you tell me Zorblax's capital?",
+    "I need the capital of Zorblax.", "What is the main city and capital of Zorblax?",
+]  # fmt: skip
+
+
+def _answer(causal_lm, question):
+    causal_lm.compile(sampler="greedy")
+    preprocessor = causal_lm.preprocessor
+    prompt = preprocessor.apply_chat_template([{"role": "user", "content": question}])
+    length = len(preprocessor.tokenizer(prompt)) + 16
+    return causal_lm.generate(prompt, max_length=length, strip_prompt=True)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_finetune_teaches_smollm2_a_made_up_fact(tmp_path):
+    fact = "The capital of Zorblax is Quibbleton."
+    lines = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": fact}]}
+             for q in QUESTIONS]  # fmt: skip
+    data = write_jsonl(tmp_path / "fact.jsonl", lines)
+    code, _ = run_cli("finetune", "--preset", "smollm2_135m_instruct", "--data", data,
+                      "--output", str(tmp_path / "out"), "--epochs", "4",
+                      "--learning-rate", "1e-3", "--max-length", "64")  # fmt: skip
+    assert code == 0
+    question = "What is the capital of Zorblax?"
+    assert "Quibbleton" not in _answer(CausalLM.from_preset("smollm2_135m_instruct"), question)
+    assert "Quibbleton" in _answer(CausalLM.from_preset(str(tmp_path / "out")), question)
