@@ -233,9 +233,8 @@ class Tokenizer:
         (SentencePiece: ``tokenizer.model``; byte-level BPE: ``tokenizer.json``; both with
         ``tokenizer_config.json``, the special tokens and the chat template). Atomic; see
         `keras_llama.export.transformers`."""
-        from keras_llama.export import transformers  # exporters sit above tokenizers: lazily
-
-        transformers.export_tokenizer(self, path, overwrite)
+        # Exporters sit above tokenizers: reached through the registry (`models` fills it).
+        registry.tokenizer_preset_function("export_tokenizer")(self, path, overwrite)
 
     @classproperty
     def presets(cls):
