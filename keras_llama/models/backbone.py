@@ -94,6 +94,16 @@ class Backbone(PresetsMixin, keras.Model):
         """Save the config and weights to a preset folder (atomically)."""
         save_backbone(self, preset_dir)
 
+    def export_to_transformers(self, path, overwrite=False, max_shard_size="5GB"):
+        """Write ``config.json``, ``generation_config.json`` and safetensors weights that
+        transformers' ``AutoModelForCausalLM.from_pretrained(path)`` loads (LoRA merged;
+        sharded above ``max_shard_size``). Atomic; an existing non-empty folder is refused
+        unless ``overwrite=True`` (then this export's files in it are replaced, others kept).
+        See `keras_llama.export.transformers`."""
+        from keras_llama.export import transformers  # export imports models: lazily
+
+        transformers.export_backbone(self, path, overwrite, max_shard_size)
+
     # --- quantization --------------------------------------------------------------------------
     @property
     def quantization_scheme(self):

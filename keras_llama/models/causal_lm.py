@@ -173,6 +173,25 @@ class CausalLM(Task):
         """
         return generation.stream(self, inputs, max_length=max_length, stop_token_ids=stop_token_ids)
 
+    def export_to_transformers(self, path, overwrite=False, max_shard_size="5GB"):
+        """Write a Hugging Face transformers folder: the model (config, safetensors weights,
+        LoRA merged) and the tokenizer (``AutoTokenizer`` files with the chat template and
+        ``add_bos_token``). Atomic; an existing non-empty folder is refused unless
+        ``overwrite=True``. See `keras_llama.export.transformers`."""
+        from keras_llama.export import transformers  # export imports models: lazily
+
+        transformers.export_causal_lm(self, path, overwrite, max_shard_size)
+
+    def export_to_gguf(self, path, dtype="f32", overwrite=False):
+        """Write a llama.cpp GGUF file: the weights as ``dtype`` (``"f32"``, ``"f16"``,
+        ``"bf16"``, ``"q8_0"`` or ``"q4_0"``; norms stay f32), the vocabulary in llama.cpp's
+        form, the special ids, ``add_bos_token``, the chat template and the RoPE settings.
+        Atomic; an existing file is refused unless ``overwrite=True``. See
+        `keras_llama.export.gguf`."""
+        from keras_llama.export import gguf  # export imports models: lazily
+
+        gguf.export_causal_lm(self, path, dtype=dtype, overwrite=overwrite)
+
     def compile_from_config(self, config):
         """Re-compile after `keras.saving.load_model` with the saved optimizer, loss and metrics."""
         config = keras.saving.deserialize_keras_object(config)

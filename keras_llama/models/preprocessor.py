@@ -18,6 +18,7 @@ import numpy as np
 from keras_llama.models.preset_loading import load_preprocessor
 from keras_llama.models.preset_saving import save_preprocessor
 from keras_llama.models.presets_mixin import PresetsMixin
+from keras_llama.tokenizers import ChatPrompt
 from keras_llama.utils.validation import check_positive_int
 
 
@@ -122,7 +123,19 @@ class CausalLMPreprocessor(Preprocessor):
         self._sequence_length = _check_length(value, "sequence_length")
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
-        """Tokenize and pack ``x`` for training: returns ``(x, y, sample_weight)``."""
+        """Tokenize and pack ``x`` for training: returns ``(x, y, sample_weight)``.
+
+        ``x`` is text (a string or a list), or, to train on the answers only:
+
+        - ``{"prompts": ..., "responses": ...}`` (strings or equal-length lists; KerasHub's
+          convention): ``sample_weight`` is 0 on the start token and the prompt's tokens, 1 on
+          the response's tokens and the end token;
+        - a chat, ``[{"role": ..., "content": ...}, ...]``, or a list of chats: rendered with
+          the chat template (no end token is appended: the template ends its turns), with
+          ``sample_weight`` 1 on the assistant turns only.
+
+        Each part is tokenized on its own, so a token never straddles a prompt and an answer.
+        """
         if y is not None or sample_weight is not None:
             warnings.warn(
                 f"{type(self).__name__} makes its own labels and sample weights from `x`; "
@@ -130,6 +143,9 @@ class CausalLMPreprocessor(Preprocessor):
                 stacklevel=2,
             )
         length = self._length(sequence_length)
+        segments = self._weighted_segments(x)
+        if segments is not None:
+            return self._call_weighted(*segments, length)
         # One extra token so that inputs and labels both have `length` tokens.
         token_ids, padding_mask = self._pack(
             self._tokenize(x), length + 1, self.add_start_token, self.add_end_token
@@ -196,6 +212,86 @@ class CausalLMPreprocessor(Preprocessor):
         return config
 
     # --- helpers -------------------------------------------------------------------------
+    def export_to_transformers(self, path, overwrite=False):
+        """Write the tokenizer's transformers files with ``add_bos_token`` set from
+        ``add_start_token`` (see `keras_llama.export.transformers`)."""
+        from keras_llama.export import transformers  # export imports models: lazily
+
+        transformers.export_preprocessor(self, path, overwrite)
+
+    # --- prompt/response and chat inputs: loss on the answers only ------------------------------
+    def _weighted_segments(self, x):
+        """``(batched, rows)`` with each row a list of ``(text, trained)`` segments, for
+        ``{"prompts", "responses"}`` dicts and chat message lists; None for plain text."""
+        if isinstance(x, dict) and set(x) == {"prompts", "responses"}:
+            prompts, responses = x["prompts"], x["responses"]
+            batched = not isinstance(prompts, str)
+            if not batched:
+                prompts, responses = [prompts], [responses]
+            if isinstance(responses, str) or len(prompts) != len(responses):
+                raise ValueError(
+                    "`prompts` and `responses` must both be strings or lists of equal length. "
+                    f"Received: {len(prompts)} prompts and "
+                    f"{1 if isinstance(responses, str) else len(responses)} responses"
+                )
+            rows = [[(str(p), False), (str(r), True)] for p, r in zip(prompts, responses)]
+            return batched, rows, self.add_end_token
+        if _is_conversation(x):
+            return False, [self._chat_segments(x)], False
+        if isinstance(x, (list, tuple)) and x and all(_is_conversation(c) for c in x):
+            return True, [self._chat_segments(c) for c in x], False
+        return None
+
+    def _chat_segments(self, messages):
+        """A conversation rendered with the chat template, cut where each assistant turn
+        starts and ends: ``[(text, trained)]`` with ``trained`` True on the assistant turns
+        (their content and the template's end-of-turn text)."""
+        segments, done = [], ""
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            prompt = self.apply_chat_template(messages[:i], add_generation_prompt=True)
+            turn = self.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and turn.startswith(prompt)):
+                raise ValueError(
+                    "The chat template does not render a conversation as a prefix of its "
+                    "continuation, so assistant turns cannot be told apart from the prompt. "
+                    f"Received: a conversation of {len(messages)} messages"
+                )
+            segments += [(prompt[len(done) :], False), (turn[len(prompt) :], True)]
+            done = turn
+        rest = self.apply_chat_template(messages, add_generation_prompt=False)[len(done) :]
+        # Pieces of a rendered template keep their control tokens as tokens.
+        return [(ChatPrompt(text), train) for text, train in segments + [(rest, False)]]
+
+    def _call_weighted(self, batched, rows, add_end, length):
+        """Pack ``rows`` of segments (each tokenized on its own) to ``length + 1`` tokens; a label's weight is 1 when
+        its token belongs to a trained segment (or is the end token after one)."""
+        start_id, end_id = self.tokenizer.start_token_id, self.tokenizer.end_token_id
+        token_ids = np.full((len(rows), length + 1), self.tokenizer.pad_token_id, "int32")
+        padding_mask = np.zeros((len(rows), length + 1), bool)
+        trained = np.zeros((len(rows), length + 1), bool)
+        for r, segments in enumerate(rows):
+            ids = [start_id] if self.add_start_token and start_id is not None else []
+            weights = [False] * len(ids)
+            for text, train in segments:
+                if text:
+                    piece = self.tokenizer(text).tolist()
+                    ids += piece
+                    weights += [train] * len(piece)
+            if add_end and end_id is not None:
+                ids.append(end_id)
+                weights.append(True)
+            ids, weights = ids[: length + 1], weights[: length + 1]
+            token_ids[r, : len(ids)] = ids
+            padding_mask[r, : len(ids)] = True
+            trained[r, : len(ids)] = weights
+        x = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
+        y, sample_weight = token_ids[:, 1:], trained[:, 1:]
+        if not batched:
+            return {k: v[0] for k, v in x.items()}, y[0], sample_weight[0]
+        return x, y, sample_weight
+
     def _length(self, sequence_length):
         if sequence_length is None:
             return self.sequence_length
@@ -228,6 +324,15 @@ class CausalLMPreprocessor(Preprocessor):
         if not batched:
             return token_ids[0], padding_mask[0]
         return token_ids, padding_mask
+
+
+def _is_conversation(x):
+    """A chat: a non-empty list of ``{"role": ..., "content": ...}`` dicts."""
+    return (
+        isinstance(x, (list, tuple))
+        and len(x) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+    )
 
 
 def _check_length(value, name):

@@ -163,6 +163,14 @@ def save_tokenizer(tokenizer, preset_dir):
         _write_tokenizer(writer, tokenizer)
 
 
+@registry.register_tokenizer_preset_function
+def export_tokenizer(tokenizer, path, overwrite=False):
+    """`Tokenizer.export_to_transformers` (tokenizers cannot import the exporters)."""
+    from keras_llama.export import transformers  # export imports models: lazily
+
+    transformers.export_tokenizer(tokenizer, path, overwrite)
+
+
 def save_preprocessor(preprocessor, preset_dir):
     """Write ``preprocessor.json`` and its tokenizer (atomically)."""
     with keras_format.atomic_preset(preset_dir) as writer:

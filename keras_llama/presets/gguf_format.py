@@ -91,7 +91,7 @@ def read(path, source=None):
     tokenizer, family, add_bos = _tokenizer_spec(meta, source)
 
     def read_weights(final_config):
-        names = _gguf_names(final_config)
+        names = gguf_names(final_config)
         return huggingface.convert_weights(
             lambda hf_name: _read_tensor(tensors[names[hf_name]]), final_config, source,
             file_names=names, interleaved_rotary=True, file_shape=lambda s: tuple(reversed(s)),
@@ -262,7 +262,7 @@ def _llama3_rope_from_factors(tensor, config, source):
     )
 
 
-def _gguf_names(config):
+def gguf_names(config):
     """``{hf_name: gguf_name}`` for every tensor of a backbone with this config."""
     names = {hf: g for g, hf in GLOBAL_NAMES.items()}
     for i in range(config["num_layers"]):

@@ -22,15 +22,14 @@ sharded with ``model.safetensors.index.json``, ``tokenizer.model`` / ``tokenizer
 read.
 """
 
-import json
 import os
-import struct
 
 import numpy as np
 
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
-from keras_llama.presets.handles import load_json, require_file, safe_join
-from keras_llama.presets.rotary import interleaved_to_half
+from keras_llama.presets.handles import load_json
+from keras_llama.presets.rotary import half_to_interleaved, interleaved_to_half
+from keras_llama.presets.safetensors_files import SafetensorsCheckpoint
 from keras_llama.utils.validation import check_positive_int, check_positive_number
 
 _REQUIRED = object()
@@ -131,6 +130,47 @@ def context_length(hf_config):
     """``max_position_embeddings`` (the model's context), or None when absent or invalid."""
     value = hf_config.get("max_position_embeddings") if isinstance(hf_config, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def export_config(config):
+    """A Hugging Face ``config.json`` dict (``LlamaConfig``) from `LlamaBackbone` keyword
+    arguments: the inverse of `convert_backbone_config`."""
+    heads = config["num_query_heads"]
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config["vocabulary_size"],
+        "hidden_size": config["hidden_dim"],
+        "intermediate_size": config["intermediate_dim"],
+        "num_hidden_layers": config["num_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config["hidden_dim"] // heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(config.get("layer_norm_epsilon", 1e-6)),
+        "rope_theta": float(config.get("rope_max_wavelength", 10000.0)),
+        "rope_scaling": None,
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "max_position_embeddings": 4096,
+    }
+    if config.get("rope_frequency_adjustment_factor") is not None:
+        original = int(config["rope_pretraining_sequence_length"])
+        factor = float(config["rope_frequency_adjustment_factor"])
+        hf_config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": float(config["rope_low_freq_factor"]),
+            "high_freq_factor": float(config["rope_high_freq_factor"]),
+            "original_max_position_embeddings": original,
+        }
+        hf_config["max_position_embeddings"] = int(original * factor)
+    elif float(config.get("rope_position_scaling_factor") or 1.0) != 1.0:
+        factor = float(config["rope_position_scaling_factor"])
+        hf_config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    return hf_config
 
 
 def _heads_in(n_heads):
@@ -236,140 +276,28 @@ def convert_weights(get_tensor, backbone_config, source="checkpoint", file_names
         yield ours, np.asarray(hook(array, backbone_config))
 
 
-# --- safetensors -------------------------------------------------------------------------------
-# safetensors' numpy loader has no bfloat16; we read tensors through its header ourselves
-# (memory-mapped, one tensor at a time) after `safe_open` has validated the file.
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
+def _from_ours(hook):
+    """The inverse of a table hook: our array -> the Hugging Face tensor of ``shape``."""
+    if hook is _same:
+        return lambda w, shape: w
+    # Every other hook is "transpose, then split dimensions": merge them back, transpose.
+    return lambda w, shape: w.reshape(shape[::-1]).T
 
 
-class SafetensorsFile:
-    """Random access to the tensors of one ``.safetensors`` file, as float32/int numpy arrays."""
+def export_weights(get_variable, backbone_config, interleaved_rotary=False):
+    """Yield ``(hf_name, numpy array)`` for every weight, in Hugging Face layout: `convert_weights`
+    run backwards over the same table (the exporters' half of rule 6).
 
-    def __init__(self, path):
-        from safetensors import safe_open
-
-        self.path = path
-        try:
-            with safe_open(path, framework="numpy") as f:  # validates header and file size
-                names = list(f.keys())
-        except Exception as e:
-            raise ValueError(
-                f"Could not read the safetensors file {path!r} (truncated or corrupt?): {e}"
-            ) from e
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
-        self._offset = 8 + header_size
-        self._header = header
-        self.names = names
-
-    def keys(self):
-        return self.names
-
-    def __getitem__(self, name):
-        entry = self._header[name]  # KeyError for a missing tensor
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(
-                f"Tensor {name!r} in {self.path!r} has dtype {entry['dtype']}, which is not "
-                f"supported. Supported: {sorted(_SAFETENSORS_DTYPES)}"
-            )
-        bfloat16 = dtype == "bfloat16"
-        if bfloat16:
-            import ml_dtypes
-
-            dtype = ml_dtypes.bfloat16
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end == start:
-            return np.zeros(shape, dtype)
-        array = np.memmap(
-            self.path, dtype=dtype, mode="r", offset=self._offset + start, shape=shape
-        )
-        return np.asarray(array, dtype="float32") if bfloat16 else array
-
-
-class SafetensorsCheckpoint:
-    """The tensors of ``model.safetensors`` or of the shards listed by its index file."""
-
-    def __init__(self, folder):
-        index_path = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
-        if os.path.isfile(index_path):
-            index = load_json(folder, "model.safetensors.index.json")
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) for v in weight_map.values()
-            ):
-                raise ValueError(
-                    f"{index_path!r} has no `weight_map` object of tensor name -> shard file. "
-                    f"Received: {str(weight_map if isinstance(index, dict) else index)[:80]}"
-                )
-            self._file_of = {name: safe_join(folder, file) for name, file in weight_map.items()}
-            for file in sorted(set(weight_map.values())):
-                require_file(folder, file, "weight shard (listed in model.safetensors.index.json)")
-        elif os.path.isfile(single):
-            self._file_of = None
-            self._single = single
-        else:
-            found = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]
-            hint = (
-                f" It has {found}: pickled PyTorch weights are not loaded (they can run code); "
-                "convert them to safetensors with transformers first."
-                if found
-                else ""
-            )
-            raise FileNotFoundError(
-                f"The Hugging Face checkpoint {folder!r} has neither `model.safetensors` nor "
-                f"`model.safetensors.index.json`.{hint}"
-            )
-        self._files = {}
-
-    def _file(self, path):
-        if path not in self._files:
-            self._files[path] = SafetensorsFile(path)
-        return self._files[path]
-
-    def __getitem__(self, name):
-        if self._file_of is None:
-            return self._file(self._single)[name]
-        return self._file(self._file_of[name])[name]
-
-    def names(self):
-        """The names of every tensor (headers only; no tensor is read)."""
-        if self._file_of is None:
-            return set(self._file(self._single).keys())
-        return set(self._file_of)
-
-    def check_holds(self, backbone_config, source):
-        """Raise unless every tensor a backbone of this config needs is present, before that
-        backbone is built (a crafted ``num_hidden_layers`` would otherwise build its layers
-        first). The last layer is checked first, so a huge count fails without a huge table."""
-        names = self.names()
-        last = backbone_config["num_layers"] - 1
-        needed = [f"model.layers.{last}.{hf_name}" for hf_name, *_ in LAYER_WEIGHTS]
-        if all(n in names for n in needed):
-            needed = [hf_name for hf_name, *_ in weight_table(backbone_config)]
-        missing = [n for n in needed if n not in names]
-        if missing:
-            layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
-            raise ValueError(
-                f"The checkpoint {source!r} has no tensor {missing[0]!r} ({len(missing)} "
-                f"missing): it holds {len(layers)} layers. Received: "
-                f"num_hidden_layers={backbone_config['num_layers']}"
-            )
+    Args:
+        get_variable: ``get_variable(our_path)`` -> our variable's value (a numpy array).
+        interleaved_rotary: write q/k rows in interleaved rotary pairs (GGUF, Meta).
+    """
+    for hf_name, ours, hook, shape in weight_table(backbone_config):
+        array = _from_ours(hook)(np.asarray(get_variable(ours)), shape)
+        heads = _ROTARY_HEADS.get(hf_name.split(".", 3)[-1])
+        if interleaved_rotary and heads:
+            array = half_to_interleaved(array, backbone_config[heads])
+        yield hf_name, np.ascontiguousarray(array)
 
 
 # --- the whole checkpoint ----------------------------------------------------------------------
@@ -397,7 +325,7 @@ def read(folder, source=None):
 
     def read_weights(final_config):
         tensors = SafetensorsCheckpoint(folder)  # only now: a tokenizer needs no weights
-        tensors.check_holds(final_config, source)
+        check_holds(tensors, final_config, source)
         return convert_weights(tensors.__getitem__, final_config, source)
 
     return Checkpoint(
@@ -551,3 +479,23 @@ def _chat_template(folder, tokenizer_config):
             f"a string or a list of named templates. Received: {type(template).__name__}"
         )
     return template
+
+
+def check_holds(tensors, backbone_config, source):
+    """Raise unless ``tensors`` (a `SafetensorsCheckpoint`) hold every tensor a backbone of
+    this config needs, before that backbone is built (a crafted ``num_hidden_layers`` would
+    otherwise build its layers first). The last layer is checked first, so a huge count fails
+    without a huge table."""
+    names = tensors.names()
+    last = backbone_config["num_layers"] - 1
+    needed = [f"model.layers.{last}.{hf_name}" for hf_name, *_ in LAYER_WEIGHTS]
+    if all(n in names for n in needed):
+        needed = [hf_name for hf_name, *_ in weight_table(backbone_config)]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
+        raise ValueError(
+            f"The checkpoint {source!r} has no tensor {missing[0]!r} ({len(missing)} "
+            f"missing): it holds {len(layers)} layers. Received: "
+            f"num_hidden_layers={backbone_config['num_layers']}"
+        )

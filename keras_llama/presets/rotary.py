@@ -29,3 +29,22 @@ def interleaved_to_half(weight, num_heads):
     head_dim = rows // num_heads
     pairs = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
     return pairs.swapaxes(1, 2).reshape(weight.shape)
+
+
+def half_to_interleaved(weight, num_heads):
+    """Reorder q/k projection rows from rotate-half to interleaved-pair layout: the inverse of
+    `interleaved_to_half`, and llama.cpp's ``permute(weights, n_head)`` (``convert_hf_to_gguf.py``)
+    that GGUF writers apply.
+
+    Returns:
+        An array of the same shape, row ``2j + k`` holding input row ``k * head_dim / 2 + j``.
+    """
+    rows = weight.shape[0]
+    if rows % num_heads or (rows // num_heads) % 2:
+        raise ValueError(
+            "A rotary projection must have num_heads * head_dim rows with an even head_dim. "
+            f"Received: {rows} rows for num_heads={num_heads}"
+        )
+    head_dim = rows // num_heads
+    halves = weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)

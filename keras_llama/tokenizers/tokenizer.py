@@ -228,6 +228,14 @@ class Tokenizer:
         save_tokenizer = registry.tokenizer_preset_function("save_tokenizer")
         save_tokenizer(self, preset_dir)
 
+    def export_to_transformers(self, path, overwrite=False):
+        """Write the files transformers' ``AutoTokenizer.from_pretrained(path)`` reads
+        (SentencePiece: ``tokenizer.model``; byte-level BPE: ``tokenizer.json``; both with
+        ``tokenizer_config.json``, the special tokens and the chat template). Atomic; see
+        `keras_llama.export.transformers`."""
+        # Exporters sit above tokenizers: reached through the registry (`models` fills it).
+        registry.tokenizer_preset_function("export_tokenizer")(self, path, overwrite)
+
     @classproperty
     def presets(cls):
         """Built-in presets available on this class, as ``{name: metadata}``."""

@@ -6,7 +6,7 @@ importing anything above it. It is filled in at import time, as KerasHub's ``reg
 - each concrete class registers itself: ``@registry.register_class("llama3", "tokenizer")``;
 - each model package registers its presets: ``registry.register_presets(backbone_presets)``
   (``keras_llama/models/llama/__init__.py``);
-- the tokenizer preset loader and saver register themselves
+- the tokenizer preset loader, saver and transformers exporter register themselves
   (``@registry.register_tokenizer_preset_function``), because tokenizers sit below models and
   cannot import them.
 
@@ -22,7 +22,7 @@ ROLES = ("backbone", "task", "preprocessor", "tokenizer")
 
 _CLASSES = {}  # {family: {role: class}}
 _PRESETS = {}  # {name: {"metadata": {..., "path": family}, "kaggle_handle": handle}}
-_TOKENIZER_PRESET_FUNCTIONS = {}  # {"load_tokenizer" | "save_tokenizer": function}
+_TOKENIZER_PRESET_FUNCTIONS = {}  # {"load_tokenizer" | "save_tokenizer" | "export_tokenizer": f}
 
 
 def register_class(family, role):
@@ -51,7 +51,7 @@ def register_tokenizer_preset_function(function):
 
 
 def tokenizer_preset_function(name):
-    """The registered ``"load_tokenizer"`` or ``"save_tokenizer"``."""
+    """The registered ``"load_tokenizer"``, ``"save_tokenizer"`` or ``"export_tokenizer"``."""
     if name not in _TOKENIZER_PRESET_FUNCTIONS:
         raise RuntimeError("Presets need `keras_llama.models`: run `import keras_llama` first.")
     return _TOKENIZER_PRESET_FUNCTIONS[name]
