@@ -18,6 +18,7 @@ closed (``| head``). Errors print one line, ``keras-llama: error: ...``; ``--deb
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -162,6 +163,16 @@ def _make_sampler(args):
     try:
         return type(samplers.get(name))(**kwargs)
     except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _as_usage_errors():
+    """Input checks that run before the model loads (an existing output, a bad data line)
+    end as usage errors (exit 2), like a bad option."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
 
 
@@ -392,7 +403,8 @@ def cmd_convert(args, out, inp=None):
             )
         kwargs["dtype"] = "float32" if dtype == "int8" else dtype
     # Refuse an existing destination before the (possibly long) load.
-    check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")
+    with _as_usage_errors():
+        check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")
     try:
         model = CausalLM.from_preset(args.src, **kwargs)
     except ValueError as task_error:
@@ -418,7 +430,15 @@ def cmd_convert(args, out, inp=None):
 
 
 def cmd_finetune(args, out, inp=None):
-    from keras_llama.finetune import finetune
+    from keras_llama.export.atomic import check_target
+    from keras_llama.finetune import finetune, read_examples
+
+    # The output and every data line are checked before the model loads (then again by
+    # `finetune`, which Python callers use directly).
+    with _as_usage_errors():
+        check_target(os.path.abspath(args.output), args.overwrite, folder=True)
+        for path in filter(None, (args.data, args.validation_data)):
+            read_examples(path)
 
     model, history = finetune(
         args.preset, args.data, args.output, lora_rank=args.lora_rank, epochs=args.epochs,
