@@ -18,24 +18,21 @@ closed (``| head``). Errors print one line, ``keras-llama: error: ...``; ``--deb
 """
 
 import argparse
-import contextlib
-import math
 import os
 import sys
 
-DEFAULT_PRESET = "smollm2_135m_instruct"
-DEFAULT_MAX_NEW_TOKENS = 256
-SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
-# --dtype values: float weights as named, or float32 weights quantized to int8 after loading.
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+from keras_llama import cli_options as options
+from keras_llama.cli_options import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PRESET,
+    DTYPES,
+    GGUF_DTYPES,
+    UsageError,
+)
+
 DEBUG_ENV = "KERAS_LLAMA_DEBUG"
 CUT_MARK = "[reply cut at the token limit: raise --max-new-tokens]"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
-# Options other tools have that no keras-llama sampler implements: refused with this reason.
-UNSUPPORTED = {
-    "--min-p": "min-p sampling is not implemented by any keras-llama sampler",
-    "--repeat-penalty": "no keras-llama sampler applies a repetition penalty",
-}
 
 DESCRIPTION = "Llama causal language models on Keras 3: generate, chat, list and convert presets."
 EPILOG = """examples:
@@ -50,187 +47,19 @@ exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted, 141 output cl
 --debug (or KERAS_LLAMA_DEBUG=1) shows the traceback of an error."""
 
 
-class UsageError(Exception):
-    """A bad option (exit code 2)."""
-
-
-# --- model loading and sampling options --------------------------------------------------------
-def _add_model_options(parser):
-    parser.add_argument(
-        "--preset",
-        default=DEFAULT_PRESET,
-        help="built-in name, kaggle://..., hf://..., a preset folder or a .gguf file "
-        f"(default: {DEFAULT_PRESET})",
-    )
-    _add_dtype_option(parser)
-    parser.add_argument(
-        "--sampler",
-        default=None,
-        choices=SAMPLERS,
-        help="default: picked from the options given: --num-beams -> beam, --top-p -> top_p, "
-        "--top-k -> top_k, --temperature > 0 -> random, otherwise greedy",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=None, help="sampling temperature (0: greedy)"
-    )
-    parser.add_argument("--top-k", type=int, default=None, help="k of top_k/top_p/contrastive")
-    parser.add_argument("--top-p", type=float, default=None, help="p of top_p")
-    parser.add_argument("--num-beams", type=int, default=None, help="beams of the beam sampler")
-    parser.add_argument("--seed", type=int, default=None, help="seed of a sampling sampler")
-    parser.add_argument("--system", default=None, help="a system message for the chat template")
-    for flag in UNSUPPORTED:  # refused with a reason, not "unrecognized arguments"
-        parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
-
-
-def _add_dtype_option(parser):
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        help=f"one of {', '.join(DTYPES)} (int8: float32 weights quantized after loading; "
-        "default: the preset's)",
-    )
-
-
-def _add_length_options(parser, total=False):
-    """``--max-new-tokens``; with ``total``, also ``--max-length`` (``generate(max_length=)``'s
-    name: prompt plus completion), the two mutually exclusive."""
-    group = parser.add_mutually_exclusive_group() if total else parser
-    group.add_argument(
-        "-n",
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help=f"most tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})",
-    )
-    if total:
-        group.add_argument(
-            "--max-length",
-            type=int,
-            default=None,
-            help="total length in tokens, prompt included, as generate(max_length=)",
-        )
-
-
-def _sampler_name(args):
-    """The sampler: ``--sampler`` if given, else picked from the options given (as llama-cli
-    and transformers pick sampling from them)."""
-    if args.sampler is not None:
-        return args.sampler
-    if args.num_beams is not None:
-        return "beam"
-    if args.top_p is not None:
-        return "top_p"
-    if args.top_k is not None:
-        return "top_k"
-    if args.temperature:
-        return "random"
-    return "greedy"
-
-
-def _make_sampler(args):
-    """The sampler for ``args``; a `UsageError` for options it would ignore or bad values."""
-    from keras_llama import samplers
-
-    name = _sampler_name(args)
-    applies = {
-        "--top-k": (args.top_k, ("top_k", "top_p", "contrastive")),
-        "--top-p": (args.top_p, ("top_p",)),
-        "--num-beams": (args.num_beams, ("beam",)),
-        "--seed": (args.seed, ("top_k", "top_p", "random")),
-        "--temperature": (
-            args.temperature or None,
-            ("top_k", "top_p", "random", "beam", "contrastive"),
-        ),
-    }
-    for flag, (value, samplers_using_it) in applies.items():
-        if value is not None and name not in samplers_using_it:
-            raise UsageError(
-                f"{flag} has no effect with the {name} sampler; it applies to "
-                f"{', '.join(samplers_using_it)}. Received: {flag} {value} (sampler: {name})"
-            )
-    kwargs = {}
-    if args.temperature is not None:
-        if not math.isfinite(args.temperature) or args.temperature < 0:
-            raise UsageError(
-                f"--temperature must be a finite number >= 0. Received: {args.temperature}"
-            )
-        if args.temperature > 0:
-            kwargs["temperature"] = args.temperature
-    for key, value in (("seed", args.seed), ("k", args.top_k), ("p", args.top_p),
-                       ("num_beams", args.num_beams)):  # fmt: skip
-        if value is not None:
-            kwargs[key] = value
-    try:
-        return type(samplers.get(name))(**kwargs)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-@contextlib.contextmanager
-def _as_usage_errors():
-    """Input checks that run before the model loads (an existing output, a bad data line)
-    end as usage errors (exit 2), like a bad option."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-
-
-def _check_options(args):
-    """Every check that needs no model, so a bad option fails before the model loads."""
-    for flag, reason in UNSUPPORTED.items():
-        if getattr(args, flag[2:].replace("-", "_"), None) is not None:
-            raise UsageError(f"{flag} is not supported: {reason}.")
-    # (convert's --dtype depends on its target: `cmd_convert` checks it, before loading.)
-    if args.command != "convert" and getattr(args, "dtype", None) not in (None, *DTYPES):
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}. Received: {args.dtype}")
-    max_new_tokens = getattr(args, "max_new_tokens", None)
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be a positive integer. Received: {max_new_tokens}")
-    max_length = getattr(args, "max_length", None)
-    if max_length is not None and max_length < 2:
-        raise UsageError(f"--max-length must be an integer >= 2. Received: {max_length}")
-    if hasattr(args, "sampler"):
-        args.sampler_object = _make_sampler(args)
-
-
-def _read_prompt(args, inp):
-    """The prompt: the argument, ``-p``, ``-`` (standard input) or ``--file``; exactly one."""
-    given = [x for x in (args.prompt, args.prompt_option, args.file) if x is not None]
-    if len(given) != 1:
-        raise UsageError(
-            "generate needs exactly one prompt: an argument, -p TEXT, - (standard input) or "
-            f"--file PATH. Received: {len(given)}"
-        )
-    if args.file is not None:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read the prompt file {args.file!r}: {e}") from None
-    prompt = given[0]
-    return inp.read() if prompt == "-" else prompt
-
-
 def _load(args):
     from keras_llama.models import CausalLM
 
-    causal_lm = CausalLM.from_preset(args.preset, **_dtype_kwargs(args))
+    causal_lm = CausalLM.from_preset(args.preset, **options.dtype_kwargs(args))
     if args.dtype == "int8":
         causal_lm.quantize("int8_weight_only")
     if causal_lm.preprocessor is None:
         raise ValueError(
             f"the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}"
         )
-    sampler = getattr(args, "sampler_object", None) or _make_sampler(args)
+    sampler = getattr(args, "sampler_object", None) or options.make_sampler(args)
     causal_lm.compile(sampler=sampler)
     return causal_lm
-
-
-def _dtype_kwargs(args):
-    if args.dtype is None:
-        return {}
-    return {"dtype": "float32" if args.dtype == "int8" else args.dtype}
 
 
 def _has_chat_template(causal_lm):
@@ -278,7 +107,7 @@ def _stream_reply(causal_lm, prompt, max_length, out):
 
 # --- commands ------------------------------------------------------------------------------------
 def cmd_generate(args, out, inp=None):
-    prompt = _read_prompt(args, inp or sys.stdin)
+    prompt = options.read_prompt(args, inp or sys.stdin)
     causal_lm = _load(args)
     if not args.raw and _has_chat_template(causal_lm):
         messages = [{"role": "user", "content": prompt}]
@@ -378,8 +207,6 @@ def _format_params(n):
 
 
 # --dtype of `convert`: GGUF's names, also accepted for the Keras dtypes of the other targets.
-_KERAS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def cmd_convert(args, out, inp=None):
@@ -394,7 +221,7 @@ def cmd_convert(args, out, inp=None):
                 f"--dtype for --to gguf must be one of {', '.join(GGUF_DTYPES)}. Received: {dtype}"
             )
     elif dtype is not None:
-        dtype = _KERAS_DTYPES.get(dtype, dtype)
+        dtype = options.KERAS_DTYPES.get(dtype, dtype)
         if dtype not in DTYPES or (dtype == "int8" and args.to != "keras"):
             valid = DTYPES if args.to == "keras" else DTYPES[:-1]
             raise UsageError(
@@ -403,7 +230,7 @@ def cmd_convert(args, out, inp=None):
             )
         kwargs["dtype"] = "float32" if dtype == "int8" else dtype
     # Refuse an existing destination before the (possibly long) load.
-    with _as_usage_errors():
+    with options.as_usage_errors():
         check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")
     try:
         model = CausalLM.from_preset(args.src, **kwargs)
@@ -435,7 +262,7 @@ def cmd_finetune(args, out, inp=None):
 
     # The output and every data line are checked before the model loads (then again by
     # `finetune`, which Python callers use directly).
-    with _as_usage_errors():
+    with options.as_usage_errors():
         check_target(os.path.abspath(args.output), args.overwrite, folder=True)
         for path in filter(None, (args.data, args.validation_data)):
             read_examples(path)
@@ -471,7 +298,7 @@ def cmd_serve(args, out, inp=None):
     def loader():
         from keras_llama.models import CausalLM
 
-        causal_lm = CausalLM.from_preset(args.preset, **_dtype_kwargs(args))
+        causal_lm = CausalLM.from_preset(args.preset, **options.dtype_kwargs(args))
         if args.dtype == "int8":
             causal_lm.quantize("int8_weight_only")
         return causal_lm
@@ -529,12 +356,12 @@ def build_parser():
     gen.add_argument("prompt", nargs="?", help="the prompt; - reads it from standard input")
     gen.add_argument("-p", "--prompt", dest="prompt_option", default=None, help="the prompt")
     gen.add_argument("-f", "--file", default=None, help="read the prompt from this file")
-    _add_model_options(gen)
-    _add_length_options(gen, total=True)
+    options.add_model_options(gen)
+    options.add_length_options(gen, total=True)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--no-stream", action="store_true", help="print the answer when complete")
-    _add_model_options(sub.choices["chat"])
-    _add_length_options(sub.choices["chat"])
+    options.add_model_options(sub.choices["chat"])
+    options.add_length_options(sub.choices["chat"])
     conv = sub.choices["convert"]
     conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
     conv.add_argument("dst", help="the preset folder, transformers folder or .gguf file to write")
@@ -566,7 +393,7 @@ def build_parser():
     serve.add_argument(
         "--preset", default=DEFAULT_PRESET, help=f"as for generate (default: {DEFAULT_PRESET})"
     )
-    _add_dtype_option(serve)
+    options.add_dtype_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
@@ -605,7 +432,7 @@ def main(argv=None, out=None, inp=None):
     command, _ = COMMANDS[args.command]
     out = out or sys.stdout
     try:
-        _check_options(args)
+        options.check_options(args)
         return command(args, out, inp)
     except UsageError as e:
         return _fail(parser, e, EXIT_USAGE, debug)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from keras_llama import cli, samplers
+from keras_llama import cli, cli_options, samplers
 from tests.presets import crafted
 
 
@@ -64,7 +64,7 @@ def test_bad_options_fail_before_the_model_loads(tmp_path, capsys, options, mess
 
 def _sampler(*options):
     args = cli.build_parser().parse_args(["generate", "hi", *options])
-    return cli._make_sampler(args)
+    return cli_options.make_sampler(args)
 
 
 def test_the_sampler_follows_the_options():

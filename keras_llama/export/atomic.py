@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+from keras_llama.utils.files import link_or_copy, swap_into_place
+
 
 class OutputExistsError(FileExistsError, ValueError):
     """The export target exists and ``overwrite`` was not asked for."""
@@ -49,9 +51,9 @@ def atomic_folder(path, overwrite=False, replaces=("*",)):
             for entry in os.listdir(target):
                 source = os.path.join(target, entry)
                 if os.path.isfile(source) and not any(fnmatch.fnmatch(entry, p) for p in replaces):
-                    _link_or_copy(source, os.path.join(staging, entry))
+                    link_or_copy(source, os.path.join(staging, entry))
         yield staging
-        _swap(staging, target)
+        swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -74,26 +76,3 @@ def atomic_file(path, overwrite=False):
         if os.path.exists(staging):
             os.remove(staging)
         raise
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _swap(staging, target):
-    """Put ``staging`` at ``target``; an old ``target`` is moved aside first, removed last."""
-    if not os.path.exists(target):
-        os.rename(staging, target)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-    os.rmdir(old)
-    os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -31,6 +31,7 @@ import time as _time
 from typing import Optional
 
 from keras_llama.presets.handles import load_json, require_file, safe_join
+from keras_llama.utils.files import link_or_copy, swap_into_place
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -230,9 +231,9 @@ def atomic_preset(target):
         # mkdtemp makes a private (0700) folder; a preset gets the user's usual modes.
         os.chmod(staging, _folder_mode(target))
         if os.path.isdir(target):
-            shutil.copytree(target, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+            shutil.copytree(target, staging, dirs_exist_ok=True, copy_function=link_or_copy)
         yield PresetWriter(staging)
-        _swap(staging, target)
+        swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -284,28 +285,3 @@ def _looks_like_preset(folder):
         os.path.exists(os.path.join(folder, n))
         for n in (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE)
     )
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _swap(staging, target):
-    """Put ``staging`` at ``target``; an old ``target`` is moved aside first and removed last."""
-    if not os.path.exists(target):
-        os.rename(staging, target)
-        return
-    old = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(target)}.old-{os.getpid()}-", dir=os.path.dirname(target)
-    )
-    os.rmdir(old)
-    os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,13 +20,7 @@ def interleaved_to_half(weight, num_heads):
     Returns:
         An array of the same shape, row ``k * head_dim / 2 + j`` holding input row ``2j + k``.
     """
-    rows = weight.shape[0]
-    if rows % num_heads or (rows // num_heads) % 2:
-        raise ValueError(
-            "A rotary projection must have num_heads * head_dim rows with an even head_dim. "
-            f"Received: {rows} rows for num_heads={num_heads}"
-        )
-    head_dim = rows // num_heads
+    head_dim = _head_dim(weight, num_heads)
     pairs = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
     return pairs.swapaxes(1, 2).reshape(weight.shape)
 
@@ -39,12 +33,16 @@ def half_to_interleaved(weight, num_heads):
     Returns:
         An array of the same shape, row ``2j + k`` holding input row ``k * head_dim / 2 + j``.
     """
+    head_dim = _head_dim(weight, num_heads)
+    halves = weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _head_dim(weight, num_heads):
     rows = weight.shape[0]
     if rows % num_heads or (rows // num_heads) % 2:
         raise ValueError(
             "A rotary projection must have num_heads * head_dim rows with an even head_dim. "
             f"Received: {rows} rows for num_heads={num_heads}"
         )
-    head_dim = rows // num_heads
-    halves = weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
-    return halves.swapaxes(1, 2).reshape(weight.shape)
+    return rows // num_heads

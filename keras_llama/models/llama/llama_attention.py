@@ -126,10 +126,10 @@ class LlamaAttention(keras.layers.Layer):
         self,
         hidden_states,
         attention_mask=None,
-        positions=None,
         cache=None,
         cache_update_index=None,
         training=None,
+        positions=None,
         route=None,
     ):
         """Attends ``hidden_states`` [b, q, m] to itself, or to the cache when one is given.
@@ -137,11 +137,12 @@ class LlamaAttention(keras.layers.Layer):
         Args:
             attention_mask: bool [b, q, s], True where query q may see key s (s spans the
                 cache when there is one). Defaults to a causal mask.
-            positions: int [b, q], rotary positions of the queries. Defaults to
-                ``cache_update_index + arange(q)``.
             cache: ``(keys [b * v, h, s], values [b * v, s, h])`` (see
                 `keras_llama.models.llama.llama_cache`), or None.
             cache_update_index: int (scalar) cache slot of the first query.
+            training: bool, for the attention dropout.
+            positions: int [b, q], rotary positions of the queries. Defaults to
+                ``cache_update_index + arange(q)``.
             route: the `BlockRoute` to run with (how the projections multiply, how attention
                 runs); defaults to the Keras layers and the einsum attention.
 
