@@ -127,7 +127,7 @@ def test_int8_dtype_quantizes(tiny):
 def test_closed_pipe_is_quiet(tmp_path):
     long = crafted.write_gguf(str(tmp_path / "long.gguf"), context_length=4096)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "keras_llama.cli", "generate", "a b", "--preset", long,
+    command = [sys.executable, "-m", "keras_llama_launcher", "generate", "a b", "--preset", long,
                "--raw", "-n", "4000"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     process.stdout.read(1)
@@ -135,3 +135,30 @@ def test_closed_pipe_is_quiet(tmp_path):
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == cli.EXIT_BROKEN_PIPE, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8])
+def test_ctrl_c_while_starting_exits_130_quietly(delay):
+    # The command's entry point (`keras_llama_launcher`, as the installed script runs it):
+    # a Ctrl-C while Keras and JAX are still importing ends quietly with 130.
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "keras_llama_launcher", "presets"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 0:  # finished before the signal (a fast machine): nothing to test
+        pytest.fail(f"`presets` ended within {delay} s; the test needs a later signal")
+    assert process.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()
+
+
+def test_the_installed_command_runs_the_launcher():
+    import tomllib
+
+    with open(os.path.join(os.getcwd(), "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts == {"keras-llama": "keras_llama_launcher:main"}
