@@ -427,7 +427,8 @@ def main(argv=None, out=None, inp=None):
             # Keras fixes its backend at import: start again with the requested one.
             os.environ["KERAS_BACKEND"] = args.backend
             os.execv(
-                sys.executable, [sys.executable, "-m", "keras_llama_launcher", *(argv or sys.argv[1:])]
+                sys.executable,
+                [sys.executable, "-m", "keras_llama_launcher", *(argv or sys.argv[1:])],
             )
     command, _ = COMMANDS[args.command]
     out = out or sys.stdout
