@@ -20,7 +20,6 @@ the shapes never change, so requests come and go without recompiling. JAX only.
 
 import threading
 import time
-from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -28,11 +27,15 @@ from keras import ops
 
 from keras_llama import samplers
 from keras_llama.models.generation_engine import GenerationEngine, bucket_length
-from keras_llama.samplers.row_sampler import (
-    MAX_TOP_LOGPROBS,
-    RowSampler,
-    RowSettings,
-    token_logprobs,
+from keras_llama.samplers.row_sampler import RowSampler, RowSettings
+from keras_llama.serving.slot_state import (
+    SlotState,
+    head_rows,
+    logprobs_of,
+    no_logprobs,
+    one_hot,
+    put_head_rows,
+    row_buckets,
 )
 
 
@@ -40,21 +43,11 @@ class QueueFull(Exception):
     """The engine's waiting queue is full (the server answers 429)."""
 
 
-class SlotState(NamedTuple):
-    """Device state of the batch of rows. ``B`` rows, ``S`` cache slots, ``V`` vocabulary."""
-
-    caches: Any  # tuple over layers of (keys [B * kv, h, S], values [B * kv, S, h])
-    cache_mask: Any  # bool [B, S]: the slots that hold a token of the row's request
-    positions: Any  # int32 [B]: rotary position of each row's next token (its length so far)
-    tokens: Any  # int32 [B]: the token each row feeds at the next step (its last pick)
-    counts: Any  # int32 [B, V]: how often each token was generated (penalties)
-    steps: Any  # int32 [B]: tokens generated so far (the random stream's counter)
-
-
 class Request:
     """One sequence to generate. ``deliver(event)`` is called from the engine thread with
     ``("token", token_id, logprob, top_ids, top_logprobs)``, ``("finish", reason)`` or
-    ``("error", message)``; it must not block."""
+    ``("error", message)``; it must not block. ``settings`` holds `RowSettings` values, and
+    ``"logprobs": True`` when the logprobs are read (else a decode step may give zeros)."""
 
     def __init__(self, prompt_ids, max_tokens, settings, stop_ids, deliver):
         self.prompt_ids = [int(t) for t in prompt_ids]
@@ -106,7 +99,7 @@ class SlotEngine:
             max_model_len // 2, bucket_length(self.prefill_chunk)
         )
         self.vocabulary_size = causal_lm.backbone.vocabulary_size
-        self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(6, 7))
+        self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(7, 8))
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
         self._compact_jit = jax.jit(self._compact_rows, donate_argnums=(0,))
         self._cond = threading.Condition()
@@ -259,9 +252,10 @@ class SlotEngine:
         values = [v.value for v in self.engine.variables]
         weights = self.engine.current_weights(values)
         settings = RowSettings.make(self._settings[:rows])
+        want_logprobs = any(self._settings[i].get("logprobs") for i in range(rows))
         self._state, out = self._decode_jit(
-            values, weights, self._state, settings, active[:rows], np.int32(self._pointer),
-            num_steps, rows,
+            values, weights, self._state, settings, active[:rows], np.bool_(want_logprobs),
+            np.int32(self._pointer), num_steps, rows,
         )  # fmt: skip
         self._pointer += num_steps
         return [np.asarray(x) for x in out]
@@ -306,7 +300,8 @@ class SlotEngine:
             steps=np.zeros(b, "int32"),
         )
 
-    def _decode(self, values, weights, state, settings, active, pointer, num_steps, rows):
+    def _decode(self, values, weights, state, settings, active, want_logprobs, pointer, num_steps,
+                rows):  # fmt: skip
         # Decodes the first ``rows`` rows (settings and active [rows]); the others are left as
         # they are. Outputs are [num_steps, rows].
         from jax import lax
@@ -318,25 +313,27 @@ class SlotEngine:
 
         def one(carry, _):
             full, pointer = carry
-            state = full if whole else _head(full, rows, kv)
+            state = full if whole else head_rows(full, rows, kv)
             with self.engine.scope(values):
                 here = slots == pointer  # [1, S]
                 # Every row attends to the slot it writes (free rows to nothing else).
                 logits, _, caches = step(state.tokens[:, None], state.caches, pointer,
                                          state.cache_mask | here, state.positions[:, None])  # fmt: skip
                 tokens = self.sampler.next_tokens(logits, state.counts, settings, state.steps)
-                info = _logprobs(logits, tokens)
+                # The top-20 over the vocabulary only when some request asked for logprobs.
+                info = ops.cond(want_logprobs, lambda: logprobs_of(logits, tokens),
+                                lambda: no_logprobs(logits))  # fmt: skip
             grow = ops.cast(active, "int32")
             new = state._replace(
                 caches=caches,
                 cache_mask=state.cache_mask | (here & active[:, None]),
                 positions=state.positions + grow,
                 tokens=ops.where(active, tokens, state.tokens),
-                counts=state.counts + _one_hot(tokens, self.vocabulary_size) * grow[:, None],
+                counts=state.counts + one_hot(tokens, self.vocabulary_size) * grow[:, None],
                 steps=state.steps + grow,
             )
             if not whole:
-                new = _put_head(full, new, pointer)
+                new = put_head_rows(full, new, pointer)
             return (new, pointer + 1), (tokens, *info)
 
         (state, _), out = lax.scan(one, (state, pointer), None, length=num_steps)
@@ -362,7 +359,7 @@ class SlotEngine:
             logits = ops.cast(logits[:, -1], "float32")
             zeros = ops.zeros((1, self.vocabulary_size), "int32")
             token = self.sampler.next_tokens(logits, zeros, settings, ops.zeros((1,), "int32"))
-            info = _logprobs(logits, token)
+            info = logprobs_of(logits, token)
         new_caches = tuple(
             tuple(lax.dynamic_update_slice_in_dim(big, ops.cast(small, big.dtype), row * kv, axis=0)
                   for big, small in zip(pairs, pair))
@@ -377,7 +374,7 @@ class SlotEngine:
             cache_mask=put(state.cache_mask, mask),
             positions=put(state.positions, position + length),
             tokens=put(state.tokens, token[0]),
-            counts=put(state.counts, _one_hot(token, self.vocabulary_size)[0]),
+            counts=put(state.counts, one_hot(token, self.vocabulary_size)[0]),
             steps=put(state.steps, 1),
         )
         return state, token, info
@@ -399,52 +396,3 @@ class SlotEngine:
         caches = tuple((move(k, True), move(v, False)) for k, v in state.caches)
         mask = jnp.arange(self.cache_length)[None, :] < counts[:, None]
         return state._replace(caches=caches, cache_mask=mask), counts
-
-
-def row_buckets(batch_size):
-    """The numbers of leading rows a decode step may run: powers of two up to a quarter of the
-    batch, and the whole batch. A part of the batch copies its cache rows out and back (SmolLM2
-    8 rows x 528 slots on 2 CPU cores: 1 row 27 ms a step, 2 rows 42, 4 rows 59, all 8 61)."""
-    return sorted({2**i for i in range(batch_size.bit_length()) if 4 * 2**i <= batch_size}
-                  | {batch_size})  # fmt: skip
-
-
-def _head(state, rows, kv):
-    # The first ``rows`` rows of the state (cache rows are [row * kv + head]).
-    return state._replace(
-        caches=tuple(tuple(c[: rows * kv] for c in pair) for pair in state.caches),
-        **{name: getattr(state, name)[:rows] for name in SlotState._fields[1:]},
-    )
-
-
-def _put_head(full, head, pointer):
-    # ``full`` with its first rows from ``head``; of the caches only the slot written at
-    # ``pointer`` changed, so only that slot is copied back (keys [., h, S], values [., S, h]).
-    from jax import lax
-
-    caches = tuple(
-        (_put_slot(k, hk, pointer, axis=2), _put_slot(v, hv, pointer, axis=1))
-        for (k, v), (hk, hv) in zip(full.caches, head.caches)
-    )
-    fields = {
-        name: lax.dynamic_update_slice_in_dim(getattr(full, name), getattr(head, name), 0, axis=0)
-        for name in SlotState._fields[1:]
-    }
-    return full._replace(caches=caches, **fields)
-
-
-def _put_slot(big, small, pointer, axis):
-    from jax import lax
-
-    column = lax.dynamic_slice_in_dim(small, pointer, 1, axis=axis)
-    start = [0, 0, 0]
-    start[axis] = pointer
-    return lax.dynamic_update_slice(big, column, start)
-
-
-def _one_hot(tokens, vocabulary_size):
-    return ops.cast(ops.arange(vocabulary_size)[None, :] == tokens[:, None], "int32")
-
-
-def _logprobs(logits, tokens):
-    return token_logprobs(logits, tokens, min(MAX_TOP_LOGPROBS, logits.shape[-1]))

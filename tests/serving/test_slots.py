@@ -57,3 +57,23 @@ def test_partial_row_steps_keep_each_request_solo_output(tiny_lm):
     for (prompt, max_tokens), got in zip(jobs, results):
         assert got == _solo_ids(tiny_lm, prompt, max_tokens)
     assert {1, 2, 8} <= set(rows_run[len(row_buckets(8)) :])
+
+
+def test_logprobs_are_computed_when_one_row_asks(tiny_lm):
+    engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=MAX_MODEL_LEN, prefill_chunk=32)
+    events = [[], []]
+    done = threading.Semaphore(0)
+
+    def deliver(i):
+        return lambda e: events[i].append(e) if e[0] == "token" else done.release()
+
+    engine.submit(Request([5, 9, 14], 12, {"logprobs": True}, (), deliver(0)))
+    engine.submit(Request([7, 3], 12, {}, (), deliver(1)))
+    engine.start()
+    try:
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    for _, token, logprob, top_ids, top_lps in events[0]:  # greedy: the top token is chosen
+        assert top_ids[0] == token and logprob < 0 and np.isclose(logprob, top_lps[0])
+    assert [e[1] for e in events[1]] == _solo_ids(tiny_lm, [7, 3], 12)
