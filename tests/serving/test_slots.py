@@ -77,3 +77,22 @@ def test_logprobs_are_computed_when_one_row_asks(tiny_lm):
     for _, token, logprob, top_ids, top_lps in events[0]:  # greedy: the top token is chosen
         assert top_ids[0] == token and logprob < 0 and np.isclose(logprob, top_lps[0])
     assert [e[1] for e in events[1]] == _solo_ids(tiny_lm, [7, 3], 12)
+
+
+def test_a_chunk_wider_than_the_room_is_split(tiny_lm):
+    # 540 tokens at most: 607 slots. A 520-token chunk is padded to 640: it goes in two.
+    engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=540, prefill_chunk=540)
+    assert engine.cache_length == 607
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 40, 520)]
+    got, done = [], threading.Semaphore(0)
+    on_event = lambda e: got.append(e[1]) if e[0] == "token" else done.release()  # noqa: E731
+    widths, prefill = [], engine._prefill_jit
+    engine._prefill_jit = lambda *args: (widths.append(args[3].shape[1]), prefill(*args))[1]
+    engine.submit(Request(prompt, 6, {}, (), on_event))
+    engine.start()
+    try:
+        assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert widths == [512, 16] and engine.stats["prompt_tokens"] == 520
+    assert got == _solo_ids(tiny_lm, prompt, 6)
