@@ -43,6 +43,7 @@ class Choices:
                     "presence_penalty": body.presence_penalty,
                     "frequency_penalty": body.frequency_penalty,
                     "seed": (seed + j) % (2**31),
+                    "logprobs": top_logprobs is not None,  # else the engine skips them
                 }
 
                 def deliver(event, index=index):

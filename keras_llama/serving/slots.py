@@ -20,7 +20,6 @@ the shapes never change, so requests come and go without recompiling. JAX only.
 
 import threading
 import time
-from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -28,11 +27,15 @@ from keras import ops
 
 from keras_llama import samplers
 from keras_llama.models.generation_engine import GenerationEngine, bucket_length
-from keras_llama.samplers.row_sampler import (
-    MAX_TOP_LOGPROBS,
-    RowSampler,
-    RowSettings,
-    token_logprobs,
+from keras_llama.samplers.row_sampler import RowSampler, RowSettings
+from keras_llama.serving.slot_state import (
+    SlotState,
+    head_rows,
+    logprobs_of,
+    no_logprobs,
+    one_hot,
+    put_head_rows,
+    row_buckets,
 )
 
 
@@ -40,21 +43,11 @@ class QueueFull(Exception):
     """The engine's waiting queue is full (the server answers 429)."""
 
 
-class SlotState(NamedTuple):
-    """Device state of the batch of rows. ``B`` rows, ``S`` cache slots, ``V`` vocabulary."""
-
-    caches: Any  # tuple over layers of (keys [B * kv, h, S], values [B * kv, S, h])
-    cache_mask: Any  # bool [B, S]: the slots that hold a token of the row's request
-    positions: Any  # int32 [B]: rotary position of each row's next token (its length so far)
-    tokens: Any  # int32 [B]: the token each row feeds at the next step (its last pick)
-    counts: Any  # int32 [B, V]: how often each token was generated (penalties)
-    steps: Any  # int32 [B]: tokens generated so far (the random stream's counter)
-
-
 class Request:
     """One sequence to generate. ``deliver(event)`` is called from the engine thread with
     ``("token", token_id, logprob, top_ids, top_logprobs)``, ``("finish", reason)`` or
-    ``("error", message)``; it must not block."""
+    ``("error", message)``; it must not block. ``settings`` holds `RowSettings` values, and
+    ``"logprobs": True`` when the logprobs are read (else a decode step may give zeros)."""
 
     def __init__(self, prompt_ids, max_tokens, settings, stop_ids, deliver):
         self.prompt_ids = [int(t) for t in prompt_ids]
@@ -102,11 +95,12 @@ class SlotEngine:
             max_model_len,
         )
         self.prefill_chunk = min(prefill_chunk, max_model_len)
-        self.cache_length = max_model_len + max(
-            max_model_len // 2, bucket_length(self.prefill_chunk)
-        )
+        # A little room past the longest request: every step attends to all S slots, so a
+        # spare slot costs each step while a compaction (every ~room steps) costs about one
+        # (SmolLM2, 8 rows, 2 CPU cores: 528 slots 60 ms a step, 192 slots 45, compaction 75).
+        self.cache_length = max_model_len + max(32, max_model_len // 8)
         self.vocabulary_size = causal_lm.backbone.vocabulary_size
-        self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(6,))
+        self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(7, 8))
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
         self._compact_jit = jax.jit(self._compact_rows, donate_argnums=(0,))
         self._cond = threading.Condition()
@@ -144,9 +138,10 @@ class SlotEngine:
             return sum(r is not None for r in self._rows), len(self._waiting)
 
     def start(self):
-        """Compiles the decode step (so that the first request does not wait for it) and
-        starts the engine thread."""
-        self._run_decode(1)  # all rows inactive: computes nothing anyone reads
+        """Compiles the decode step for each number of rows (so that the first request does
+        not wait for it) and starts the engine thread."""
+        for rows in row_buckets(self.batch_size):
+            self._run_decode(1, rows=rows)  # all rows inactive: computes nothing anyone reads
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="slot-engine", daemon=True)
         self._thread.start()
@@ -219,6 +214,12 @@ class SlotEngine:
         width = bucket_length(len(chunk))
         if max(self._pointer, self._row_end[i] + width) > self.cache_length:
             self._compact()
+            room = self.cache_length - int(self._row_end[i])  # >= 32 (see cache_length)
+            if width > room:  # the longest chunk that fits; the rest comes next time
+                chunk = chunk[
+                    : max(c for c in range(1, len(chunk) + 1) if bucket_length(c) <= room)
+                ]
+                width = bucket_length(len(chunk))
         start = max(self._pointer, int(self._row_end[i]) + width) - width
         ids = np.zeros((1, width), "int32")
         ids[0, width - len(chunk) :] = chunk  # left padding, masked out
@@ -240,22 +241,29 @@ class SlotEngine:
         if self._pointer >= self.cache_length:
             self._compact()
         active = np.array([self._decoding(i) for i in range(self.batch_size)])
-        tokens, logprobs, top_ids, top_lps = self._run_decode(1, active)
+        # Only the first rows up to the last active one (bucketed) are decoded: requests take
+        # the lowest free rows, so a lone request costs a batch-1 step, not a batch-B one.
+        last = int(np.flatnonzero(active)[-1]) + 1
+        rows = min(r for r in row_buckets(self.batch_size) if r >= last)
+        tokens, logprobs, top_ids, top_lps = self._run_decode(1, active, rows)
         self.stats["steps"] += 1
         if self.on_step is not None:
             self.on_step(int(active.sum()))
         for i in np.flatnonzero(active):
             self._hand_out(i, int(tokens[0, i]), logprobs[0, i], top_ids[0, i], top_lps[0, i])
 
-    def _run_decode(self, num_steps, active=None):
+    def _run_decode(self, num_steps, active=None, rows=None):
         if active is None:
             active = np.zeros(self.batch_size, bool)
+        rows = rows or self.batch_size
         values = [v.value for v in self.engine.variables]
         weights = self.engine.current_weights(values)
-        settings = RowSettings.make(self._settings)
+        settings = RowSettings.make(self._settings[:rows])
+        want_logprobs = any(self._settings[i].get("logprobs") for i in range(rows))
         self._state, out = self._decode_jit(
-            values, weights, self._state, settings, active, np.int32(self._pointer), num_steps
-        )
+            values, weights, self._state, settings, active[:rows], np.bool_(want_logprobs),
+            np.int32(self._pointer), num_steps, rows,
+        )  # fmt: skip
         self._pointer += num_steps
         return [np.asarray(x) for x in out]
 
@@ -299,30 +307,40 @@ class SlotEngine:
             steps=np.zeros(b, "int32"),
         )
 
-    def _decode(self, values, weights, state, settings, active, pointer, num_steps):
+    def _decode(self, values, weights, state, settings, active, want_logprobs, pointer, num_steps,
+                rows):  # fmt: skip
+        # Decodes the first ``rows`` rows (settings and active [rows]); the others are left as
+        # they are. Outputs are [num_steps, rows].
         from jax import lax
 
         step = self.engine.make_step(weights)
         slots = ops.arange(self.cache_length)[None, :]
+        kv = self.model.backbone.num_key_value_heads
+        whole = rows == self.batch_size
 
         def one(carry, _):
-            state, pointer = carry
+            full, pointer = carry
+            state = full if whole else head_rows(full, rows, kv)
             with self.engine.scope(values):
                 here = slots == pointer  # [1, S]
                 # Every row attends to the slot it writes (free rows to nothing else).
                 logits, _, caches = step(state.tokens[:, None], state.caches, pointer,
                                          state.cache_mask | here, state.positions[:, None])  # fmt: skip
                 tokens = self.sampler.next_tokens(logits, state.counts, settings, state.steps)
-                info = _logprobs(logits, tokens)
+                # The top-20 over the vocabulary only when some request asked for logprobs.
+                info = ops.cond(want_logprobs, lambda: logprobs_of(logits, tokens),
+                                lambda: no_logprobs(logits))  # fmt: skip
             grow = ops.cast(active, "int32")
             new = state._replace(
                 caches=caches,
                 cache_mask=state.cache_mask | (here & active[:, None]),
                 positions=state.positions + grow,
                 tokens=ops.where(active, tokens, state.tokens),
-                counts=state.counts + _one_hot(tokens, self.vocabulary_size) * grow[:, None],
+                counts=state.counts + one_hot(tokens, self.vocabulary_size) * grow[:, None],
                 steps=state.steps + grow,
             )
+            if not whole:
+                new = put_head_rows(full, new, pointer)
             return (new, pointer + 1), (tokens, *info)
 
         (state, _), out = lax.scan(one, (state, pointer), None, length=num_steps)
@@ -348,7 +366,7 @@ class SlotEngine:
             logits = ops.cast(logits[:, -1], "float32")
             zeros = ops.zeros((1, self.vocabulary_size), "int32")
             token = self.sampler.next_tokens(logits, zeros, settings, ops.zeros((1,), "int32"))
-            info = _logprobs(logits, token)
+            info = logprobs_of(logits, token)
         new_caches = tuple(
             tuple(lax.dynamic_update_slice_in_dim(big, ops.cast(small, big.dtype), row * kv, axis=0)
                   for big, small in zip(pairs, pair))
@@ -363,7 +381,7 @@ class SlotEngine:
             cache_mask=put(state.cache_mask, mask),
             positions=put(state.positions, position + length),
             tokens=put(state.tokens, token[0]),
-            counts=put(state.counts, _one_hot(token, self.vocabulary_size)[0]),
+            counts=put(state.counts, one_hot(token, self.vocabulary_size)[0]),
             steps=put(state.steps, 1),
         )
         return state, token, info
@@ -385,11 +403,3 @@ class SlotEngine:
         caches = tuple((move(k, True), move(v, False)) for k, v in state.caches)
         mask = jnp.arange(self.cache_length)[None, :] < counts[:, None]
         return state._replace(caches=caches, cache_mask=mask), counts
-
-
-def _one_hot(tokens, vocabulary_size):
-    return ops.cast(ops.arange(vocabulary_size)[None, :] == tokens[:, None], "int32")
-
-
-def _logprobs(logits, tokens):
-    return token_logprobs(logits, tokens, min(MAX_TOP_LOGPROBS, logits.shape[-1]))

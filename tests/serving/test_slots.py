@@ -1,0 +1,98 @@
+"""`SlotEngine` directly: a decode step runs only the leading rows up to the last active one
+(bucketed), and every request still gets its solo greedy output."""
+
+import threading
+
+import numpy as np
+
+from keras_llama.serving.slots import Request, SlotEngine, row_buckets
+from tests.serving.conftest import MAX_MODEL_LEN
+
+
+def test_row_buckets():
+    assert row_buckets(1) == [1]
+    assert row_buckets(3) == [3]
+    assert row_buckets(8) == [1, 2, 8]
+    assert row_buckets(16) == [1, 2, 4, 16]
+
+
+def _solo_ids(lm, prompt, max_tokens):
+    out = lm.generate({"token_ids": np.array([prompt], "int32")},
+                      max_length=len(prompt) + max_tokens, stop_token_ids=None, strip_prompt=True)  # fmt: skip
+    return [int(t) for t in out["token_ids"][0][out["padding_mask"][0]]]
+
+
+def test_partial_row_steps_keep_each_request_solo_output(tiny_lm):
+    engine = SlotEngine(tiny_lm, max_batch_size=8, max_model_len=MAX_MODEL_LEN, prefill_chunk=32)
+    rows_run = []
+    run_decode = engine._run_decode
+
+    def recording(num_steps, active=None, rows=None):
+        rows_run.append(rows)
+        return run_decode(num_steps, active, rows)
+
+    engine._run_decode = recording
+    # Rows 0, 1, 2 finish last to first: steps of all 8 rows, then of 2, then of 1.
+    jobs = [([5, 9, 14, 3], 24), ([7, 7, 21], 12), ([30, 4, 11, 2, 8], 5)]
+    results = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def deliver(i):
+        def on_event(event):
+            if event[0] == "token":
+                results[i].append(event[1])
+            else:
+                done.release()
+
+        return on_event
+
+    for i, (prompt, max_tokens) in enumerate(jobs):
+        engine.submit(Request(prompt, max_tokens, {}, (), deliver(i)))
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    for (prompt, max_tokens), got in zip(jobs, results):
+        assert got == _solo_ids(tiny_lm, prompt, max_tokens)
+    assert {1, 2, 8} <= set(rows_run[len(row_buckets(8)) :])
+
+
+def test_logprobs_are_computed_when_one_row_asks(tiny_lm):
+    engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=MAX_MODEL_LEN, prefill_chunk=32)
+    events = [[], []]
+    done = threading.Semaphore(0)
+
+    def deliver(i):
+        return lambda e: events[i].append(e) if e[0] == "token" else done.release()
+
+    engine.submit(Request([5, 9, 14], 12, {"logprobs": True}, (), deliver(0)))
+    engine.submit(Request([7, 3], 12, {}, (), deliver(1)))
+    engine.start()
+    try:
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    for _, token, logprob, top_ids, top_lps in events[0]:  # greedy: the top token is chosen
+        assert top_ids[0] == token and logprob < 0 and np.isclose(logprob, top_lps[0])
+    assert [e[1] for e in events[1]] == _solo_ids(tiny_lm, [7, 3], 12)
+
+
+def test_a_chunk_wider_than_the_room_is_split(tiny_lm):
+    # 540 tokens at most: 607 slots. A 520-token chunk is padded to 640: it goes in two.
+    engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=540, prefill_chunk=540)
+    assert engine.cache_length == 607
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 40, 520)]
+    got, done = [], threading.Semaphore(0)
+    on_event = lambda e: got.append(e[1]) if e[0] == "token" else done.release()  # noqa: E731
+    widths, prefill = [], engine._prefill_jit
+    engine._prefill_jit = lambda *args: (widths.append(args[3].shape[1]), prefill(*args))[1]
+    engine.submit(Request(prompt, 6, {}, (), on_event))
+    engine.start()
+    try:
+        assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert widths == [512, 16] and engine.stats["prompt_tokens"] == 520
+    assert got == _solo_ids(tiny_lm, prompt, 6)
