@@ -101,3 +101,27 @@ def hf_gradient_layout(path, backbone):
     }
     name, layout = table[rest]
     return prefix + name + ".weight", layout
+
+
+def hf_loss_and_gradients(model, causal_lm, token_ids, padding_mask, scored):
+    """transformers' loss (``labels=``) and the gradient of every parameter (torch autograd),
+    in our variables' layouts by path. ``scored`` [b, L - 1]: whether position t's prediction
+    of token t + 1 counts (transformers shifts the labels itself: labels[:, t + 1] scores t)."""
+    import torch
+
+    labels = np.full(token_ids.shape, -100)
+    labels[:, 1:] = np.where(scored, token_ids[:, 1:], -100)
+    model.zero_grad()
+    out = model(
+        input_ids=torch.as_tensor(token_ids).long(),
+        attention_mask=torch.as_tensor(padding_mask),
+        labels=torch.as_tensor(labels).long(),
+    )
+    out.loss.backward()
+    grads = {name: p.grad.numpy().astype(np.float64) for name, p in model.named_parameters()}
+    model.zero_grad()
+    reference = {}
+    for v in causal_lm.trainable_variables:
+        name, layout = hf_gradient_layout(v.path, causal_lm.backbone)
+        reference[v.path] = layout(grads[name])
+    return out.loss.item(), reference

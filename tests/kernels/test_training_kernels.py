@@ -26,7 +26,7 @@ from keras_llama.kernels.swiglu import make_swiglu
 from keras_llama.models import LlamaBackbone
 from keras_llama.models.execution_plan import Choice, StagePlan
 from keras_llama.models.llama import llama_layers, llama_plan, llama_strategies
-from tests.hf_reference import hf_gradient_layout, make_hf_model, to_keras_llama
+from tests.hf_reference import hf_loss_and_gradients, make_hf_model, to_keras_llama
 from tests.kernels import require_native
 
 pytestmark = pytest.mark.skipif(
@@ -547,27 +547,13 @@ def models(request):
     """``(tied, transformers model, our LlamaCausalLM, reference)``: ``reference`` holds the
     transformers loss (``labels=``, padding -100) and the gradient of every parameter (torch
     autograd) in our variables' layouts, by path."""
-    import torch
 
     tied = request.param == "tied"
     hf = make_hf_model("gqa", seed=12, hidden_size=M, intermediate_size=F, tie_word_embeddings=tied)
     causal_lm = to_keras_llama(hf)
     assert causal_lm.backbone.token_embedding.tie_weights == tied
-    hf.zero_grad()
-    # transformers shifts the labels itself: labels[t + 1] scores the logits of position t.
-    labels = np.where(np.concatenate([[[False], [False]], SCORED], axis=1), TOKEN_IDS, -100)
-    out = hf(
-        input_ids=torch.as_tensor(TOKEN_IDS).long(),
-        attention_mask=torch.as_tensor(PADDING_MASK),
-        labels=torch.as_tensor(labels).long(),
-    )
-    out.loss.backward()
-    grads = {name: p.grad.numpy().astype(np.float64) for name, p in hf.named_parameters()}
-    hf.zero_grad()
-    reference = {"loss": out.loss.item(), "grads": {}}
-    for v in causal_lm.trainable_variables:
-        name, layout = hf_gradient_layout(v.path, causal_lm.backbone)
-        reference["grads"][v.path] = layout(grads[name])
+    loss, grads = hf_loss_and_gradients(hf, causal_lm, TOKEN_IDS, PADDING_MASK, SCORED)
+    reference = {"loss": loss, "grads": grads}
     return tied, hf, causal_lm, reference
 
 

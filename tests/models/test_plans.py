@@ -19,7 +19,7 @@ import pytest
 from keras_llama import samplers
 from keras_llama.models import generation_engine
 from keras_llama.models.llama import llama_plan
-from tests.hf_reference import hf_logits, make_hf_model, to_keras_llama
+from tests.hf_reference import hf_logits, hf_loss_and_gradients, make_hf_model, to_keras_llama
 
 # head_dim 16: the native attention op applies.
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
@@ -65,32 +65,6 @@ def test_scoring_logits_equal_transformers_over_every_plan(pair):
 
 
 # --- training ------------------------------------------------------------------------------------
-def _hf_loss_and_grads(hf, causal_lm):
-    """transformers' loss (``labels=``) and every gradient, in our variables' layouts."""
-    import torch
-
-    from tests.hf_reference import hf_gradient_layout
-
-    # transformers shifts the labels itself: labels[:, t + 1] scores position t, counted where
-    # both positions are real (`SCORED`).
-    labels = np.full(TOKEN_IDS.shape, -100)
-    labels[:, 1:] = np.where(SCORED, TOKEN_IDS[:, 1:], -100)
-    hf.zero_grad()
-    out = hf(
-        input_ids=torch.as_tensor(TOKEN_IDS).long(),
-        attention_mask=torch.as_tensor(PADDING_MASK),
-        labels=torch.as_tensor(labels).long(),
-    )
-    out.loss.backward()
-    grads = {name: p.grad.numpy().astype(np.float64) for name, p in hf.named_parameters()}
-    hf.zero_grad()
-    reference = {}
-    for v in causal_lm.trainable_variables:
-        name, layout = hf_gradient_layout(v.path, causal_lm.backbone)
-        reference[v.path] = layout(grads[name])
-    return out.loss.item(), reference
-
-
 def _loss_and_grads(causal_lm, plan):
     import jax
 
@@ -109,7 +83,7 @@ def _loss_and_grads(causal_lm, plan):
 def test_training_loss_and_gradients_equal_transformers_over_every_plan(pair):
     hf, causal_lm = pair
     causal_lm.compile()
-    expected_loss, expected = _hf_loss_and_grads(hf, causal_lm)
+    expected_loss, expected = hf_loss_and_gradients(hf, causal_lm, TOKEN_IDS, PADDING_MASK, SCORED)
     plans = stage_plans(causal_lm, "training")
     assert {"training_matmuls", "layers"} <= {p.projections for p in plans}
     assert {"native_swiglu", "layers"} <= {p.activation for p in plans}
