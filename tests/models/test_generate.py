@@ -1,15 +1,14 @@
 """generate() and stream() semantics: input and output forms, max_length, stop tokens (forced by
 patching the model step, not by luck), strip_prompt, streaming, compiled-shape reuse, errors."""
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
 
 from keras_llama import samplers
-from keras_llama.models import Llama3CausalLMPreprocessor, LlamaBackbone, LlamaCausalLM
-from keras_llama.tokenizers import BytePairTokenizer
+from keras_llama.models import LlamaCausalLM
 from keras_llama.tokenizers.byte_level_bpe import bytes_to_unicode
+from tests.tiny_models import tiny_llama3_lm
 
 # A byte-level BPE vocabulary: Llama 3's special tokens, the 256 bytes, a few merges.
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
@@ -27,31 +26,7 @@ def byte_id(b):
 
 @pytest.fixture(scope="module")
 def lm():
-    keras.utils.set_random_seed(0)
-    tokenizer = BytePairTokenizer(
-        VOCAB,
-        MERGES,
-        special_tokens=SPECIAL,
-        start_token=SPECIAL[0],
-        end_token=SPECIAL[1],
-        stop_tokens=[SPECIAL[2]],
-    )
-    preprocessor = Llama3CausalLMPreprocessor(tokenizer, sequence_length=SEQUENCE_LENGTH)
-    backbone = LlamaBackbone(
-        vocabulary_size=len(VOCAB),
-        num_layers=2,
-        num_query_heads=4,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_key_value_heads=2,
-    )
-    # Larger weights than the default initialisation, so that greedy outputs vary.
-    for v in backbone.weights:
-        if len(v.shape) > 1:
-            v.assign(np.random.default_rng(0).normal(0, 0.3, v.shape).astype("float32"))
-    causal_lm = LlamaCausalLM(backbone, preprocessor)
-    causal_lm.compile(sampler="greedy")
-    return causal_lm
+    return tiny_llama3_lm(VOCAB, MERGES, SPECIAL, SEQUENCE_LENGTH)
 
 
 @pytest.fixture

@@ -5,13 +5,11 @@ import contextlib
 import threading
 import time
 
-import keras
 import numpy as np
 import pytest
 
-from keras_llama.models import Llama3CausalLMPreprocessor, LlamaBackbone, LlamaCausalLM
-from keras_llama.tokenizers import BytePairTokenizer
 from keras_llama.tokenizers.byte_level_bpe import bytes_to_unicode
+from tests.tiny_models import tiny_llama3_lm
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
            "<|end_header_id|>"]  # fmt: skip
@@ -25,31 +23,7 @@ MODEL_NAME = "tiny"
 
 
 def make_tiny_lm(seed=0):
-    keras.utils.set_random_seed(seed)
-    tokenizer = BytePairTokenizer(
-        VOCAB,
-        MERGES,
-        special_tokens=SPECIAL,
-        start_token=SPECIAL[0],
-        end_token=SPECIAL[1],
-        stop_tokens=[SPECIAL[2]],
-    )
-    preprocessor = Llama3CausalLMPreprocessor(tokenizer, sequence_length=MAX_MODEL_LEN)
-    backbone = LlamaBackbone(
-        vocabulary_size=len(VOCAB),
-        num_layers=2,
-        num_query_heads=4,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_key_value_heads=2,
-    )
-    rng = np.random.default_rng(seed)
-    for v in backbone.weights:  # larger than the default initialisation: varied greedy outputs
-        if len(v.shape) > 1:
-            v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
-    causal_lm = LlamaCausalLM(backbone, preprocessor)
-    causal_lm.compile(sampler="greedy")
-    return causal_lm
+    return tiny_llama3_lm(VOCAB, MERGES, SPECIAL, MAX_MODEL_LEN, seed)
 
 
 @contextlib.contextmanager
