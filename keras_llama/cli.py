@@ -331,6 +331,19 @@ COMMANDS = {
 
 
 def build_parser():
+    """The ``argparse`` parser of ``keras-llama`` and its commands (what the
+    [CLI reference](../cli.md) prints).
+
+    Returns:
+        argparse.ArgumentParser: the parser; ``main`` runs the command it parses.
+
+    Example:
+        ```python
+        from keras_llama import cli
+        args = cli.build_parser().parse_args(["generate", "Hello", "-n", "16"])
+        args.command, args.max_new_tokens   # ("generate", 16)
+        ```
+    """
     from keras_llama.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -415,8 +428,25 @@ def build_parser():
 
 
 def main(argv=None, out=None, inp=None):
-    """Run the command line; returns the exit code (see the module docstring). ``out`` and
-    ``inp``: the output and input streams (default: standard output and input)."""
+    """Run the ``keras-llama`` command line in this process.
+
+    Args:
+        argv: the arguments, without the program name (default: ``sys.argv[1:]``).
+        out: the output stream (default: standard output).
+        inp: the input stream (default: standard input).
+
+    Returns:
+        int: the exit code: 0 success, 1 runtime error, 2 usage error, 130 interrupted,
+        141 output closed.
+
+    Example:
+        ```python
+        import io
+        from keras_llama import cli
+        out = io.StringIO()
+        cli.main(["presets"], out=out)   # 0; out.getvalue() lists the built-in presets
+        ```
+    """
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints them and exits with 2
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")

@@ -69,9 +69,10 @@ class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
     one-pass gradient of `sparse_categorical_crossentropy` on JAX when ``from_logits=True``.
 
     Example:
-    >>> loss = SparseCategoricalCrossentropy(from_logits=True)
-    >>> float(loss(np.array([1]), np.array([[0.0, 0.0]])))  # log(2)
-    0.6931...
+        ```python
+        loss = SparseCategoricalCrossentropy(from_logits=True)
+        float(loss(np.array([1]), np.array([[0.0, 0.0]])))  # 0.6931... = log(2)
+        ```
     """
 
     def __init__(

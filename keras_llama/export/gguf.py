@@ -42,7 +42,27 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def export_causal_lm(causal_lm, path, dtype="f32", overwrite=False):
-    """Write ``causal_lm`` (model, and its tokenizer when it has one) to the GGUF file ``path``."""
+    """Write a causal LM (model, and its tokenizer when it has one) to the GGUF file ``path``
+    (`CausalLM.export_to_gguf`), for llama.cpp and every GGUF reader.
+
+    Args:
+        causal_lm: a `CausalLM` with float weights (a quantized model is refused).
+        path: the ``.gguf`` file to write (a temporary file renamed into place).
+        dtype: the weights' type: ``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"`` or ``"q4_0"``
+            (norms stay f32; quantized types quantize with llama.cpp's rounding).
+        overwrite: replace an existing file.
+
+    Raises:
+        OutputExistsError: (a `ValueError` and `FileExistsError`) when ``path`` exists and
+            ``overwrite`` is False, or is a folder where a file is expected.
+        ValueError: for an unknown ``dtype`` or a quantized model.
+
+    Example:
+        ```python
+        from keras_llama.export import gguf
+        gguf.export_causal_lm(causal_lm, "model.gguf", dtype="q8_0")
+        ```
+    """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {DTYPES}. Received: dtype={dtype!r}")
     import gguf

@@ -36,7 +36,31 @@ _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
 
 # --- entry points (the classes' export_to_transformers methods) ---------------------------------
 def export_causal_lm(causal_lm, path, overwrite=False, max_shard_size=DEFAULT_MAX_SHARD_SIZE):
-    """Write the model and, when the task has one, its tokenizer into ``path``."""
+    """Write a causal LM as a Hugging Face transformers folder (`CausalLM.export_to_transformers`).
+
+    Writes ``config.json``, ``generation_config.json`` and safetensors weights (LoRA merged),
+    and, when the task has a preprocessor, the tokenizer's files with the chat template and
+    ``add_bos_token``, into a temporary folder renamed to ``path``.
+
+    Args:
+        causal_lm: a `CausalLM` with float weights (a quantized model is refused).
+        path: the folder to write.
+        overwrite: replace an existing, non-empty folder.
+        max_shard_size: bytes (int) or a size such as ``"5GB"``; larger weights are sharded
+            with a ``model.safetensors.index.json``.
+
+    Raises:
+        OutputExistsError: (a `ValueError` and `FileExistsError`) when ``path`` exists and
+            ``overwrite`` is False, or is a file where a folder is expected.
+        ValueError: for a quantized model or a bad ``max_shard_size``.
+
+    Example:
+        ```python
+        from keras_llama.export import transformers
+        transformers.export_causal_lm(causal_lm, "./hf_model")
+        # AutoModelForCausalLM.from_pretrained("./hf_model") loads it
+        ```
+    """
     preprocessor = causal_lm.preprocessor
     tokenizer = getattr(preprocessor, "tokenizer", None)
     with atomic_folder(path, overwrite) as folder:
@@ -46,18 +70,76 @@ def export_causal_lm(causal_lm, path, overwrite=False, max_shard_size=DEFAULT_MA
 
 
 def export_backbone(backbone, path, overwrite=False, max_shard_size=DEFAULT_MAX_SHARD_SIZE):
+    """Write a backbone's transformers model files (`Backbone.export_to_transformers`).
+
+    Args:
+        backbone: a `Backbone` with float weights.
+        path: the folder to write; other files already in it are kept with ``overwrite``.
+        overwrite: replace this export's files in an existing, non-empty folder.
+        max_shard_size: bytes (int) or a size such as ``"5GB"``.
+
+    Raises:
+        OutputExistsError: (a `ValueError` and `FileExistsError`) when ``path`` exists and
+            ``overwrite`` is False, or is a file where a folder is expected.
+        ValueError: for a quantized backbone or a bad ``max_shard_size``.
+
+    Example:
+        ```python
+        from keras_llama.export import transformers
+        transformers.export_backbone(backbone, "./hf_model")
+        ```
+    """
     with atomic_folder(path, overwrite, replaces=MODEL_FILES) as folder:
         write_model(backbone, folder, max_shard_size)
 
 
 def export_tokenizer(tokenizer, path, overwrite=False, add_bos_token=None):
-    """``add_bos_token``: None takes the family's convention (True for SentencePiece Llama,
-    True for Llama 3)."""
+    """Write a tokenizer's transformers files (`Tokenizer.export_to_transformers`).
+
+    SentencePiece tokenizers write ``tokenizer.model``, byte-level BPE ones ``tokenizer.json``;
+    both with ``tokenizer_config.json``, ``special_tokens_map.json`` and the chat template.
+
+    Args:
+        tokenizer: a `Tokenizer`.
+        path: the folder to write; other files already in it are kept with ``overwrite``.
+        overwrite: replace this export's files in an existing, non-empty folder.
+        add_bos_token: whether ``AutoTokenizer`` prepends the start token. None takes the
+            family's convention (True for SentencePiece Llama, True for Llama 3).
+
+    Raises:
+        OutputExistsError: (a `ValueError` and `FileExistsError`) when ``path`` exists and
+            ``overwrite`` is False, or is a file where a folder is expected.
+
+    Example:
+        ```python
+        from keras_llama.export import transformers
+        transformers.export_tokenizer(tokenizer, "./hf_tokenizer")
+        # AutoTokenizer.from_pretrained("./hf_tokenizer") loads it
+        ```
+    """
     with atomic_folder(path, overwrite, replaces=TOKENIZER_FILES) as folder:
         write_tokenizer(tokenizer, folder, True if add_bos_token is None else add_bos_token)
 
 
 def export_preprocessor(preprocessor, path, overwrite=False):
+    """Write a preprocessor's tokenizer files (`CausalLMPreprocessor.export_to_transformers`),
+    with ``add_bos_token`` from its ``add_start_token``.
+
+    Args:
+        preprocessor: a `CausalLMPreprocessor`.
+        path: the folder to write; other files already in it are kept with ``overwrite``.
+        overwrite: replace this export's files in an existing, non-empty folder.
+
+    Raises:
+        OutputExistsError: (a `ValueError` and `FileExistsError`) when ``path`` exists and
+            ``overwrite`` is False, or is a file where a folder is expected.
+
+    Example:
+        ```python
+        from keras_llama.export import transformers
+        transformers.export_preprocessor(preprocessor, "./hf_tokenizer")
+        ```
+    """
     with atomic_folder(path, overwrite, replaces=TOKENIZER_FILES) as folder:
         write_tokenizer(preprocessor.tokenizer, folder, preprocessor.add_start_token)
 

@@ -24,6 +24,13 @@ class Backbone(PresetsMixin, keras.Model):
     A backbone maps preprocessed inputs (``{"token_ids", "padding_mask"}``) to hidden states.
     Subclasses build a functional model in ``__init__`` and list their constructor arguments
     in ``get_config()``. ``from_preset`` picks the subclass named by the preset's config.
+
+    Example:
+        ```python
+        backbone = keras_llama.models.Backbone.from_preset("smollm2_135m_instruct")
+        type(backbone).__name__  # "Llama3Backbone"
+        backbone.save_to_preset("./my_backbone")
+        ```
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -99,7 +106,22 @@ class Backbone(PresetsMixin, keras.Model):
         transformers' ``AutoModelForCausalLM.from_pretrained(path)`` loads (LoRA merged;
         sharded above ``max_shard_size``). Atomic; an existing non-empty folder is refused
         unless ``overwrite=True`` (then this export's files in it are replaced, others kept).
-        See `keras_llama.export.transformers`."""
+        See `keras_llama.export.transformers`.
+
+        Args:
+            path: the folder to write.
+            overwrite: replace this export's files in an existing, non-empty folder.
+            max_shard_size: bytes (int) or a size such as ``"5GB"``.
+
+        Raises:
+            ValueError: when ``path`` exists and ``overwrite`` is False, for a quantized
+                backbone, or a bad ``max_shard_size``.
+
+        Example:
+            ```python
+            backbone.export_to_transformers("./hf_model")
+            ```
+        """
         from keras_llama.export import transformers  # export imports models: lazily
 
         transformers.export_backbone(self, path, overwrite, max_shard_size)

@@ -23,6 +23,14 @@ class CausalLM(Task):
     decode steps, driven by `keras_llama.models.generation`), and KerasHub's
     ``call_with_cache`` / ``_build_cache``. This class turns them into ``generate()`` with the
     sampler chosen in ``compile()``, and into ``score()`` and ``perplexity()``.
+
+    Example:
+        ```python
+        causal_lm = keras_llama.models.CausalLM.from_preset("smollm2_135m_instruct")
+        causal_lm.compile(sampler="greedy")
+        causal_lm.generate("The capital of France is", max_length=16)
+        causal_lm.perplexity(["The capital of France is Paris."])
+        ```
     """
 
     def compile(
@@ -148,8 +156,10 @@ class CausalLM(Task):
             a beam axis (and ``"scores"``) or gives a list of strings per prompt.
 
         Example:
-        >>> causal_lm.generate("The quick brown fox", max_length=30)
-        >>> causal_lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+            ```python
+            causal_lm.generate("The quick brown fox", max_length=30)
+            causal_lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+            ```
         """
         return generation.generate(
             self,
@@ -168,8 +178,10 @@ class CausalLM(Task):
         `generate`, for a single string.
 
         Example:
-        >>> for piece in causal_lm.stream("Tell me a story", max_length=200):
-        ...     print(piece, end="", flush=True)
+            ```python
+            for piece in causal_lm.stream("Tell me a story", max_length=200):
+                print(piece, end="", flush=True)
+            ```
         """
         return generation.stream(self, inputs, max_length=max_length, stop_token_ids=stop_token_ids)
 
@@ -177,7 +189,23 @@ class CausalLM(Task):
         """Write a Hugging Face transformers folder: the model (config, safetensors weights,
         LoRA merged) and the tokenizer (``AutoTokenizer`` files with the chat template and
         ``add_bos_token``). Atomic; an existing non-empty folder is refused unless
-        ``overwrite=True``. See `keras_llama.export.transformers`."""
+        ``overwrite=True``. See `keras_llama.export.transformers`.
+
+        Args:
+            path: the folder to write.
+            overwrite: replace an existing, non-empty folder.
+            max_shard_size: bytes (int) or a size such as ``"5GB"``.
+
+        Raises:
+            ValueError: when ``path`` exists and ``overwrite`` is False, for a quantized
+                model, or a bad ``max_shard_size``.
+
+        Example:
+            ```python
+            causal_lm.export_to_transformers("./hf_model")
+            # transformers.AutoModelForCausalLM.from_pretrained("./hf_model")
+            ```
+        """
         from keras_llama.export import transformers  # export imports models: lazily
 
         transformers.export_causal_lm(self, path, overwrite, max_shard_size)
@@ -187,7 +215,23 @@ class CausalLM(Task):
         ``"bf16"``, ``"q8_0"`` or ``"q4_0"``; norms stay f32), the vocabulary in llama.cpp's
         form, the special ids, ``add_bos_token``, the chat template and the RoPE settings.
         Atomic; an existing file is refused unless ``overwrite=True``. See
-        `keras_llama.export.gguf`."""
+        `keras_llama.export.gguf`.
+
+        Args:
+            path: the ``.gguf`` file to write.
+            dtype: ``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"`` or ``"q4_0"``.
+            overwrite: replace an existing file.
+
+        Raises:
+            ValueError: when ``path`` exists and ``overwrite`` is False, for an unknown
+                ``dtype`` or a quantized model.
+
+        Example:
+            ```python
+            causal_lm.export_to_gguf("model.gguf", dtype="q8_0")
+            # llama-cli -m model.gguf, or CausalLM.from_preset("model.gguf")
+            ```
+        """
         from keras_llama.export import gguf  # export imports models: lazily
 
         gguf.export_causal_lm(self, path, dtype=dtype, overwrite=overwrite)

@@ -41,7 +41,17 @@ class Choice:
 class StagePlan:
     """How one stage (``"prefill"``, ``"decode"``, ``"training"`` or ``"scoring"``) runs.
 
-    A frozen, hashable value: it can be a static argument of a compiled function."""
+    A frozen, hashable value: it can be a static argument of a compiled function. Each part
+    (``plan.projections``, ``plan.attention``, ``plan.head``, ...) reads as the name of the
+    strategy chosen for it; ``str(plan)`` lists them with their reasons.
+
+    Example:
+        ```python
+        decode = causal_lm.execution_plan().decode
+        decode.attention   # "single_query"
+        print(decode)      # decode:\n  projections: ... (reason)\n  attention: ...
+        ```
+    """
 
     stage: str
     choices: tuple
@@ -61,7 +71,25 @@ class StagePlan:
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionPlan:
-    """The plan of every stage of a model; ``str()`` lists each choice and its reason."""
+    """The plan of every stage of a model; ``str()`` lists each choice and its reason.
+
+    Made once by ``causal_lm.execution_plan()`` from the model (backend, dtype, quantization,
+    LoRA, an active ``keras.distribution``) and the native libraries' status, then passed to
+    every traced function. ``stage(name)`` returns one stage's `StagePlan`.
+
+    Args:
+        prefill: the `StagePlan` of running a prompt through the model, filling the caches.
+        decode: the `StagePlan` of one token per row against the caches.
+        training: the `StagePlan` of ``fit()``.
+        scoring: the `StagePlan` of ``score()`` and ``perplexity()``.
+
+    Example:
+        ```python
+        plan = causal_lm.execution_plan()
+        print(plan)                        # every stage, each choice with its reason
+        plan.stage("training").attention   # e.g. "native" on JAX CPU
+        ```
+    """
 
     prefill: StagePlan
     decode: StagePlan

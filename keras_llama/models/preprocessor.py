@@ -28,6 +28,13 @@ class Preprocessor(PresetsMixin):
 
     A preprocessor holds a `Tokenizer` and turns raw inputs into what a task's backbone
     takes. It is a plain Python object (not a Keras layer) working on NumPy arrays.
+
+    Example:
+        ```python
+        preprocessor = keras_llama.models.Preprocessor.from_preset(
+            "smollm2_135m_instruct", sequence_length=16)
+        x, y, sample_weight = preprocessor(["The capital of France is Paris."])
+        ```
     """
 
     backbone_cls = None
@@ -100,11 +107,11 @@ class CausalLMPreprocessor(Preprocessor):
         add_end_token: append the tokenizer's end token (training only).
 
     Example:
-    ```python
-    preprocessor = keras_llama.models.LlamaCausalLMPreprocessor(tokenizer, sequence_length=8)
-    x, y, sample_weight = preprocessor(["The quick brown fox.", "Call me Ishmael."])
-    x = preprocessor.generate_preprocess(["The quick brown"])
-    ```
+        ```python
+        preprocessor = keras_llama.models.LlamaCausalLMPreprocessor(tokenizer, sequence_length=8)
+        x, y, sample_weight = preprocessor(["The quick brown fox.", "Call me Ishmael."])
+        x = preprocessor.generate_preprocess(["The quick brown"])
+        ```
     """
 
     def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True):
@@ -191,8 +198,10 @@ class CausalLMPreprocessor(Preprocessor):
         which it never does for plain user text with a SentencePiece vocabulary.
 
         Example:
-        >>> prompt = preprocessor.apply_chat_template([{"role": "user", "content": "Hi!"}])
-        >>> causal_lm.generate(prompt, max_length=64, strip_prompt=True)
+            ```python
+            prompt = preprocessor.apply_chat_template([{"role": "user", "content": "Hi!"}])
+            causal_lm.generate(prompt, max_length=64, strip_prompt=True)
+            ```
         """
         from keras_llama.models.chat_template import apply_chat_template
 
@@ -214,7 +223,20 @@ class CausalLMPreprocessor(Preprocessor):
     # --- helpers -------------------------------------------------------------------------
     def export_to_transformers(self, path, overwrite=False):
         """Write the tokenizer's transformers files with ``add_bos_token`` set from
-        ``add_start_token`` (see `keras_llama.export.transformers`)."""
+        ``add_start_token`` (see `keras_llama.export.transformers`).
+
+        Args:
+            path: the folder to write.
+            overwrite: replace this export's files in an existing, non-empty folder.
+
+        Raises:
+            ValueError: when ``path`` exists and ``overwrite`` is False.
+
+        Example:
+            ```python
+            preprocessor.export_to_transformers("./hf_tokenizer")
+            ```
+        """
         from keras_llama.export import transformers  # export imports models: lazily
 
         transformers.export_preprocessor(self, path, overwrite)

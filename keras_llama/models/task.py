@@ -18,6 +18,13 @@ class Task(PresetsMixin, keras.Model):
 
     A task wraps a `Backbone` and an optional `Preprocessor`; calling ``from_preset`` on a base
     class (``CausalLM.from_preset``) picks the subclass named by the preset.
+
+    Example:
+        ```python
+        task = keras_llama.models.Task.from_preset("smollm2_135m_instruct")
+        type(task).__name__        # "Llama3CausalLM"
+        task.backbone.num_layers   # 30
+        ```
     """
 
     backbone_cls = None

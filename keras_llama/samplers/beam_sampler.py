@@ -35,10 +35,12 @@ class BeamSampler(Sampler):
         return_all_beams: bool. If True, ``generate()`` returns every beam, best first: token
             outputs gain a beam axis after the batch axis plus ``"scores"`` [batch, num_beams];
             text outputs are a list of ``num_beams`` strings per prompt.
-        temperature: float > 0.
+        **kwargs: passed to `Sampler`: ``temperature``, a float > 0 (default 1.0).
 
     Example:
-    >>> causal_lm.compile(sampler=keras_llama.samplers.BeamSampler(num_beams=4))
+        ```python
+        causal_lm.compile(sampler=keras_llama.samplers.BeamSampler(num_beams=4))
+        ```
     """
 
     def __init__(self, num_beams=5, return_all_beams=False, **kwargs):

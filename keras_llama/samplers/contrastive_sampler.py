@@ -33,10 +33,12 @@ class ContrastiveSampler(Sampler):
         k: int >= 1. Number of candidates.
         alpha: float in [0, 1]. Weight of the degeneration penalty; 0 is greedy search.
         seed: int or None. Accepted for a uniform interface; contrastive search is not random.
-        temperature: float > 0.
+        **kwargs: passed to `Sampler`: ``temperature``, a float > 0 (default 1.0).
 
     Example:
-    >>> causal_lm.compile(sampler=keras_llama.samplers.ContrastiveSampler(k=4, alpha=0.6))
+        ```python
+        causal_lm.compile(sampler=keras_llama.samplers.ContrastiveSampler(k=4, alpha=0.6))
+        ```
     """
 
     def __init__(self, k=5, alpha=0.6, seed=None, **kwargs):

@@ -14,8 +14,10 @@ class GreedySampler(Sampler):
         temperature: float > 0. Accepted for a uniform interface; it does not change the argmax.
 
     Example:
-    >>> causal_lm.compile(sampler="greedy")
-    >>> causal_lm.compile(sampler=keras_llama.samplers.GreedySampler())
+        ```python
+        causal_lm.compile(sampler="greedy")
+        causal_lm.compile(sampler=keras_llama.samplers.GreedySampler())
+        ```
     """
 
     def get_next_token(self, probabilities):

@@ -12,10 +12,12 @@ class RandomSampler(Sampler):
 
     Args:
         seed: int or None. The same seed reproduces the same samples (per backend).
-        temperature: float > 0.
+        **kwargs: passed to `Sampler`: ``temperature``, a float > 0 (default 1.0).
 
     Example:
-    >>> causal_lm.compile(sampler=keras_llama.samplers.RandomSampler(temperature=0.7, seed=1))
+        ```python
+        causal_lm.compile(sampler=keras_llama.samplers.RandomSampler(temperature=0.7, seed=1))
+        ```
     """
 
     def __init__(self, seed=None, **kwargs):

@@ -174,10 +174,12 @@ class Sampler:
             the distribution, above 1 flattens it.
 
     Example:
-    >>> class NoTokenZero(keras_llama.samplers.Sampler):
-    ...     def get_next_token(self, probabilities):
-    ...         return keras.ops.argmax(probabilities[:, 1:], axis=-1) + 1
-    >>> causal_lm.compile(sampler=NoTokenZero())
+        ```python
+        class NoTokenZero(keras_llama.samplers.Sampler):
+            def get_next_token(self, probabilities):
+                return keras.ops.argmax(probabilities[:, 1:], axis=-1) + 1
+        causal_lm.compile(sampler=NoTokenZero())
+        ```
     """
 
     def __init__(self, temperature=1.0):

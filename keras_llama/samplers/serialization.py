@@ -23,12 +23,44 @@ _BY_CLASS_NAME = {cls.__name__: cls for cls in SAMPLERS.values()}
 
 
 def serialize(sampler):
-    """The Keras config dict of a sampler (``{"class_name", "config", ...}``)."""
+    """The Keras config dict of a sampler.
+
+    Args:
+        sampler: a `Sampler`.
+
+    Returns:
+        dict: ``{"class_name", "config", ...}``, what `deserialize` and ``compile()`` take.
+
+    Example:
+        ```python
+        config = keras_llama.samplers.serialize(keras_llama.samplers.TopPSampler(p=0.9))
+        keras_llama.samplers.deserialize(config)  # TopPSampler(..., p=0.9, ...)
+        ```
+    """
     return keras.saving.serialize_keras_object(sampler)
 
 
 def deserialize(config, custom_objects=None):
-    """A sampler from a string identifier or a config dict (ours or KerasHub's)."""
+    """A sampler from a string identifier or a config dict (ours or KerasHub's).
+
+    Args:
+        config: a sampler name (``"top_k"``) or a config dict from `serialize` or KerasHub's
+            ``keras_hub.samplers.serialize``.
+        custom_objects: ``{name: class}`` for samplers defined outside keras-llama.
+
+    Returns:
+        Sampler: a new sampler.
+
+    Raises:
+        ValueError: when the name or config describes no sampler.
+
+    Example:
+        ```python
+        keras_llama.samplers.deserialize("greedy")
+        keras_llama.samplers.deserialize(
+            {"class_name": "TopKSampler", "config": {"k": 10, "seed": 1}})
+        ```
+    """
     if isinstance(config, str):
         return _from_name(config)
     if isinstance(config, dict) and config.get("class_name") in _BY_CLASS_NAME:
@@ -45,8 +77,9 @@ def get(identifier):
     with its defaults) or a `Sampler` (returned as is). ``None`` gives ``None``.
 
     Example:
-    >>> keras_llama.samplers.get("top_k")
-    TopKSampler(temperature=1.0, k=5, seed=None)
+        ```python
+        keras_llama.samplers.get("top_k")  # TopKSampler(temperature=1.0, k=5, seed=None)
+        ```
     """
     if identifier is None or isinstance(identifier, Sampler):
         return identifier

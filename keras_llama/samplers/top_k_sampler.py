@@ -15,10 +15,12 @@ class TopKSampler(Sampler):
     Args:
         k: int >= 1. Values larger than the vocabulary keep the whole vocabulary.
         seed: int or None.
-        temperature: float > 0.
+        **kwargs: passed to `Sampler`: ``temperature``, a float > 0 (default 1.0).
 
     Example:
-    >>> causal_lm.compile(sampler=keras_llama.samplers.TopKSampler(k=5, temperature=0.7))
+        ```python
+        causal_lm.compile(sampler=keras_llama.samplers.TopKSampler(k=5, temperature=0.7))
+        ```
     """
 
     def __init__(self, k=5, seed=None, **kwargs):

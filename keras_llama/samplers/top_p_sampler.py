@@ -17,10 +17,12 @@ class TopPSampler(Sampler):
         k: int >= 1 or None. If set, only the ``k`` most probable tokens are sorted and
             considered first (faster on large vocabularies).
         seed: int or None.
-        temperature: float > 0.
+        **kwargs: passed to `Sampler`: ``temperature``, a float > 0 (default 1.0).
 
     Example:
-    >>> causal_lm.compile(sampler=keras_llama.samplers.TopPSampler(p=0.9, k=100))
+        ```python
+        causal_lm.compile(sampler=keras_llama.samplers.TopPSampler(p=0.9, k=100))
+        ```
     """
 
     def __init__(self, p=0.1, k=None, seed=None, **kwargs):

@@ -123,8 +123,30 @@ def create_app(causal_lm=None, *, loader=None, model_name=None, api_key=None, ma
         loader: a function returning the model (for a server that answers while loading).
         model_name: the id clients pass as ``model`` (default: ``"keras-llama"``).
         api_key: when set, requests need ``Authorization: Bearer <api_key>``.
-        max_batch_size, max_queue, max_model_len, prefill_chunk: see `SlotEngine`
-            (``max_model_len`` defaults to the preprocessor's sequence length, at most 2048).
+        max_batch_size: the requests decoded together (`SlotEngine`'s rows).
+        max_queue: requests that may wait for a row; beyond, 429 with ``Retry-After``.
+        max_model_len: the most tokens (prompt + completion) of one request. None: the
+            preprocessor's sequence length, at most 2048.
+        prefill_chunk: the most prompt tokens prefilled between two decode steps.
+
+    Returns:
+        fastapi.FastAPI: the app; run it with any ASGI server (``uvicorn.run(app)``). The
+        engine starts and stops with the app's lifespan.
+
+    Raises:
+        ValueError: unless exactly one of ``causal_lm`` and ``loader`` is given.
+
+    Example:
+        ```python
+        from keras_llama.serving import create_app
+        from starlette.testclient import TestClient
+
+        app = create_app(causal_lm, model_name="tiny", max_batch_size=2)
+        with TestClient(app) as client:  # or: uvicorn.run(app, port=8000)
+            reply = client.post("/v1/completions", json={
+                "model": "tiny", "prompt": "The quick brown", "max_tokens": 8})
+            reply.json()["choices"][0]["text"]
+        ```
     """
     if (causal_lm is None) == (loader is None):
         raise ValueError("Pass exactly one of `causal_lm` and `loader`.")

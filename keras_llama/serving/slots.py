@@ -69,6 +69,25 @@ class SlotEngine:
         max_queue: requests that may wait for a row; `submit` raises `QueueFull` beyond.
         max_model_len: the most tokens (prompt + completion) of one request.
         prefill_chunk: the most prompt tokens prefilled between two decode steps.
+
+    Raises:
+        ValueError: off the JAX backend, or for a non-positive size.
+
+    Example:
+        ```python
+        import queue
+        from keras_llama.serving.slots import Request
+
+        engine = keras_llama.serving.SlotEngine(causal_lm, max_batch_size=2, max_model_len=64)
+        events = queue.Queue()
+        prompt_ids = [int(t) for t in causal_lm.preprocessor.tokenizer("The quick brown")]
+        engine.submit(Request(prompt_ids, 8, {}, (), events.put))  # greedy, 8 tokens
+        engine.start()
+        tokens = []
+        while (event := events.get(timeout=120))[0] == "token":
+            tokens.append(event[1])
+        engine.stop()   # event == ("finish", "length")
+        ```
     """
 
     def __init__(self, causal_lm, max_batch_size=8, max_queue=64, max_model_len=1024,

@@ -67,6 +67,16 @@ PRETOKENIZERS = {
         False,
     ),
 }
+"""The regex pre-tokenizers, by llama.cpp's ``tokenizer.ggml.pre`` names: ``{name: (regexes,
+ignore_merges)}``. Text is split by each regex in turn before BPE; ``ignore_merges`` keeps a
+piece whole when it is a token itself (tiktoken's rule, Llama 3's names).
+
+Example:
+    ```python
+    regexes, ignore_merges = keras_llama.tokenizers.PRETOKENIZERS["llama-bpe"]
+    ignore_merges   # True
+    ```
+"""
 
 
 def build_byte_level_bpe(vocabulary, merges, special_tokens=(), pretokenizer="llama3", *,
@@ -82,6 +92,20 @@ def build_byte_level_bpe(vocabulary, merges, special_tokens=(), pretokenizer="ll
             "smollm", "gpt-2", ...), a regex, or a list of regexes applied in turn.
         ignore_merges: keep whole pieces found in the vocabulary. None: the pretokenizer's
             default (True for the Llama 3 names, as in llama.cpp).
+
+    Returns:
+        tokenizers.Tokenizer: the Hugging Face tokenizer `BytePairTokenizer` runs.
+
+    Raises:
+        ValueError: for an unknown pretokenizer name or a merge of pieces not in the
+            vocabulary.
+
+    Example:
+        ```python
+        hf_tokenizer = keras_llama.tokenizers.build_byte_level_bpe(
+            ["a", "b", "ab"], ["a b"], special_tokens=[], pretokenizer="gpt2")
+        hf_tokenizer.encode("ab").ids  # [2]
+        ```
     """
     vocabulary = read_vocabulary(vocabulary)
     merges = read_merges(merges)
@@ -131,7 +155,26 @@ def bytes_to_unicode():
 
 
 def load_tiktoken_bpe(path):
-    """Read a tiktoken BPE file (``<base64 token> <rank>`` lines) -> ``{token_bytes: rank}``."""
+    """Read a tiktoken BPE file, such as Meta's Llama 3 ``tokenizer.model``.
+
+    Args:
+        path: the file, ``<base64 token> <rank>`` on each line.
+
+    Returns:
+        dict: ``{token_bytes: rank}``.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: when a line is not ``<base64 token> <rank>`` or the file holds no token.
+
+    Example:
+        ```python
+        with open("tiny.tiktoken", "w") as f:
+            f.write("YQ== 0\nYg== 1\nYWI= 2\n")  # "a", "b", "ab"
+        ranks = keras_llama.tokenizers.load_tiktoken_bpe("tiny.tiktoken")
+        # {b"a": 0, b"b": 1, b"ab": 2}
+        ```
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tiktoken BPE file not found. Received: path={path!r}")
@@ -163,6 +206,20 @@ def tiktoken_to_vocabulary_and_merges(ranks):
     ``token = left + right`` with both halves in the vocabulary is a merge; merges are ordered
     by the rank of the merged token, then by the ranks of the halves (transformers'
     ``TikTokenConverter``).
+
+    Args:
+        ranks: ``{token_bytes: rank}``, as `load_tiktoken_bpe` returns.
+
+    Returns:
+        tuple: ``(vocabulary, merges)``: ``{token: id}`` in GPT-2's byte-to-unicode alphabet,
+        and ``"left right"`` merge strings, for `BytePairTokenizer`.
+
+    Example:
+        ```python
+        vocabulary, merges = keras_llama.tokenizers.tiktoken_to_vocabulary_and_merges(
+            {b"a": 0, b"b": 1, b"ab": 2})
+        # vocabulary == {"a": 0, "b": 1, "ab": 2}, merges == ["a b"]
+        ```
     """
     table = bytes_to_unicode()
     chars = [table[b] for b in range(256)]

@@ -59,7 +59,9 @@ class BytePairTokenizer(Tokenizer):
         special_tokens: tokens matched whole in text. None: the special tokens of a
             ``tokenizer.json``/tiktoken source, or none for vocabulary + merges.
             ``start_token``, ``end_token`` and ``pad_token`` are always matched whole.
-        start_token, end_token, pad_token: token strings (None: no start/end token; pad id 0).
+        start_token: the token preprocessors prepend, or None for none.
+        end_token: the token preprocessors append and the default stop token, or None.
+        pad_token: the padding token, or None to pad with id 0.
         stop_tokens: extra tokens that end generation besides ``end_token``.
         pretokenizer: the regex split applied before BPE when building from vocabulary +
             merges: a name (``"llama3"``, ``"gpt2"``, ``"smollm"``, ... any key of
@@ -67,6 +69,16 @@ class BytePairTokenizer(Tokenizer):
             a list of regexes applied in turn. A ``tokenizer.json`` brings its own.
         ignore_merges: keep a piece whole when it is itself a token (tiktoken's behaviour).
             None: the pretokenizer's default (True for Llama 3).
+
+    Example:
+        ```python
+        vocabulary = ["<s>", "</s>", "a", "b", "\u0120", "ab", "\u0120a"]
+        tokenizer = keras_llama.tokenizers.BytePairTokenizer(
+            vocabulary, merges=["a b", "\u0120 a"], special_tokens=["<s>", "</s>"],
+            start_token="<s>", end_token="</s>", pretokenizer="gpt2")
+        tokenizer("ab a")                          # [5, 6]: "ab", " a"
+        tokenizer.detokenize(tokenizer("ab a"))    # "ab a"
+        ```
     """
 
     def __init__(

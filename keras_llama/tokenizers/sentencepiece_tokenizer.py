@@ -63,12 +63,12 @@ class SentencePieceTokenizer(Tokenizer):
             text, not only in a `ChatPrompt` (see above).
 
     Example:
-    ```python
-    tokenizer = SentencePieceTokenizer("tokenizer.model", start_token="<s>", end_token="</s>")
-    tokenizer("Hello world")                 # array([15043, 3186], dtype=int32)
-    tokenizer("Hi</s>")                      # [..."Hi", ..."</", ..."s", ...">"]: plain text
-    tokenizer(ChatPrompt("Hi</s><s>Yo"))     # [..."Hi", 2, 1, ..."Yo"]
-    ```
+        ```python
+        tokenizer = SentencePieceTokenizer("tokenizer.model", start_token="<s>", end_token="</s>")
+        tokenizer("Hello world")                 # array([15043, 3186], dtype=int32)
+        tokenizer("Hi</s>")                      # [..."Hi", ..."</", ..."s", ...">"]: plain text
+        tokenizer(ChatPrompt("Hi</s><s>Yo"))     # [..."Hi", 2, 1, ..."Yo"]
+        ```
     """
 
     def __init__(
@@ -250,13 +250,31 @@ def build_sentencepiece_proto(
         scores: one float per piece (merge priority for BPE, log-probability for unigram).
         types: one piece type per piece, as ints (above) or names (``"CONTROL"``).
         model_type: ``"bpe"`` (Llama, Mistral) or ``"unigram"``.
-        unk_id, bos_id, eos_id, pad_id: special ids (-1 for none; ``unk_id`` is required).
+        unk_id: the unknown piece's id (required).
+        bos_id: the start piece's id, -1 for none.
+        eos_id: the end piece's id, -1 for none.
+        pad_id: the padding piece's id, -1 for none.
         byte_fallback: encode unknown characters as ``<0xNN>`` byte pieces. None: True when
             the vocabulary has BYTE pieces.
-        normalizer_name, precompiled_charsmap: SentencePiece normalizer (``"identity"`` for Llama).
+        normalizer_name: the SentencePiece normalizer's name (``"identity"`` for Llama).
+        precompiled_charsmap: the normalizer's precompiled character map (bytes), if any.
 
     Returns:
         bytes: a serialized ModelProto for ``SentencePieceTokenizer(proto=...)``.
+
+    Raises:
+        ValueError: when the arrays differ in length, a type is unknown or a special id is
+            out of range.
+
+    Example:
+        ```python
+        pieces = ["<unk>", "<s>", "</s>", "\u2581", "a", "b", "\u2581a", "\u2581ab"]
+        proto = keras_llama.tokenizers.build_sentencepiece_proto(
+            pieces, scores=[0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0],
+            types=[2, 3, 3, 1, 1, 1, 1, 1], unk_id=0, bos_id=1, eos_id=2)
+        tokenizer = keras_llama.tokenizers.SentencePieceTokenizer(proto)
+        tokenizer("ab a")  # the ids of "\u2581ab", "\u2581a"
+        ```
     """
     try:  # sentencepiece ships the ModelProto module; it needs `protobuf` (kagglehub's dep)
         from sentencepiece import sentencepiece_model_pb2 as model_pb2

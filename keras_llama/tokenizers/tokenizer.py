@@ -50,8 +50,10 @@ class ChatPrompt(str):
     String operations return plain ``str``; wrap the result again to keep the marking.
 
     Example:
-    >>> tokenizer("Hi</s>")              # SentencePiece: "<", "/", "s", ">" pieces
-    >>> tokenizer(ChatPrompt("Hi</s>"))  # [..."Hi", 2]
+        ```python
+        tokenizer("Hi</s>")              # SentencePiece: "<", "/", "s", ">" pieces
+        tokenizer(ChatPrompt("Hi</s>"))  # [..."Hi", 2]
+        ```
     """
 
     __slots__ = ()
@@ -66,12 +68,12 @@ class Tokenizer:
     KerasHub's choice for Llama.
 
     Example:
-    ```python
-    tokenizer = keras_llama.models.LlamaTokenizer.from_preset("llama2_7b_en")
-    ids = tokenizer("The quick brown fox.")        # int32 array
-    tokenizer.detokenize(ids)                      # "The quick brown fox."
-    tokenizer(["a", "b c"])                        # list of int32 arrays
-    ```
+        ```python
+        tokenizer = keras_llama.models.Tokenizer.from_preset("smollm2_135m_instruct")
+        ids = tokenizer("The quick brown fox.")        # int32 array
+        tokenizer.detokenize(ids)                      # "The quick brown fox."
+        tokenizer(["a", "b c"])                        # list of int32 arrays
+        ```
     """
 
     backbone_cls = None
@@ -232,7 +234,21 @@ class Tokenizer:
         """Write the files transformers' ``AutoTokenizer.from_pretrained(path)`` reads
         (SentencePiece: ``tokenizer.model``; byte-level BPE: ``tokenizer.json``; both with
         ``tokenizer_config.json``, the special tokens and the chat template). Atomic; see
-        `keras_llama.export.transformers`."""
+        `keras_llama.export.transformers`.
+
+        Args:
+            path: the folder to write.
+            overwrite: replace this export's files in an existing, non-empty folder.
+
+        Raises:
+            ValueError: when ``path`` exists and ``overwrite`` is False.
+
+        Example:
+            ```python
+            tokenizer.export_to_transformers("./hf_tokenizer")
+            # transformers.AutoTokenizer.from_pretrained("./hf_tokenizer")
+            ```
+        """
         # Exporters sit above tokenizers: reached through the registry (`models` fills it).
         registry.tokenizer_preset_function("export_tokenizer")(self, path, overwrite)
 

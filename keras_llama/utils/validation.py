@@ -17,8 +17,9 @@ def check_positive_int(name, value, where=None):
     names the file or object the value came from.
 
     Example:
-    >>> check_positive_int("num_layers", 0)
-    ValueError: `num_layers` must be a positive integer. Received: num_layers=0
+        ```python
+        check_positive_int("num_layers", 0)  # ValueError: `num_layers` must be a positive integer. Received: num_layers=0
+        ```
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
@@ -32,8 +33,9 @@ def check_positive_number(name, value, where=None):
     would otherwise load and give NaN logits.
 
     Example:
-    >>> check_positive_number("rope_theta", float("nan"))
-    ValueError: `rope_theta` must be a positive finite number. Received: rope_theta=nan
+        ```python
+        check_positive_number("rope_theta", float("nan"))  # ValueError: `rope_theta` must be a positive finite number. Received: rope_theta=nan
+        ```
     """
     if (
         isinstance(value, bool)

@@ -45,8 +45,10 @@ class LlamaAttention(keras.layers.Layer):
         dropout: float. Dropout on the attention probabilities.
 
     Example:
-    >>> attention = LlamaAttention(num_query_heads=4, num_key_value_heads=2)
-    >>> y = attention(keras.ops.ones((1, 5, 32)))
+        ```python
+        attention = LlamaAttention(num_query_heads=4, num_key_value_heads=2)
+        y = attention(keras.ops.ones((1, 5, 32)))
+        ```
     """
 
     def __init__(

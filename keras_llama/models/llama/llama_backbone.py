@@ -41,20 +41,26 @@ class LlamaBackbone(Backbone):
         rope_max_wavelength: int. RoPE base ("rope_theta").
         rope_position_scaling_factor: float. Linear position scaling (positions are divided by
             it), as Hugging Face's ``rope_scaling={"type": "linear"}``.
-        rope_frequency_adjustment_factor, rope_low_freq_factor, rope_high_freq_factor,
-        rope_pretraining_sequence_length: Llama 3.1 RoPE scaling; all four or none.
+        rope_frequency_adjustment_factor: float or None. Llama 3.1 RoPE scaling ("factor");
+            this and the next three are set together or not at all.
+        rope_low_freq_factor: float or None. Llama 3.1 RoPE scaling ("low_freq_factor").
+        rope_high_freq_factor: float or None. Llama 3.1 RoPE scaling ("high_freq_factor").
+        rope_pretraining_sequence_length: int or None. Llama 3.1 RoPE scaling
+            ("original_max_position_embeddings").
         layer_norm_epsilon: float. RMS norm epsilon.
         dropout: float. Dropout rate in the decoder blocks.
         dtype: dtype or `keras.DTypePolicy` of the weights and computation.
         tie_word_embeddings: bool. Whether the output projection reuses the token embedding.
 
     Example:
-    >>> backbone = LlamaBackbone(
-    ...     vocabulary_size=100, num_layers=2, num_query_heads=4, hidden_dim=32,
-    ...     intermediate_dim=64, num_key_value_heads=2)
-    >>> hidden = backbone({"token_ids": np.ones((1, 6), "int32"),
-    ...                    "padding_mask": np.ones((1, 6), "int32")})
-    >>> logits = backbone.token_embedding(hidden, reverse=True)
+        ```python
+        backbone = LlamaBackbone(
+            vocabulary_size=100, num_layers=2, num_query_heads=4, hidden_dim=32,
+            intermediate_dim=64, num_key_value_heads=2)
+        hidden = backbone({"token_ids": np.ones((1, 6), "int32"),
+                           "padding_mask": np.ones((1, 6), "int32")})
+        logits = backbone.token_embedding(hidden, reverse=True)
+        ```
     """
 
     def __init__(

@@ -27,8 +27,10 @@ class LlamaCausalLM(CausalLM):
             must be preprocessed (``{"token_ids", "padding_mask"}``) before calling the model.
 
     Example:
-    >>> causal_lm = LlamaCausalLM(backbone)
-    >>> logits = causal_lm({"token_ids": ids, "padding_mask": mask})  # [batch, seq, vocab]
+        ```python
+        causal_lm = LlamaCausalLM(backbone)
+        logits = causal_lm({"token_ids": ids, "padding_mask": mask})  # [batch, seq, vocab]
+        ```
     """
 
     backbone_cls = LlamaBackbone

@@ -17,10 +17,10 @@ class LlamaCausalLMPreprocessor(CausalLMPreprocessor):
     and ``</s>`` last; see `CausalLMPreprocessor`.
 
     Example:
-    ```python
-    preprocessor = LlamaCausalLMPreprocessor(LlamaTokenizer("tokenizer.model"), sequence_length=8)
-    x, y, sample_weight = preprocessor(["Taco tuesday", "Fish taco please!"])
-    ```
+        ```python
+        preprocessor = LlamaCausalLMPreprocessor(LlamaTokenizer("tokenizer.model"), sequence_length=8)
+        x, y, sample_weight = preprocessor(["Taco tuesday", "Fish taco please!"])
+        ```
     """
 
     backbone_cls = LlamaBackbone

@@ -36,8 +36,10 @@ class LlamaTransformerDecoder(keras.layers.Layer):
         dropout: float.
 
     Example:
-    >>> block = LlamaTransformerDecoder(intermediate_dim=64, num_query_heads=4, num_key_value_heads=2)
-    >>> y = block(keras.ops.ones((1, 5, 32)))
+        ```python
+        block = LlamaTransformerDecoder(intermediate_dim=64, num_query_heads=4, num_key_value_heads=2)
+        y = block(keras.ops.ones((1, 5, 32)))
+        ```
     """
 
     def __init__(

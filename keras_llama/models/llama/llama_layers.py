@@ -60,8 +60,10 @@ class LlamaLayerNorm(keras.layers.Layer):
         epsilon: float. Added to the mean square for numerical stability.
 
     Example:
-    >>> norm = LlamaLayerNorm(epsilon=1e-6)
-    >>> y = norm(keras.ops.ones((2, 3, 8)))
+        ```python
+        norm = LlamaLayerNorm(epsilon=1e-6)
+        y = norm(keras.ops.ones((2, 3, 8)))
+        ```
     """
 
     def __init__(self, epsilon=1e-6, **kwargs):
@@ -103,8 +105,10 @@ class LlamaRotaryEmbedding(keras.layers.Layer):
         pretraining_sequence_length: int or None. Llama 3.1 "original_max_position_embeddings".
 
     Example:
-    >>> rope = LlamaRotaryEmbedding(max_wavelength=10000)
-    >>> cos, sin = rope.cos_sin(keras.ops.arange(4)[None, :], head_dim=8)
+        ```python
+        rope = LlamaRotaryEmbedding(max_wavelength=10000)
+        cos, sin = rope.cos_sin(keras.ops.arange(4)[None, :], head_dim=8)
+        ```
     """
 
     def __init__(

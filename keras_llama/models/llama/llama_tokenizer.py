@@ -27,18 +27,19 @@ class LlamaTokenizer(SentencePieceTokenizer):
             GGUF ``llama`` vocabulary, build them with
             `keras_llama.tokenizers.build_sentencepiece_proto`). Required, as in KerasHub;
             None leaves the tokenizer empty until ``load_assets`` is called.
-        start_token, end_token: Llama's ``"<s>"`` and ``"</s>"`` by default.
+        start_token: Llama's ``"<s>"`` by default.
+        end_token: Llama's ``"</s>"`` by default.
         pad_token: None pads with id 0.
         parse_special_tokens: bool, default False. True matches special-token strings in all
             text, not only in a `ChatPrompt`.
 
     Example:
-    ```python
-    tokenizer = keras_llama.models.LlamaTokenizer("tokenizer.model")
-    tokenizer("The quick brown fox jumped.")
-    tokenizer(["The quick brown fox jumped.", "The fox slept."])
-    tokenizer.detokenize(tokenizer("The quick brown fox jumped."))
-    ```
+        ```python
+        tokenizer = keras_llama.models.LlamaTokenizer("tokenizer.model")
+        tokenizer("The quick brown fox jumped.")
+        tokenizer(["The quick brown fox jumped.", "The fox slept."])
+        tokenizer.detokenize(tokenizer("The quick brown fox jumped."))
+        ```
     """
 
     backbone_cls = LlamaBackbone

@@ -13,7 +13,9 @@ class Llama3Backbone(LlamaBackbone):
     a separate class so that presets and `from_preset` pair it with `Llama3Tokenizer`.
 
     Example:
-    >>> backbone = Llama3Backbone(
-    ...     vocabulary_size=128256, num_layers=32, num_query_heads=32, hidden_dim=4096,
-    ...     intermediate_dim=14336, num_key_value_heads=8, rope_max_wavelength=500000)
+        ```python
+        backbone = Llama3Backbone(
+            vocabulary_size=128256, num_layers=32, num_query_heads=32, hidden_dim=4096,
+            intermediate_dim=14336, num_key_value_heads=8, rope_max_wavelength=500000)
+        ```
     """

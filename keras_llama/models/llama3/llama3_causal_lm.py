@@ -16,6 +16,14 @@ class Llama3CausalLM(LlamaCausalLM):
     Args:
         backbone: a `keras_llama.models.Llama3Backbone`.
         preprocessor: a `keras_llama.models.Llama3CausalLMPreprocessor` or None.
+
+    Example:
+        ```python
+        causal_lm = keras_llama.models.Llama3CausalLM.from_preset("smollm2_135m_instruct")
+        prompt = causal_lm.preprocessor.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}])
+        causal_lm.generate(prompt, max_length=48, strip_prompt=True)
+        ```
     """
 
     backbone_cls = Llama3Backbone

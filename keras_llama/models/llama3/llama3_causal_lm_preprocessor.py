@@ -17,11 +17,11 @@ class Llama3CausalLMPreprocessor(CausalLMPreprocessor):
     ``<|begin_of_text|>`` first and ``<|end_of_text|>`` last; see `CausalLMPreprocessor`.
 
     Example:
-    ```python
-    tokenizer = Llama3Tokenizer.from_tokenizer_json("tokenizer.json")
-    preprocessor = Llama3CausalLMPreprocessor(tokenizer, sequence_length=8)
-    x, y, sample_weight = preprocessor(["Taco tuesday", "Fish taco please!"])
-    ```
+        ```python
+        tokenizer = Llama3Tokenizer.from_tokenizer_json("tokenizer.json")
+        preprocessor = Llama3CausalLMPreprocessor(tokenizer, sequence_length=8)
+        x, y, sample_weight = preprocessor(["Taco tuesday", "Fish taco please!"])
+        ```
     """
 
     backbone_cls = Llama3Backbone

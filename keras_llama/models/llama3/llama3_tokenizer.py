@@ -58,15 +58,19 @@ class Llama3Tokenizer(BytePairTokenizer):
     ```
 
     The same class serves other byte-level vocabularies with their own special tokens, e.g.
-    SmolLM2 from a GGUF file::
+    SmolLM2 from a GGUF file:
 
-        Llama3Tokenizer(
-            vocabulary=gguf_tokens, merges=gguf_merges, pretokenizer="smollm",
-            bos_token="<|im_start|>", eos_token="<|im_end|>",
-            misc_special_tokens=control_tokens, stop_tokens=["<|endoftext|>"])
+    ```python
+    Llama3Tokenizer(
+        vocabulary=gguf_tokens, merges=gguf_merges, pretokenizer="smollm",
+        bos_token="<|im_start|>", eos_token="<|im_end|>",
+        misc_special_tokens=control_tokens, stop_tokens=["<|endoftext|>"])
+    ```
 
     Args:
-        vocabulary, merges: see `BytePairTokenizer` (dict/list/path; list/path).
+        vocabulary: ``{token: id}``, a list of tokens (index = id) or a path to a
+            ``vocabulary.json`` (see `BytePairTokenizer`).
+        merges: merge rules or a path to a ``merges.txt`` (see `BytePairTokenizer`).
         bos_token: start token, ``"<|begin_of_text|>"`` (id 128000).
         eos_token: end token, ``"<|end_of_text|>"`` (id 128001).
         misc_special_tokens: other tokens matched whole in text. None: every ``<|name|>``
@@ -74,7 +78,17 @@ class Llama3Tokenizer(BytePairTokenizer):
         pad_token: None pads with id 0, as KerasHub.
         stop_tokens: tokens ending generation besides ``eos_token``. None: ``<|eot_id|>``,
             ``<|eom_id|>`` and ``<|end_of_text|>`` where present (Meta's stop tokens).
-        pretokenizer, ignore_merges: see `BytePairTokenizer` (Llama 3's regex, and True).
+        pretokenizer: see `BytePairTokenizer` (default: Llama 3's regex).
+        ignore_merges: see `BytePairTokenizer` (None: the pretokenizer's default, True for
+            Llama 3's, as tiktoken).
+
+    Example:
+        ```python
+        tokenizer = keras_llama.models.Llama3Tokenizer(
+            vocabulary="vocabulary.json", merges="merges.txt")
+        ids = tokenizer("The quick brown fox.")
+        tokenizer.detokenize(ids)   # "The quick brown fox."
+        ```
     """
 
     backbone_cls = Llama3Backbone
