@@ -29,7 +29,7 @@ class Backbone(PresetsMixin, keras.Model):
         ```python
         backbone = keras_llama.models.Backbone.from_preset("smollm2_135m_instruct")
         type(backbone).__name__  # "Llama3Backbone"
-        backbone.save_to_preset("./my_backbone")
+        backbone.num_layers       # 30
         ```
     """
 

@@ -49,7 +49,7 @@ class StagePlan:
         ```python
         decode = causal_lm.execution_plan().decode
         decode.attention   # "single_query"
-        print(decode)      # decode:\n  projections: ... (reason)\n  attention: ...
+        print(decode)      # "decode:" then one line per part, with its reason
         ```
     """
 

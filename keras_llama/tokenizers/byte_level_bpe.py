@@ -170,7 +170,7 @@ def load_tiktoken_bpe(path):
     Example:
         ```python
         with open("tiny.tiktoken", "w") as f:
-            f.write("YQ== 0\nYg== 1\nYWI= 2\n")  # "a", "b", "ab"
+            f.write("YQ== 0\\nYg== 1\\nYWI= 2\\n")  # "a", "b", "ab"
         ranks = keras_llama.tokenizers.load_tiktoken_bpe("tiny.tiktoken")
         # {b"a": 0, b"b": 1, b"ab": 2}
         ```

@@ -14,8 +14,10 @@ class Llama3Backbone(LlamaBackbone):
 
     Example:
         ```python
+        # Llama 3 8B: vocabulary_size=128256, num_layers=32, num_query_heads=32,
+        # hidden_dim=4096, intermediate_dim=14336, num_key_value_heads=8. A tiny one:
         backbone = Llama3Backbone(
-            vocabulary_size=128256, num_layers=32, num_query_heads=32, hidden_dim=4096,
-            intermediate_dim=14336, num_key_value_heads=8, rope_max_wavelength=500000)
+            vocabulary_size=128, num_layers=2, num_query_heads=4, hidden_dim=32,
+            intermediate_dim=64, num_key_value_heads=2, rope_max_wavelength=500000)
         ```
     """

@@ -18,7 +18,7 @@ class Llama3CausalLMPreprocessor(CausalLMPreprocessor):
 
     Example:
         ```python
-        tokenizer = Llama3Tokenizer.from_tokenizer_json("tokenizer.json")
+        tokenizer = Llama3Tokenizer(vocabulary="vocabulary.json", merges="merges.txt")
         preprocessor = Llama3CausalLMPreprocessor(tokenizer, sequence_length=8)
         x, y, sample_weight = preprocessor(["Taco tuesday", "Fish taco please!"])
         ```
