@@ -5,6 +5,8 @@ the code and the benchmark log, so that none of it is copied by hand:
   ``gguf``, ``meta``), rendered from the converter tables in ``keras_llama/presets/``;
 - ``<!-- gen:keras-h5-layout -->``: the datasets of a tiny backbone's ``model.weights.h5``;
 - ``<!-- gen:cli -->``: the help of ``keras-llama`` and each of its commands, from the parser;
+- ``<!-- gen:request-fields CLASS -->``: the fields of a request body of the server (a pydantic
+  model in ``keras_llama/serving/schemas.py``) with their types, defaults and bounds;
 - ``<!-- gen:results HEADING -->``: a section of ``benchmarks/RESULTS.md`` (the heading line as
   written there), its headings demoted to fit under the page's.
 """
@@ -13,14 +15,16 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-MARKER = re.compile(r"<!-- gen:(?P<kind>[\w-]+)(?: (?P<arg>.*?))? -->")
+# A marker stands alone on its line (one quoted in the text, e.g. in backticks, is left alone).
+MARKER = re.compile(r"^<!-- gen:(?P<kind>[\w-]+)(?: (?P<arg>.*?))? -->$", re.M)
 
 # A symbolic config whose dimensions are all distinct, so that each number in a shape names one
 # dimension (hidden = query heads x head_dim, as in every Llama).
-_DIMS = {"V": 101, "m": 42, "u": 6, "v": 3, "h": 7, "f": 100}
+_DIMS = {"V": 101, "m": 60, "u": 6, "v": 3, "h": 10, "f": 100}
 _SYMBOLIC_CONFIG = {
     "vocabulary_size": _DIMS["V"],
     "hidden_dim": _DIMS["m"],
@@ -45,6 +49,8 @@ def _generate(kind, arg, where):
         return cli_reference()
     if kind == "results":
         return results_section(arg)
+    if kind == "request-fields":
+        return request_fields(arg)
     raise ValueError(f"{where}: unknown generated-content marker. Received: gen:{kind}")
 
 
@@ -128,7 +134,9 @@ def keras_h5_layout():
     found = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.weights.h5")
-        backbone.save_weights(path)
+        with warnings.catch_warnings():  # Keras's saving calls np.array(jax_array, copy=False)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            backbone.save_weights(path)
         with h5py.File(path) as f:
             f.visititems(
                 lambda n, o: found.append((n, o.shape)) if isinstance(o, h5py.Dataset) else None
@@ -198,3 +206,27 @@ def results_section(heading, demote_to=3):
             line = "#" * (len(m[1]) - level - 1 + demote_to) + line[len(m[1]) :]
         body.append(line)
     return "\n".join(body).strip() + "\n"
+
+
+def request_fields(class_name):
+    """A table of a request model's fields: name, type, default, bounds."""
+    import typing
+
+    from keras_llama.serving import schemas
+
+    model = getattr(schemas, class_name)
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = typing.get_type_hints(model)[name]
+        kind = re.sub(r"\btyping\.|\bkeras_llama\.serving\.schemas\.", "", str(annotation))
+        kind = kind.replace("<class '", "").replace("'>", "")
+        default = "required" if field.is_required() else f"`{field.default!r}`"
+        bounds = ", ".join(
+            f"{op} {getattr(m, key)}"
+            for m in field.metadata
+            for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
+                            ("min_length", "length >="))  # fmt: skip
+            if getattr(m, key, None) is not None
+        )
+        rows.append((f"`{name}`", f"`{kind}`", default, bounds))
+    return _table(("field", "type", "default", "bounds"), rows)

@@ -295,12 +295,15 @@ class LlamaBackbone(Backbone):
         ``keras.distribution.ModelParallel(layout_map=..., batch_dim_name=data_parallel_dim_name)``;
         the batch is split over ``data_parallel_dim_name``.
 
-        Example (8 devices: 2-way data parallel x 4-way model parallel):
-        >>> mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"],
-        ...                                      devices=keras.distribution.list_devices())
-        >>> layout_map = LlamaBackbone.get_layout_map(mesh)
-        >>> keras.distribution.set_distribution(
-        ...     keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+        Example:
+            ```python
+            # 8 devices: 2-way data parallel x 4-way model parallel.
+            mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"],
+                                                 devices=keras.distribution.list_devices())
+            layout_map = LlamaBackbone.get_layout_map(mesh)
+            keras.distribution.set_distribution(
+                keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+            ```
         """
         if not isinstance(device_mesh, keras.distribution.DeviceMesh):
             raise ValueError(
