@@ -1,0 +1,91 @@
+"""The built site in headless Chromium (Debian's chromium and chromium-driver, through
+selenium), served over HTTP from 127.0.0.1 (search needs it): the home page renders, and the
+search finds `generate` and `from_preset` on the pages that document them. Screenshots of the
+home page and an API page are saved in the test's temporary folder."""
+
+import functools
+import http.server
+import shutil
+import threading
+
+import pytest
+
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def site_url(built_site):
+    returncode, output, site = built_site
+    assert returncode == 0, output[-3000:]
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMEDRIVER and CHROMIUM):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def search(browser, site_url, query):
+    """The result links (href, text) the search box lists for ``query``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(site_url + "/")
+    box = WebDriverWait(browser, 20).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input"))
+    )
+    box.click()
+    box.send_keys(query)
+    items = WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, ".md-search-result__item a") or None
+    )
+    return [(a.get_attribute("href"), a.text) for a in items]
+
+
+def test_home_page_renders(browser, site_url, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(site_url + "/")
+    assert "keras-llama" in browser.title
+    assert browser.find_element(By.CSS_SELECTOR, "article h1").text == "keras-llama"
+    browser.save_screenshot(str(tmp_path / "home.png"))
+    browser.get(site_url + "/api/models/")
+    heading = browser.find_element(By.ID, "keras_llama.models.LlamaCausalLM")
+    assert "LlamaCausalLM" in heading.text
+    browser.save_screenshot(str(tmp_path / "api_models.png"))
+    assert (tmp_path / "home.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("query,expected_page",
+                         [("generate", "guides/generation/"), ("from_preset", "api/models/")])  # fmt: skip
+def test_search_finds(browser, site_url, query, expected_page):
+    results = search(browser, site_url, query)
+    hrefs = [href for href, _ in results]
+    assert any(expected_page in href for href in hrefs), results
+    assert any(query in text for _, text in results), results
