@@ -224,8 +224,13 @@ def request_fields(class_name):
         bounds = ", ".join(
             f"{op} {getattr(m, key)}"
             for m in field.metadata
-            for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
-                            ("min_length", "length >="))  # fmt: skip
+            for key, op in (
+                ("ge", ">="),
+                ("gt", ">"),
+                ("le", "<="),
+                ("lt", "<"),
+                ("min_length", "length >="),
+            )  # fmt: skip
             if getattr(m, key, None) is not None
         )
         rows.append((f"`{name}`", f"`{kind}`", default, bounds))

@@ -29,7 +29,6 @@ class CausalLM(Task):
         causal_lm = keras_llama.models.CausalLM.from_preset("smollm2_135m_instruct")
         causal_lm.compile(sampler="greedy")
         causal_lm.generate("The capital of France is", max_length=16)
-        causal_lm.perplexity(["The capital of France is Paris."])
         ```
     """
 

@@ -226,15 +226,16 @@ class CausalLMPreprocessor(Preprocessor):
         ``add_start_token`` (see `keras_llama.export.transformers`).
 
         Args:
-            path: the folder to write.
-            overwrite: replace this export's files in an existing, non-empty folder.
+            path: the folder for the tokenizer files (other files in it are kept).
+            overwrite: allow a folder that already holds files.
 
         Raises:
-            ValueError: when ``path`` exists and ``overwrite`` is False.
+            ValueError: for an existing, non-empty ``path`` without ``overwrite``.
 
         Example:
             ```python
             preprocessor.export_to_transformers("./hf_tokenizer")
+            # AutoTokenizer.from_pretrained("./hf_tokenizer") prepends BOS as this does
             ```
         """
         from keras_llama.export import transformers  # export imports models: lazily

@@ -17,7 +17,9 @@ def pages():
     """Every Markdown page under ``docs/``, relative to it, sorted."""
     found = []
     for folder, _, files in os.walk(DOCS):
-        found += [os.path.relpath(os.path.join(folder, f), DOCS) for f in files if f.endswith(".md")]
+        found += [
+            os.path.relpath(os.path.join(folder, f), DOCS) for f in files if f.endswith(".md")
+        ]
     return sorted(found)
 
 

@@ -59,4 +59,3 @@ def test_the_check_catches_a_docstring_without_example(package):
                  "Summary.\n\nExample:\n    Call it with a value.\n"):  # fmt: skip
         function = griffe.Function("f", docstring=griffe.Docstring(text, parser="google"))
         assert missing_examples(function) is not None
-
