@@ -331,11 +331,10 @@ COMMANDS = {
 
 
 def build_parser():
-    """The ``argparse`` parser of ``keras-llama`` and its commands (what the
-    [CLI reference](../cli.md) prints).
+    """The ``argparse`` parser of ``keras-llama`` (the [CLI reference](../cli.md) prints it).
 
     Returns:
-        argparse.ArgumentParser: the parser; ``main`` runs the command it parses.
+        argparse.ArgumentParser: the parser of every command; ``main`` runs what it parses.
 
     Example:
         ```python
@@ -443,8 +442,7 @@ def main(argv=None, out=None, inp=None):
         ```python
         import io
         from keras_llama import cli
-        out = io.StringIO()
-        cli.main(["presets"], out=out)   # 0; out.getvalue() lists the built-in presets
+        cli.main(["presets"], out=io.StringIO())   # 0; the output lists the built-in presets
         ```
     """
     parser = build_parser()
