@@ -155,7 +155,7 @@ def cli_reference():
     from keras_llama.cli import build_parser
 
     parser = build_parser()
-    with _columns(100):
+    with _columns(84):  # fits the page's code box
         sections = ["## keras-llama\n", "```text\n" + parser.format_help() + "```\n"]
         for name, command in _subcommands(parser).items():
             sections += [f"## keras-llama {name}\n", "```text\n" + command.format_help() + "```\n"]
