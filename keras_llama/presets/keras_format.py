@@ -31,7 +31,7 @@ import time as _time
 from typing import Optional
 
 from keras_llama.presets.handles import load_json, require_file, safe_join
-from keras_llama.utils.files import link_or_copy, swap_into_place
+from keras_llama.utils.files import default_mode, link_or_copy, swap_into_place
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -275,9 +275,7 @@ def _folder_mode(target):
     """An existing preset folder's mode, else what ``mkdir`` gives under the current umask."""
     if os.path.isdir(target):
         return stat.S_IMODE(os.stat(target).st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
+    return default_mode(0o777)
 
 
 def _looks_like_preset(folder):
