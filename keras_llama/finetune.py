@@ -116,9 +116,11 @@ def to_arrays(preprocessor, examples):
 
 
 def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, batch_size=4,
-             max_length=512, validation_data=None, keep_adapter=False, overwrite=False):  # fmt: skip
+             max_length=512, validation_data=None, keep_adapter=False, overwrite=False,
+             callbacks=None):  # fmt: skip
     """Fine-tune ``preset`` with LoRA on the JSON-lines file ``data``; write a preset to
-    ``output``. Returns ``(causal_lm, history)`` (the model saved, and ``fit()``'s history)."""
+    ``output``. ``callbacks`` go to ``fit()``. Returns ``(causal_lm, history)`` (the model
+    saved, and ``fit()``'s history)."""
     import keras
 
     from keras_llama.export.atomic import check_target
@@ -140,7 +142,8 @@ def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, ba
     causal_lm.backbone.enable_lora(lora_rank)
     causal_lm.compile(optimizer=keras.optimizers.Adam(learning_rate))
     history = causal_lm.fit(x, y, sample_weight=weight, batch_size=batch_size, epochs=epochs,
-                            validation_data=validation, shuffle=True)  # fmt: skip
+                            validation_data=validation, shuffle=True,
+                            callbacks=callbacks)  # fmt: skip
     if keep_adapter:
         base = lora_free_copy(causal_lm, merge_lora=False)
         base.save_to_preset(output)
