@@ -56,7 +56,9 @@ class Terminal:
                 try:
                     self.seen += os.read(self.master, 65536)
                 except OSError:  # the child closed the terminal
-                    raise AssertionError(f"{pattern!r} not seen; the process ended: {self.seen!r}")
+                    raise AssertionError(
+                        f"{pattern!r} not seen; the process ended: {self.seen!r}"
+                    ) from None
 
     def type(self, keys):
         os.write(self.master, keys)
