@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -151,6 +152,29 @@ def _weights_path(folder):
             )
         require_file(folder, file, f"weight shard (listed in {SHARDED_WEIGHTS_FILE})")
     return index
+
+
+def stored_layer_count(weights_path, layer_name):
+    """How many layers named ``layer_name`` (Keras's names in the weights file:
+    ``llama_transformer_decoder``, ``..._1``, ...) the weights file or shard index holds,
+    read from its names only (no tensor is read); None when the file cannot be read (the
+    weights loader then reports it).
+    """
+    pattern = re.compile(rf"^{re.escape(layer_name)}(_\d+)?$")
+    if weights_path.endswith(".json"):
+        folder, name = os.path.split(weights_path)
+        keys = _load_json(folder, name)["weight_map"]
+        names = {k.strip("/").split("/")[1] for k in keys if k.strip("/").startswith("layers/")}
+    else:
+        import h5py
+
+        try:
+            with h5py.File(weights_path, "r") as f:
+                layers = f.get("layers")
+                names = set(layers.keys()) if isinstance(layers, h5py.Group) else set()
+        except OSError:
+            return None
+    return sum(1 for name in names if pattern.match(name))
 
 
 def _load_json(folder, name, missing_ok=False):
