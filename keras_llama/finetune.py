@@ -12,8 +12,9 @@ content or with an unknown role, a record of no known kind, stops with an error 
 and the line, and nothing is written. The masks come from the preprocessor
 (`CausalLMPreprocessor` with ``{"prompts", "responses"}`` or a message list), training is the
 model's own ``fit()`` (its progress bar shows the loss), and the output is a preset folder with
-the adapters merged into the weights (or, with ``keep_adapter``, the base weights plus
-``adapter.lora.h5`` for ``backbone.load_lora_weights``).
+the adapters merged into the weights (or, with ``keep_adapter``, the base weights plus the
+adapters in ``adapter.lora.h5``, KerasHub's adapter layout, which ``from_preset`` loads onto the
+backbone with the weights).
 """
 
 import json
@@ -21,8 +22,9 @@ import os
 
 import numpy as np
 
+from keras_llama.presets.keras_format import ADAPTER_FILE
+
 ROLES = ("system", "user", "assistant", "tool")
-ADAPTER_FILE = "adapter.lora.h5"
 
 
 def read_examples(path):

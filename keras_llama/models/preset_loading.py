@@ -57,6 +57,9 @@ def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
         _weights.assign_weights(backbone, named_arrays, source=f"checkpoint {src.source!r}")
     else:
         _load_keras_weights(backbone, src)
+        adapter = os.path.join(src.path, keras_format.ADAPTER_FILE)
+        if os.path.isfile(adapter):
+            backbone.load_lora_weights(adapter)
     return backbone
 
 

@@ -41,6 +41,9 @@ PREPROCESSOR_FILE = "preprocessor.json"
 TASK_FILE = "task.json"
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
+# LoRA adapters kept beside the base weights (`keras-llama finetune --keep-adapter`); loaded
+# onto the backbone with the weights. Not part of KerasHub's layout (KerasHub ignores it).
+ADAPTER_FILE = "adapter.lora.h5"
 TOKENIZER_ASSETS_DIR = os.path.join("assets", "tokenizer")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Settings of ours that KerasHub's configs cannot hold (a tokenizer's special tokens, ...) are
