@@ -19,6 +19,7 @@ backbone with the weights).
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -149,7 +150,11 @@ def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, ba
     if keep_adapter:
         base = lora_free_copy(causal_lm, merge_lora=False)
         base.save_to_preset(output)
-        causal_lm.backbone.save_lora_weights(os.path.join(output, ADAPTER_FILE))
+        try:
+            causal_lm.backbone.save_lora_weights(os.path.join(output, ADAPTER_FILE))
+        except BaseException:  # a folder without its adapters would load as the base model
+            shutil.rmtree(output, ignore_errors=True)
+            raise
         return causal_lm, history
     merged = lora_free_copy(causal_lm)
     merged.save_to_preset(output)
