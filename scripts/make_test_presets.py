@@ -25,7 +25,9 @@ With ``--check-ours DIR`` it checks the other direction (keras-llama must be imp
 e.g. run from the repository root): keras-llama loads each preset above (and builds a tied-
 embedding model), saves it with ``save_to_preset`` into ``DIR/<name>``, and KerasHub's own
 ``keras_hub.models.CausalLM.from_preset(DIR/<name>)`` must give keras-llama's logits, token ids
-and greedy generation. One JSON line per preset; exits non-zero on a difference.
+and greedy generation; then LoRA adapters saved by keras-llama (``save_lora_weights``) must give
+KerasHub's ``load_lora_weights`` our logits. One JSON line per check; exits non-zero on a
+difference.
 
     KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" scripts/make_test_presets.py --check-ours /tmp/ours
 """
@@ -235,6 +237,22 @@ def check_ours(out_dir):
         print(json.dumps(result))
         if diff > 1e-5 or not tokens_equal or ours_text != theirs_text:
             failures.append(name)
+    # LoRA adapters saved by keras-llama load into KerasHub's model.
+    our_lm = cases["llama"]
+    our_lm.backbone.enable_lora(2)
+    rng = np.random.default_rng(4)
+    for v in our_lm.backbone.weights:
+        if "lora_kernel" in v.path:
+            v.assign((0.3 * rng.standard_normal(tuple(v.shape))).astype("float32"))
+    path = os.path.join(out_dir, "ours.lora.h5")
+    our_lm.backbone.save_lora_weights(path)
+    their_lm = keras_hub.models.CausalLM.from_preset(os.path.join(OUT, "llama"))
+    their_lm.backbone.load_lora_weights(path)
+    mask = PADDING_MASK.astype(bool)
+    diff = float(np.abs(logits(their_lm) - logits(our_lm))[mask].max())
+    print(json.dumps({"lora_file": "ours.lora.h5", "max_abs_logit_diff": diff}))
+    if diff > 1e-5:
+        failures.append("lora")
     if failures:
         raise SystemExit(f"KerasHub disagrees with keras-llama on: {failures}")
 
