@@ -4,10 +4,13 @@ and against llama.cpp's ``llama-server`` when ``--llama-server PATH`` is given (
 C concurrent clients send N chat-free completion requests (prompt of ``--prompt-tokens`` tokens,
 ``--output-tokens`` generated with ``ignore_eos``, temperature 0, streamed). Prints one JSON line
 per server: output tokens/s, requests/s, time to first token p50/p99 and inter-token latency
-p50/p99 (vLLM's definitions: ITL = gaps between streamed tokens), and the idle server's RSS.
+p50/p99 (vLLM's definitions: ITL = gaps between streamed tokens), the idle server's RSS, and
+``sequential_s`` / ``concurrent_s``: the first C requests sent one after another, then all C at
+once (``concurrency_speedup`` = their ratio). With both servers, a last line holds the ratios
+keras-llama / llama-server, measured in the same run.
 
     python benchmarks/serve.py --clients 8 --requests 16
-    python benchmarks/serve.py --clients 1 --requests 8        # the same 8, one after another
+    python benchmarks/serve.py --llama-server PATH/llama-server   # the same load on both
 """
 
 import argparse
@@ -60,6 +63,19 @@ def run_load(url, model, prompts, clients, output_tokens):
     }
 
 
+def measure(url, model, prompts, args, rss_pid=None):
+    """Warm-up, idle RSS, the load, then the first C requests sequentially and concurrently."""
+    run_load(url, model, prompts[:2], min(2, args.clients), 8)  # warm-up (compilation)
+    idle = rss_mb(rss_pid)
+    result = run_load(url, model, prompts, args.clients, args.output_tokens)
+    same = prompts[: args.clients]
+    sequential = run_load(url, model, same, 1, args.output_tokens)["seconds"]
+    concurrent = run_load(url, model, same, args.clients, args.output_tokens)["seconds"]
+    return {"idle_rss_mb": idle, **result, "sequential_s": sequential,
+            "concurrent_s": concurrent,
+            "concurrency_speedup": round(sequential / concurrent, 2)}  # fmt: skip
+
+
 def rss_mb(pid=None):
     with open(f"/proc/{pid or 'self'}/status") as f:
         for line in f:
@@ -97,6 +113,8 @@ def main():
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--llama-server", default=None, help="path of a llama-server binary")
+    parser.add_argument("--llama-server-args", default="",
+                        help="extra llama-server arguments, e.g. '--no-repack'")  # fmt: skip
     args = parser.parse_args()
 
     from keras_llama.models import CausalLM
@@ -111,10 +129,8 @@ def main():
     app = create_app(causal_lm, model_name="bench", max_batch_size=args.max_batch_size,
                      max_model_len=args.prompt_tokens + args.output_tokens + 16)  # fmt: skip
     with serve(app, timeout=900) as url:
-        run_load(url, "bench", prompts[:2], min(2, args.clients), 8)  # warm-up (compilation)
-        idle = rss_mb()
-        result = run_load(url, "bench", prompts, args.clients, args.output_tokens)
-    print(json.dumps({"server": "keras-llama", "idle_rss_mb": idle, **result}))
+        ours = measure(url, "bench", prompts, args)
+    print(json.dumps({"server": "keras-llama", **ours}), flush=True)
 
     if args.llama_server:
         from keras_llama.models.llama3.llama3_presets import backbone_presets
@@ -124,18 +140,20 @@ def main():
         port = free_port()
         proc = subprocess.Popen([args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port",
                                  str(port), "-np", str(args.max_batch_size), "-t", "2", "-c",
-                                 str(args.max_batch_size * (args.prompt_tokens + args.output_tokens + 16))],
+                                 str(args.max_batch_size * (args.prompt_tokens + args.output_tokens + 16)),
+                                 *args.llama_server_args.split()],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url)
-            run_load(url, "bench", prompts[:2], 2, 8)
-            idle = rss_mb(proc.pid)
-            result = run_load(url, "bench", prompts, args.clients, args.output_tokens)
-            print(json.dumps({"server": "llama-server", "idle_rss_mb": idle, **result}))
+            theirs = measure(url, "bench", prompts, args, rss_pid=proc.pid)
+            print(json.dumps({"server": "llama-server", **theirs}), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        keys = ("output_tok_s", "ttft_p50_s", "itl_p50_ms", "idle_rss_mb", "concurrency_speedup")
+        print(json.dumps({"ratio": "keras-llama / llama-server",
+                          **{k: round(ours[k] / theirs[k], 3) for k in keys if theirs[k]}}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,17 +12,20 @@ content or with an unknown role, a record of no known kind, stops with an error 
 and the line, and nothing is written. The masks come from the preprocessor
 (`CausalLMPreprocessor` with ``{"prompts", "responses"}`` or a message list), training is the
 model's own ``fit()`` (its progress bar shows the loss), and the output is a preset folder with
-the adapters merged into the weights (or, with ``keep_adapter``, the base weights plus
-``adapter.lora.h5`` for ``backbone.load_lora_weights``).
+the adapters merged into the weights (or, with ``keep_adapter``, the base weights plus the
+adapters in ``adapter.lora.h5``, KerasHub's adapter layout, which ``from_preset`` loads onto the
+backbone with the weights).
 """
 
 import json
 import os
+import shutil
 
 import numpy as np
 
+from keras_llama.presets.keras_format import ADAPTER_FILE
+
 ROLES = ("system", "user", "assistant", "tool")
-ADAPTER_FILE = "adapter.lora.h5"
 
 
 def read_examples(path):
@@ -116,9 +119,11 @@ def to_arrays(preprocessor, examples):
 
 
 def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, batch_size=4,
-             max_length=512, validation_data=None, keep_adapter=False, overwrite=False):  # fmt: skip
+             max_length=512, validation_data=None, keep_adapter=False, overwrite=False,
+             callbacks=None):  # fmt: skip
     """Fine-tune ``preset`` with LoRA on the JSON-lines file ``data``; write a preset to
-    ``output``. Returns ``(causal_lm, history)`` (the model saved, and ``fit()``'s history)."""
+    ``output``. ``callbacks`` go to ``fit()``. Returns ``(causal_lm, history)`` (the model
+    saved, and ``fit()``'s history)."""
     import keras
 
     from keras_llama.export.atomic import check_target
@@ -140,11 +145,16 @@ def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, ba
     causal_lm.backbone.enable_lora(lora_rank)
     causal_lm.compile(optimizer=keras.optimizers.Adam(learning_rate))
     history = causal_lm.fit(x, y, sample_weight=weight, batch_size=batch_size, epochs=epochs,
-                            validation_data=validation, shuffle=True)  # fmt: skip
+                            validation_data=validation, shuffle=True,
+                            callbacks=callbacks)  # fmt: skip
     if keep_adapter:
         base = lora_free_copy(causal_lm, merge_lora=False)
         base.save_to_preset(output)
-        causal_lm.backbone.save_lora_weights(os.path.join(output, ADAPTER_FILE))
+        try:
+            causal_lm.backbone.save_lora_weights(os.path.join(output, ADAPTER_FILE))
+        except BaseException:  # a folder without its adapters would load as the base model
+            shutil.rmtree(output, ignore_errors=True)
+            raise
         return causal_lm, history
     merged = lora_free_copy(causal_lm)
     merged.save_to_preset(output)

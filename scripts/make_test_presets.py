@@ -10,15 +10,24 @@ Writes under ``tests/data/keras_hub/``:
     llama/          LlamaCausalLM (SentencePiece tokenizer), one ``model.weights.h5``
     llama3/         Llama3CausalLM (byte-level BPE), Llama 3.1 RoPE scaling, sharded weights (``model.weights.json`` + ``model_0000N.weights.h5``)
     llama_int8/     the ``llama`` model after ``quantize("int8")``
+    llama_adapter.lora.h5
+                    LoRA adapters (rank 2, KerasHub's default targets, random factors) on
+                    ``llama``, written by KerasHub's ``backbone.save_lora_weights``
     expected.npz    KerasHub's logits on fixed token ids for each preset (``{name}_logits``,
                     with ``token_ids`` / ``padding_mask``), and KerasHub's tokenizer output on
-                    ``TEXTS`` (``{name}_tokens_{i}``)
+                    ``TEXTS`` (``{name}_tokens_{i}``), and its logits with the adapters loaded
+                    (``llama_lora_logits``)
+
+``--lora-only`` writes just the adapter file and its entry in ``expected.npz`` (the presets
+are left as they are).
 
 With ``--check-ours DIR`` it checks the other direction (keras-llama must be importable too,
 e.g. run from the repository root): keras-llama loads each preset above (and builds a tied-
 embedding model), saves it with ``save_to_preset`` into ``DIR/<name>``, and KerasHub's own
 ``keras_hub.models.CausalLM.from_preset(DIR/<name>)`` must give keras-llama's logits, token ids
-and greedy generation. One JSON line per preset; exits non-zero on a difference.
+and greedy generation; then LoRA adapters saved by keras-llama (``save_lora_weights``) must give
+KerasHub's ``load_lora_weights`` our logits. One JSON line per check; exits non-zero on a
+difference.
 
     KERAS_BACKEND=jax "$KERAS_HUB_PYTHON" scripts/make_test_presets.py --check-ours /tmp/ours
 """
@@ -158,6 +167,7 @@ def main():
     # max_shard_size is in GB: ~20 kB shards give several files for this tiny model.
     save("llama3", llama3, expected, max_shard_size=2e-5)
 
+    lora_adapters(expected)
     np.savez(os.path.join(OUT, "expected.npz"), **expected)
     with open(os.path.join(OUT, "README.md"), "w") as f:
         f.write(
@@ -166,6 +176,22 @@ def main():
             "`scripts/make_test_presets.py`; `expected.npz` holds KerasHub's outputs on them.\n"
         )
     print(json.dumps({k: list(v.shape) for k, v in expected.items()}), file=sys.stderr)
+
+
+def lora_adapters(expected):
+    """KerasHub's own LoRA file on the ``llama`` preset, and its logits with the adapters."""
+    causal_lm = keras_hub.models.CausalLM.from_preset(os.path.join(OUT, "llama"))
+    causal_lm.backbone.enable_lora(2)
+    rng = np.random.default_rng(3)
+    for v in causal_lm.backbone.weights:
+        if "lora_kernel" in v.path:  # B starts at zero: give both factors values
+            v.assign((0.3 * rng.standard_normal(tuple(v.shape))).astype("float32"))
+    path = os.path.join(OUT, "llama_adapter.lora.h5")
+    causal_lm.backbone.save_lora_weights(path)
+    expected["llama_lora_logits"] = logits(causal_lm)
+    reloaded = keras_hub.models.CausalLM.from_preset(os.path.join(OUT, "llama"))
+    reloaded.backbone.load_lora_weights(path)
+    np.testing.assert_allclose(logits(reloaded), expected["llama_lora_logits"], atol=1e-6)
 
 
 def check_ours(out_dir):
@@ -211,6 +237,22 @@ def check_ours(out_dir):
         print(json.dumps(result))
         if diff > 1e-5 or not tokens_equal or ours_text != theirs_text:
             failures.append(name)
+    # LoRA adapters saved by keras-llama load into KerasHub's model.
+    our_lm = cases["llama"]
+    our_lm.backbone.enable_lora(2)
+    rng = np.random.default_rng(4)
+    for v in our_lm.backbone.weights:
+        if "lora_kernel" in v.path:
+            v.assign((0.3 * rng.standard_normal(tuple(v.shape))).astype("float32"))
+    path = os.path.join(out_dir, "ours.lora.h5")
+    our_lm.backbone.save_lora_weights(path)
+    their_lm = keras_hub.models.CausalLM.from_preset(os.path.join(OUT, "llama"))
+    their_lm.backbone.load_lora_weights(path)
+    mask = PADDING_MASK.astype(bool)
+    diff = float(np.abs(logits(their_lm) - logits(our_lm))[mask].max())
+    print(json.dumps({"lora_file": "ours.lora.h5", "max_abs_logit_diff": diff}))
+    if diff > 1e-5:
+        failures.append("lora")
     if failures:
         raise SystemExit(f"KerasHub disagrees with keras-llama on: {failures}")
 
@@ -218,5 +260,10 @@ def check_ours(out_dir):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--check-ours"]:
         check_ours(sys.argv[2])
+    elif sys.argv[1:2] == ["--lora-only"]:
+        path = os.path.join(OUT, "expected.npz")
+        expected = dict(np.load(path))
+        lora_adapters(expected)
+        np.savez(path, **expected)
     else:
         main()

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from keras_llama.utils.files import link_or_copy, swap_into_place
+from keras_llama.utils.files import default_mode, link_or_copy, staged_file, swap_into_place
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -46,6 +46,7 @@ def atomic_folder(path, overwrite=False, replaces=("*",)):
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
+    os.chmod(staging, default_mode(0o777))
     try:
         if os.path.isdir(target):
             for entry in os.listdir(target):
@@ -63,16 +64,6 @@ def atomic_folder(path, overwrite=False, replaces=("*",)):
 def atomic_file(path, overwrite=False):
     """Yield a temporary file path beside ``path``; it becomes ``path`` when the block
     succeeds and is removed when it fails."""
-    target = os.path.abspath(os.fspath(path))
-    check_target(target, overwrite, folder=False)
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{name}.export-", dir=parent)
-    os.close(fd)
-    try:
+    check_target(os.path.abspath(os.fspath(path)), overwrite, folder=False)
+    with staged_file(path) as staging:
         yield staging
-        os.replace(staging, target)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise

@@ -1,11 +1,11 @@
 """Backbone base class: a functional Keras model holding a model's core architecture."""
 
 import functools
-import os
 
 import keras
 
 from keras_llama import quantization
+from keras_llama.models import lora_files
 from keras_llama.models.preset_loading import load_backbone
 from keras_llama.models.preset_saving import save_backbone
 from keras_llama.models.presets_mixin import PresetsMixin
@@ -47,7 +47,7 @@ class Backbone(PresetsMixin, keras.Model):
         # lacks "int8_weight_only"; our `quantize` validates the mode itself.
         self.__dict__.pop("quantize", None)
         # Layers rebuilt from a quantized config get back what their dtype policy implies.
-        for layer in self._flatten_layers(include_self=False):
+        for layer in keras_compat.sublayers(self):
             # A layer built from a `DTypePolicyMap` (int8 presets) keeps the whole map as its
             # policy, and parts of Keras read `layer.dtype_policy.quantization_mode` directly
             # (None on a map: saving an int8 ReversibleEmbedding then fails). Give each layer
@@ -178,7 +178,7 @@ class Backbone(PresetsMixin, keras.Model):
         with keras_compat.one_garbage_collection():
             keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
         if mode == "int8_weight_only":
-            for layer in self._flatten_layers(include_self=False):
+            for layer in keras_compat.sublayers(self):
                 if getattr(layer, "_is_quantized", False):
                     quantization.mark_weight_only(layer)
 
@@ -211,7 +211,7 @@ class Backbone(PresetsMixin, keras.Model):
         if isinstance(target_layer_names, str):
             target_layer_names = [target_layer_names]
         target_layer_names = list(target_layer_names)
-        all_layers = list(self._flatten_layers(include_self=False))
+        all_layers = list(keras_compat.sublayers(self))
         targets = [
             layer
             for layer in all_layers
@@ -232,8 +232,11 @@ class Backbone(PresetsMixin, keras.Model):
                 f"supporting LoRA has that name. Layers that do: {candidates}. "
                 f"Received: target_layer_names={target_layer_names}"
             )
+        self._enable_lora_on(rank, targets)
+
+    def _enable_lora_on(self, rank, targets):
         self.trainable = True
-        for layer in all_layers:
+        for layer in keras_compat.sublayers(self):
             layer.trainable = False
         for layer in targets:
             layer.trainable = True
@@ -242,82 +245,73 @@ class Backbone(PresetsMixin, keras.Model):
         self._lora_layer_paths = [layer.path for layer in targets]
 
     def save_lora_weights(self, filepath):
-        """Write the LoRA adapters (and their rank) to ``filepath``, which must end in
-        ``.lora.h5``; adapters are keyed by layer path. Written to a temporary file first, so a
-        failed save leaves an existing file intact."""
-        import h5py
+        """Write the LoRA adapters and their rank to ``filepath`` in KerasHub's file layout.
 
+        KerasHub's `load_lora_weights` reads the file, and ours reads KerasHub's (see
+        `keras_llama.models.lora_files`). Written to a temporary file first, so a failed save
+        leaves an existing file intact.
+
+        Args:
+            filepath: a path ending in ``.lora.h5``.
+
+        Raises:
+            ValueError: LoRA is not enabled, or the name does not end in ``.lora.h5``.
+
+        Example:
+        ```python
+        causal_lm.backbone.enable_lora(rank=4)
+        causal_lm.fit(data, epochs=1)
+        causal_lm.backbone.save_lora_weights("adapter.lora.h5")
+        ```
+        """
         paths = getattr(self, "_lora_layer_paths", None)
         if not paths:
             raise ValueError("There are no LoRA weights to save: call `enable_lora(rank)` first.")
-        filepath = os.fspath(filepath)
-        if not filepath.endswith(".lora.h5"):
-            raise ValueError(
-                f"LoRA weights must be saved to a file ending in `.lora.h5`. "
-                f"Received: filepath={filepath}"
-            )
-        layers = self._layers_by_path()
-        tmp = filepath + ".tmp"
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["rank"] = self._lora_rank
-                f.attrs["format"] = "keras_llama.lora/1"
-                group = f.create_group("lora")
-                for path in paths:
-                    layer = layers[path]
-                    entry = group.create_group(path)
-                    entry["lora_kernel_a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
-                    entry["lora_kernel_b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
-                    entry.attrs["lora_alpha"] = layer.lora_alpha
-            os.replace(tmp, filepath)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        by_path = {layer.path: layer for layer in keras_compat.sublayers(self)}
+        lora_files.save(self, filepath, self._lora_rank, [by_path[p] for p in paths])
 
     def load_lora_weights(self, filepath):
-        """Load adapters saved by `save_lora_weights`, enabling LoRA on the saved layers first
-        when it is not enabled yet."""
-        import h5py
+        """Load LoRA adapters saved by `save_lora_weights` here or in KerasHub.
 
-        filepath = os.fspath(filepath)
-        with h5py.File(filepath, "r") as f:
-            if "lora" not in f or "rank" not in f.attrs:
-                raise ValueError(f"Not a LoRA weights file (no `lora` group). Received: {filepath}")
-            rank = int(f.attrs["rank"])
-            saved = {}  # layer path -> (lora_kernel_a, lora_kernel_b)
+        When LoRA is not enabled yet, it is enabled (with the file's rank) on exactly the
+        layers the file holds adapters for.
 
-            def collect(name, obj):
-                if isinstance(obj, h5py.Group) and "lora_kernel_a" in obj:
-                    saved[name] = (obj["lora_kernel_a"][()], obj["lora_kernel_b"][()])
+        Args:
+            filepath: a ``.lora.h5`` file.
 
-            f["lora"].visititems(collect)
-        layers = self._layers_by_path()
-        missing = sorted(set(saved) - set(layers))
-        if missing:
-            raise ValueError(
-                f"The LoRA file holds adapters for layers this model does not have: {missing}. "
-                f"Received: {filepath}"
-            )
-        if not getattr(self, "_lora_layer_paths", None):
-            self.enable_lora(rank, target_layer_names=sorted({layers[p].name for p in saved}))
-        elif self._lora_rank != rank:
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not an adapter file, or one that does not fit this model (another
+                rank, other layers, other shapes); nothing is assigned then.
+
+        Example:
+        ```python
+        causal_lm = keras_llama.models.LlamaCausalLM.from_preset("smollm2_135m_instruct")
+        causal_lm.backbone.load_lora_weights("adapter.lora.h5")
+        ```
+        """
+        rank, adapters = lora_files.read(filepath)
+        layers = lora_files.resolve(self, filepath, adapters)
+        lora_files.check_shapes(filepath, rank, layers, adapters)
+        enabled = getattr(self, "_lora_layer_paths", None)
+        if enabled and self._lora_rank != rank:
             raise ValueError(
                 f"The LoRA file has rank {rank} but LoRA is enabled here with rank "
                 f"{self._lora_rank}. Received: {filepath}"
             )
-        not_in_file = sorted(set(self._lora_layer_paths) - set(saved))
-        if not_in_file:
-            raise ValueError(
-                f"The LoRA file has no adapters for the LoRA layers {not_in_file}. "
-                f"Received: {filepath}"
-            )
-        for path, (kernel_a, kernel_b) in saved.items():
-            layer = layers[path]
+        if enabled:
+            not_in_file = sorted(set(enabled) - {layer.path for layer in layers.values()})
+            if not_in_file:
+                raise ValueError(
+                    f"The LoRA file has no adapters for the LoRA layers {not_in_file}. "
+                    f"Received: {filepath}"
+                )
+        else:
+            self._enable_lora_on(rank, list(layers.values()))
+        for index, layer in layers.items():
+            kernel_a, kernel_b = adapters[index]
             layer.lora_kernel_a.assign(kernel_a)
             layer.lora_kernel_b.assign(kernel_b)
-
-    def _layers_by_path(self):
-        return {layer.path: layer for layer in self._flatten_layers(include_self=False)}
 
 
 class LayoutMapError(ValueError):

@@ -19,6 +19,9 @@ from keras_llama.presets.checkpoint import Checkpoint
 
 # KerasHub writes these keys into layer configs; our plain-Python tokenizers and preprocessors
 # have no such arguments.
+# How Keras names `LlamaTransformerDecoder` layers in a weights file (its class name in snake
+# case, then ``_1``, ``_2``, ...), in KerasHub's presets and ours alike.
+DECODER_LAYER_NAME = "llama_transformer_decoder"
 _KERAS_LAYER_KEYS = ("name", "trainable", "dtype", "config_file", "tokenizer")
 
 
@@ -37,6 +40,8 @@ def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
         _check_arguments(backbone_cls, config, src)
     if not load_weights:
         return _construct(backbone_cls, config, src)  # random initialization
+    if not isinstance(src, Checkpoint):
+        _check_keras_layer_count(config, src)
     # Opens the weight files (missing ones fail here, before the model is built); the arrays
     # are read one at a time as they are assigned.
     tensors = src.read_weights(config) if isinstance(src, Checkpoint) else None
@@ -52,6 +57,9 @@ def load_backbone(cls, preset, load_weights=True, progress=None, **kwargs):
         _weights.assign_weights(backbone, named_arrays, source=f"checkpoint {src.source!r}")
     else:
         _load_keras_weights(backbone, src)
+        adapter = os.path.join(src.path, keras_format.ADAPTER_FILE)
+        if os.path.isfile(adapter):
+            backbone.load_lora_weights(adapter)
     return backbone
 
 
@@ -156,6 +164,23 @@ def _deserialize_dtype(config):
     if not str(config.get("module", "keras")).startswith("keras"):
         raise ValueError(f"A dtype policy must come from Keras. Received: dtype={config!r}")
     return keras.dtype_policies.deserialize(config)
+
+
+def _check_keras_layer_count(config, src):
+    """A Keras preset's weights must hold every decoder layer its config claims, checked from
+    the file's names before any layer is built (a config claiming 100000 layers would
+    otherwise build them all, for minutes and gigabytes, before the weights fail)."""
+    if src.weights_path is None:
+        return  # `_load_keras_weights` names the missing file
+    claimed = config.get("num_layers")
+    stored = keras_format.stored_layer_count(src.weights_path, DECODER_LAYER_NAME)
+    if stored is None or not isinstance(claimed, int) or isinstance(claimed, bool):
+        return  # the loader names an unreadable file, the constructor a bad num_layers
+    if claimed > stored:
+        raise ValueError(
+            f"{keras_format.CONFIG_FILE} of the preset {src.source!r} claims num_layers="
+            f"{claimed}, but its weights {src.weights_path!r} hold {stored} decoder layers."
+        )
 
 
 def _load_keras_weights(backbone, src):

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -31,7 +32,7 @@ import time as _time
 from typing import Optional
 
 from keras_llama.presets.handles import load_json, require_file, safe_join
-from keras_llama.utils.files import link_or_copy, swap_into_place
+from keras_llama.utils.files import default_mode, link_or_copy, swap_into_place
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -40,6 +41,9 @@ PREPROCESSOR_FILE = "preprocessor.json"
 TASK_FILE = "task.json"
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
+# LoRA adapters kept beside the base weights (`keras-llama finetune --keep-adapter`); loaded
+# onto the backbone with the weights. Not part of KerasHub's layout (KerasHub ignores it).
+ADAPTER_FILE = "adapter.lora.h5"
 TOKENIZER_ASSETS_DIR = os.path.join("assets", "tokenizer")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Settings of ours that KerasHub's configs cannot hold (a tokenizer's special tokens, ...) are
@@ -151,6 +155,29 @@ def _weights_path(folder):
             )
         require_file(folder, file, f"weight shard (listed in {SHARDED_WEIGHTS_FILE})")
     return index
+
+
+def stored_layer_count(weights_path, layer_name):
+    """How many layers named ``layer_name`` (Keras's names in the weights file:
+    ``llama_transformer_decoder``, ``..._1``, ...) the weights file or shard index holds,
+    read from its names only (no tensor is read); None when the file cannot be read (the
+    weights loader then reports it).
+    """
+    pattern = re.compile(rf"^{re.escape(layer_name)}(_\d+)?$")
+    if weights_path.endswith(".json"):
+        folder, name = os.path.split(weights_path)
+        keys = _load_json(folder, name)["weight_map"]
+        names = {k.strip("/").split("/")[1] for k in keys if k.strip("/").startswith("layers/")}
+    else:
+        import h5py
+
+        try:
+            with h5py.File(weights_path, "r") as f:
+                layers = f.get("layers")
+                names = set(layers.keys()) if isinstance(layers, h5py.Group) else set()
+        except OSError:
+            return None
+    return sum(1 for name in names if pattern.match(name))
 
 
 def _load_json(folder, name, missing_ok=False):
@@ -275,9 +302,7 @@ def _folder_mode(target):
     """An existing preset folder's mode, else what ``mkdir`` gives under the current umask."""
     if os.path.isdir(target):
         return stat.S_IMODE(os.stat(target).st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
+    return default_mode(0o777)
 
 
 def _looks_like_preset(folder):

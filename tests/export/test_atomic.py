@@ -73,3 +73,16 @@ def test_overwrite_replaces_the_exports_own_files_only(causal_lm, tmp_path):
     files = sorted(os.listdir(folder))
     assert not any(f.startswith("model-0") for f in files)  # no stale shards
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.model"} <= set(files)
+
+
+def test_exports_get_the_users_normal_modes(causal_lm, tmp_path):
+    # Staged in mkstemp/mkdtemp files (0600/0700) and renamed: the modes must be reset.
+    umask = os.umask(0o022)
+    try:
+        causal_lm.export_to_transformers(tmp_path / "out")
+        causal_lm.export_to_gguf(tmp_path / "m.gguf", dtype="f16")
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "out" / "config.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "m.gguf").st_mode & 0o777 == 0o644

@@ -203,4 +203,24 @@ def crafted_files(folder):
     with open(j("hf_badjson", "config.json"), "w") as f:
         f.write('{"hidden_size": 8,')
     files["hf_config_malformed_json"] = (bad_json, "hf")
+    files["keras_num_layers_100000"] = (write_keras(j("keras_layers"), num_layers=100_000), "keras")
     return files
+
+
+def write_keras(folder, **config_changes):
+    """A tiny Keras preset (``save_to_preset``) whose config.json then gets ``config_changes``."""
+    from keras_llama.models import LlamaBackbone
+
+    backbone = LlamaBackbone(
+        vocabulary_size=TINY["vocab"], num_layers=TINY["layers"], num_query_heads=TINY["heads"],
+        hidden_dim=TINY["hidden"], intermediate_dim=TINY["intermediate"],
+        num_key_value_heads=TINY["kv_heads"],
+    )  # fmt: skip
+    backbone.save_to_preset(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["config"].update(config_changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return folder

@@ -34,6 +34,8 @@ EXPECTED = {
     "hf_llama3_rope_without_low_freq_factor": r"`rope_scaling\.low_freq_factor` is missing",
     "hf_index_without_weight_map": r"model\.safetensors\.index\.json.*no `weight_map`",
     "hf_config_malformed_json": r"config\.json.* is not valid JSON",
+    "keras_num_layers_100000": r"config\.json .*claims num_layers=100000, but its weights "
+    r".*model\.weights\.h5' hold 2 decoder layers",
 }
 
 

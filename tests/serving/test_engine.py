@@ -3,6 +3,7 @@
 
 import concurrent.futures
 import contextlib
+import json
 import time
 
 import httpx
@@ -118,3 +119,38 @@ def test_metrics_are_prometheus_text(client, served):
     chat = [s for s in families["keras_llama_requests"].samples
             if s.labels.get("endpoint") == "/v1/chat/completions" and s.labels.get("status") == "200"]  # fmt: skip
     assert chat and chat[0].value >= 1
+
+
+def test_an_error_after_the_stream_started_is_an_error_event_and_serving_goes_on(client, served):
+    url, app = served
+    engine = app.state.server.engine
+    original = engine.on_step
+    steps = []
+
+    def failing(active):  # planted: the 6th decode step fails (a device error, say)
+        original(active)
+        steps.append(1)
+        if len(steps) == 6:
+            raise RuntimeError("planted step failure")
+
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    engine.on_step = failing
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200  # the stream had started
+            events = [line[len("data: "):] for line in response.iter_lines()
+                      if line.startswith("data: ")]  # fmt: skip
+    finally:
+        engine.on_step = original
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "planted step failure" in error["message"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    content = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
+    assert any(content)  # tokens arrived before the failure
+    # The slot was freed and the server answers the next request.
+    assert wait_until(lambda: engine.occupancy() == (0, 0))
+    reply = client.chat.completions.create(model=MODEL_NAME, max_tokens=3,
+                                           messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    assert reply.choices[0].finish_reason in ("stop", "length")

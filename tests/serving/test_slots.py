@@ -96,3 +96,39 @@ def test_a_chunk_wider_than_the_room_is_split(tiny_lm):
         engine.stop()
     assert widths == [512, 16] and engine.stats["prompt_tokens"] == 520
     assert got == _solo_ids(tiny_lm, prompt, 6)
+
+
+def test_compaction_keeps_each_request_solo_output(tiny_lm):
+    # 64 tokens at most: 96 slots; every decode step moves the shared write pointer by one.
+    # A runs alone, B joins at A's 20th token, C at B's 30th (queued until A's row is free):
+    # the pointer reaches the end of the cache while B and C are mid-answer, and each row's
+    # valid slots are moved to the front.
+    engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=64, prefill_chunk=32)
+    assert engine.cache_length == 96
+    jobs = [([5, 9, 14, 3, 8, 8, 2, 30, 4, 11], 50), ([7, 7, 21, 6] * 5, 40), ([12, 3, 9], 45)]
+    results = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def deliver(i):
+        def on_event(event):
+            if event[0] == "token":
+                results[i].append(event[1])
+                if i < 2 and len(results[i]) == (20, 30)[i]:  # from the engine thread
+                    prompt, max_tokens = jobs[i + 1]
+                    engine.submit(Request(prompt, max_tokens, {}, (), deliver(i + 1)))
+            else:
+                assert event[0] == "finish", event
+                done.release()
+
+        return on_event
+
+    engine.submit(Request(jobs[0][0], jobs[0][1], {}, (), deliver(0)))
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert engine.stats["compactions"] >= 1
+    for (prompt, max_tokens), got in zip(jobs, results):
+        assert got == _solo_ids(tiny_lm, prompt, max_tokens)

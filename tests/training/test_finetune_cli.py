@@ -6,11 +6,13 @@ import io
 import json
 import os
 
+import h5py
 import numpy as np
 import pytest
 
 from keras_llama import cli
 from keras_llama.models import CausalLM
+from keras_llama.utils import keras_compat
 from tests.presets.helpers import KERAS_HUB, logits
 
 PRESET = os.path.join(KERAS_HUB, "llama")
@@ -72,9 +74,25 @@ def test_finetune_writes_a_merged_preset_and_an_adapter_variant(tmp_path):
                         str(tmp_path / "kept"), "--keep-adapter", "--epochs", "1",
                         "--lora-rank", "4", "--max-length", "16")  # fmt: skip
     assert code == 0 and "adapter.lora.h5" in out
+    # The folder loads with its adapters applied: base weights + the adapter file's factors,
+    # merged here by hand in numpy as the reference.
     kept = CausalLM.from_preset(str(tmp_path / "kept"))
-    np.testing.assert_allclose(logits(kept, ids), logits(base, ids), atol=1e-6)  # base weights
-    kept.backbone.load_lora_weights(str(tmp_path / "kept" / "adapter.lora.h5"))
+    assert sorted(kept.backbone._lora_layer_paths) == [
+        f"transformer_layer_{i}/self_attention/{n}" for i in range(2) for n in ("query", "value")
+    ]
+    reference = CausalLM.from_preset(PRESET)
+    with h5py.File(tmp_path / "kept" / "adapter.lora.h5", "r") as f:
+        assert int(f["lora/vars/rank"][()]) == 4
+        layers = [layer for layer in keras_compat.sublayers(reference.backbone) if layer.weights]
+        for index in f["lora"]:
+            if index != "vars":
+                a, b = (
+                    f[f"lora/{index}/vars/lora_kernel_a"][()],
+                    f[f"lora/{index}/vars/lora_kernel_b"][()],
+                )
+                kernel = layers[int(index)].kernel
+                kernel.assign(np.asarray(kernel) + np.einsum("...r,rh->...h", a, b))
+    np.testing.assert_allclose(logits(kept, ids), logits(reference, ids), atol=1e-5)
     assert np.abs(logits(kept, ids) - logits(base, ids)).max() > 1e-4
     code, _ = run_cli("finetune", "--preset", PRESET, "--data", data, "--output",
                       str(tmp_path / "kept"))  # fmt: skip
