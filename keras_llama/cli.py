@@ -52,7 +52,7 @@ def _load(args):
 
     causal_lm = CausalLM.from_preset(args.preset, **options.dtype_kwargs(args))
     if args.dtype == "int8":
-        causal_lm.quantize("int8_weight_only")
+        causal_lm.quantize("int8")
     if causal_lm.preprocessor is None:
         raise ValueError(
             f"the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}"
@@ -241,7 +241,7 @@ def cmd_convert(args, out, inp=None):
             raise task_error from None
     if args.to == "keras":
         if dtype == "int8":
-            model.quantize("int8_weight_only")
+            model.quantize("int8")
         model.save_to_preset(args.dst)
     elif args.to == "transformers":
         model.export_to_transformers(args.dst, overwrite=args.overwrite)
@@ -300,7 +300,7 @@ def cmd_serve(args, out, inp=None):
 
         causal_lm = CausalLM.from_preset(args.preset, **options.dtype_kwargs(args))
         if args.dtype == "int8":
-            causal_lm.quantize("int8_weight_only")
+            causal_lm.quantize("int8")
         return causal_lm
 
     app = create_app(

@@ -1,40 +1,47 @@
 """Quantization schemes for keras-llama models, built on Keras's own int8/int4 layers.
 
-Three schemes, chosen by name in ``model.quantize(mode)``:
+Schemes, chosen by name in ``model.quantize(mode)``:
 
 ======================  ===================================================  ================
 mode                    what is quantized                                    activations
 ======================  ===================================================  ================
-``"int8_weight_only"``  every Dense/EinsumDense kernel (one scale per        float
+``"int8"``              every Dense/EinsumDense kernel (one scale per        float
 (recommended)           output channel) and the token embedding (one scale
                         per vocabulary row, which is also the output
-                        projection's per-output-channel scale when tied)
-``"int8"``              the same weights, same scales (KerasHub's int8       int8, one scale
-                        presets: "W8A8")                                     per token
+                        projection's per-output-channel scale when tied).
+                        KerasHub's int8 file layout and dtype policy.
+``"int8_weight_only"``  the same as ``"int8"`` (its earlier name, kept)      float
+``"int8"`` with         the same weights, same scales (KerasHub's own        int8, one scale
+``quantize_activations  "W8A8" math; `quantization_scheme` says               per token
+=True``                 ``"int8_w8a8"``)
 ``"int4"``              the same weights in int4, blocks of 128 input        float
                         channels with a scale and a zero point each
 ======================  ===================================================  ================
 
-Why ``"int8_weight_only"`` is recommended: per-token activation quantization (W8A8) rounds
-every activation to 8 bits, which costs a small model a visible amount of accuracy. Measured on
+Why ``"int8"`` computes weight-only: per-token activation quantization (W8A8) rounds every
+activation to 8 bits, which costs a small model a visible amount of accuracy. Measured on
 SmolLM2-135M-Instruct (six chat prompts, last-token logits against float32, 2026-11-25):
 
-* ``"int8"``: cosine 0.992-0.999, the argmax differs on 1 prompt in 6, and the greedy answer to
-  "What is the capital of France?" loses Paris;
-* ``"int8_weight_only"``: cosine >= 0.9988, same argmax everywhere, Paris kept; weight memory
+* W8A8 (``quantize_activations=True``, what KerasHub computes for ``"int8"``): cosine
+  0.959-0.999, the argmax differs on 1 prompt in 6, and the greedy answer to "What is the
+  capital of France?" loses Paris;
+* ``"int8"`` (weight-only): cosine >= 0.9988, same argmax everywhere, Paris kept; weight memory
   0.252x float32 (0.409x if the embedding is kept float with ``filters``);
 * ``"int4"``: cosine 0.95-0.99, argmax differs on half the prompts (a 135M model has little to
   spare at 4 bits; tolerance in tests: cosine >= 0.9 on a tiny random model).
 
 Pass ``filters`` to `quantize` to keep layers in float, e.g. the embedding:
-``model.quantize("int8_weight_only", filters=lambda layer: layer.name != "token_embedding")``.
+``model.quantize("int8", filters=lambda layer: layer.name != "token_embedding")``.
 
 How a scheme survives saving: every quantized layer carries a quantized `keras.DTypePolicy`;
 the backbone's ``get_config()["dtype"]`` is then a `keras.dtype_policies.DTypePolicyMap` from
 layer paths to those policies (the format of KerasHub's int8 presets), so ``from_config`` builds
-int8 variables before the weights are loaded. Weight-only int8 layers carry an
-`Int8WeightOnlyDTypePolicy` (mode ``"int8"`` for Keras, plus the fact that activations stay
-float), which `apply_layer_hooks` turns back into float activations after the layers are built.
+int8 variables before the weights are loaded. Weight-only int8 layers carry Keras's own int8
+policy (``"int8_from_float32"``): the files are KerasHub's, and KerasHub reads them. Keras's
+int8 build adds a per-token activation quantizer; `apply_layer_hooks` removes it again after
+the layers are built, unless the layer carries an `Int8ActivationsDTypePolicy` (W8A8, chosen
+explicitly). Presets written before ``"int8"`` became weight-only carry an
+`Int8WeightOnlyDTypePolicy`; they load as ``"int8"``.
 """
 
 import keras
@@ -43,6 +50,7 @@ from keras.dtype_policies import DTypePolicyMap, QuantizedDTypePolicy
 from keras_llama.utils import keras_compat
 
 MODES = ("int8", "int8_weight_only", "int4")
+INT8_MODES = ("int8", "int8_weight_only")  # the same scheme: weight-only int8
 
 # Layer types whose `quantize()` Keras implements (leaf layers holding the kernels).
 _QUANTIZABLE_TYPES = (
@@ -53,17 +61,39 @@ _QUANTIZABLE_TYPES = (
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
-class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
-    """Quantized dtype policy: int8 kernels with per-output-channel scales, float activations.
+class Int8ActivationsDTypePolicy(QuantizedDTypePolicy):
+    """Quantized dtype policy of W8A8 layers: int8 kernels with per-output-channel scales and
+    int8 activations with one scale per token (Keras's and KerasHub's int8 math), chosen with
+    ``quantize("int8", quantize_activations=True)``.
 
-    Keras sees mode ``"int8"`` (variables ``kernel`` int8 and ``kernel_scale``), so the layer
-    builds and saves exactly as Keras's int8; `apply_layer_hooks` removes the activation
-    quantizer that Keras's int8 build adds by default.
+    Keras sees mode ``"int8"``: the layer builds, saves and computes exactly as Keras's int8.
+    Layers with Keras's own int8 policy compute weight-only in keras-llama (see the module
+    docstring); this policy is what keeps the activation quantizer through saving.
 
     Args:
         mode: ``"int8"`` (the only mode; the argument keeps `QuantizedDTypePolicy`'s signature).
-        source_name: the float policy the layer computes in (``"float32"``, ``"bfloat16"``...).
-            Defaults to the global policy.
+        source_name: the float policy the layer computes in. Defaults to the global policy.
+    """
+
+    def __init__(self, mode="int8", source_name=None):
+        if mode != "int8":
+            raise ValueError(
+                f"`Int8ActivationsDTypePolicy` only supports mode='int8'. Received: mode={mode!r}"
+            )
+        super().__init__("int8", source_name)
+        # Distinct from Keras's "int8_from_<source>", so the two never compare equal.
+        self._name = f"int8_w8a8_from_{self._source_name}"
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
+    """The policy presets saved before ``"int8"`` became weight-only carry on their int8
+    layers (kept so that they load): int8 kernels with per-output-channel scales, float
+    activations, exactly what Keras's own int8 policy now means in keras-llama.
+
+    Args:
+        mode: ``"int8"`` (the only mode; the argument keeps `QuantizedDTypePolicy`'s signature).
+        source_name: the float policy the layer computes in. Defaults to the global policy.
     """
 
     def __init__(self, mode="int8", source_name=None):
@@ -72,22 +102,27 @@ class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
                 f"`Int8WeightOnlyDTypePolicy` only supports mode='int8'. Received: mode={mode!r}"
             )
         super().__init__("int8", source_name)
-        # Distinct from Keras's "int8_from_<source>", so the two never compare equal.
         self._name = f"int8_weight_only_from_{self._source_name}"
 
 
-def check_mode(mode):
-    """Raise a clear error unless ``mode`` names a scheme of `MODES`."""
+def check_mode(mode, quantize_activations=False):
+    """Raise a clear error unless ``mode`` names a scheme of `MODES` (and
+    ``quantize_activations`` is only asked of int8)."""
     if mode not in MODES:
         raise ValueError(
             f"Unknown quantization mode. Expected one of {MODES}. Received: mode={mode!r}"
         )
+    if quantize_activations and mode != "int8":
+        raise ValueError(
+            "`quantize_activations=True` (per-token int8 activations, W8A8) applies to "
+            f"mode='int8' only. Received: mode={mode!r}"
+        )
 
 
-def keras_mode_and_config(mode):
+def keras_mode_and_config(mode, quantize_activations=False):
     """The Keras ``(mode, config)`` pair implementing one of our `MODES`."""
-    check_mode(mode)
-    if mode == "int8_weight_only":
+    check_mode(mode, quantize_activations)
+    if mode in INT8_MODES and not quantize_activations:
         return "int8", keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
     return mode, None
 
@@ -110,19 +145,27 @@ def resolved_policy(layer):
     return policy
 
 
-def mark_weight_only(layer):
-    """Give a freshly int8-quantized layer the `Int8WeightOnlyDTypePolicy` (kept in configs)."""
+def is_int8_weight_only(layer):
+    """True for an int8 layer that computes with float activations (every int8 policy but
+    `Int8ActivationsDTypePolicy`)."""
     policy = resolved_policy(layer)
-    layer.dtype_policy = Int8WeightOnlyDTypePolicy(
+    return policy.quantization_mode == "int8" and not isinstance(
+        policy, Int8ActivationsDTypePolicy
+    )
+
+
+def mark_activations_quantized(layer):
+    """Give a freshly W8A8-quantized layer the `Int8ActivationsDTypePolicy` (kept in configs)."""
+    policy = resolved_policy(layer)
+    layer.dtype_policy = Int8ActivationsDTypePolicy(
         source_name=keras_compat.policy_source_name(policy)
     )
-    apply_layer_hooks(layer)
 
 
 def apply_layer_hooks(layer):
     """Restore what a dtype policy cannot express through Keras's own build: float activations
-    for `Int8WeightOnlyDTypePolicy` layers (Keras's int8 build adds a per-token quantizer)."""
-    if isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy):
+    for weight-only int8 layers (Keras's int8 build adds a per-token quantizer)."""
+    if is_int8_weight_only(layer):
         layer.inputs_quantizer = None
         layer.quantization_config = keras.quantizers.Int8QuantizationConfig(
             activation_quantizer=None
@@ -130,14 +173,15 @@ def apply_layer_hooks(layer):
 
 
 def quantization_mode_of(model):
-    """The scheme a model was quantized with (one of `MODES`, or a Keras mode for layers
-    quantized some other way), or None for a float model. Mixed schemes give the first."""
+    """The scheme a model was quantized with (``"int8"``, ``"int8_w8a8"`` for int8 with
+    quantized activations, ``"int4"``, or a Keras mode for layers quantized some other way),
+    or None for a float model. Mixed schemes give the first."""
     for layer in keras_compat.sublayers(model):
         if not getattr(layer, "_is_quantized", False):
             continue
         policy = resolved_policy(layer)
-        if isinstance(policy, Int8WeightOnlyDTypePolicy):
-            return "int8_weight_only"
+        if isinstance(policy, Int8ActivationsDTypePolicy):
+            return "int8_w8a8"
         return policy.quantization_mode
     return None
 

@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from keras_llama.kernels import decode_matmul
-from keras_llama.quantization import Int8WeightOnlyDTypePolicy, resolved_policy
+from keras_llama.quantization import is_int8_weight_only
 from keras_llama.utils import keras_compat
 
 
@@ -31,7 +31,7 @@ def dense_matrix(layer, input_dims):
 def packable_mode(layers):
     """How `pack_dense` packs ``layers``: ``"float32"`` when every layer computes in float32
     from a float kernel, ``"int8"`` when every layer is int8 weight-only
-    (``"int8_weight_only"``); None for anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
+    (``quantize("int8")``); None for anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
     modes = {_mode(layer) for layer in layers}
     return modes.pop() if len(modes) == 1 and None not in modes else None
 
@@ -59,7 +59,7 @@ def _mode(layer):
     if isinstance(layer, keras.layers.EinsumDense):  # a Keras without it: the layer's own path
         if not keras_compat.has_einsum_dequantization_scale(layer):
             return None
-    return "int8" if _int8_weight_only(layer) else None
+    return "int8" if is_int8_weight_only(layer) else None
 
 
 def pack_dense(layers, input_dims):
@@ -106,10 +106,6 @@ def pack_reverse_embedding(embedding):
         matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
         scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
     return decode_matmul.pack_int8(matrix, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,)))
-
-
-def _int8_weight_only(layer):
-    return isinstance(resolved_policy(layer), Int8WeightOnlyDTypePolicy)
 
 
 def _as_matrix(array, input_dims):

@@ -111,25 +111,30 @@ class Backbone(PresetsMixin, keras.Model):
         None for a float model."""
         return quantization.quantization_mode_of(self)
 
-    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+    def quantize(self, mode=None, config=None, filters=None, quantize_activations=False,
+                 **kwargs):  # fmt: skip
         """Quantize the weights in place.
 
         Args:
-            mode: ``"int8_weight_only"`` (recommended: int8 kernels and embedding with
-                per-output-channel scales, float activations), ``"int8"`` (KerasHub's W8A8:
-                the same int8 weights plus per-token int8 activations) or ``"int4"``
-                (weights only, blocks of 128). See `keras_llama.quantization`.
-            config: optional `keras.quantizers.QuantizationConfig` passed on to Keras for
-                ``"int8"``/``"int4"`` (custom quantizers, int4 ``block_size``).
+            mode: ``"int8"`` (recommended: int8 kernels and embedding with per-output-channel
+                scales, float activations; KerasHub's int8 file layout),
+                ``"int8_weight_only"`` (the same) or ``"int4"`` (weights only, blocks of 128).
+                See `keras_llama.quantization`.
+            config: optional `keras.quantizers.QuantizationConfig` passed on to Keras
+                (custom quantizers, int4 ``block_size``; an int8 config with an activation
+                quantizer gives W8A8).
             filters: optional regex, list of regexes or callable selecting layers, as in
                 `keras.Model.quantize`; combined with the scheme's own choice of layers.
+            quantize_activations: with ``mode="int8"``: also quantize activations to int8,
+                one scale per token (W8A8, KerasHub's int8 math; less accurate, see
+                `keras_llama.quantization`). Kept through saving.
 
         Raises:
             ValueError: for an unknown mode, or a model that is already quantized.
         """
         if mode is None and config is not None:
             mode = config.mode
-        quantization.check_mode(mode)
+        quantization.check_mode(mode, quantize_activations)
         if kwargs:
             raise ValueError(f"Unrecognized keyword arguments to `quantize()`: {kwargs}")
         current = self.quantization_scheme
@@ -139,12 +144,12 @@ class Backbone(PresetsMixin, keras.Model):
                 "quantize already-rounded weights. Quantize the float model instead (e.g. "
                 f"reload it from its preset). Received: mode={mode!r}"
             )
-        keras_mode, keras_config = quantization.keras_mode_and_config(mode)
+        keras_mode, keras_config = quantization.keras_mode_and_config(mode, quantize_activations)
         if config is not None:
-            if mode == "int8_weight_only":
+            if quantize_activations:
                 raise ValueError(
-                    "`config` cannot be combined with mode='int8_weight_only', which fixes its "
-                    f"own quantizers. Received: config={config!r}"
+                    "`config` cannot be combined with `quantize_activations=True`; give the "
+                    f"activation quantizer in the config instead. Received: config={config!r}"
                 )
             keras_config = config
         scheme_filter = quantization.layer_filter(mode)
@@ -155,10 +160,10 @@ class Backbone(PresetsMixin, keras.Model):
 
         with keras_compat.one_garbage_collection():
             keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
-        if mode == "int8_weight_only":
+        if keras_mode == "int8":
             for layer in self._flatten_layers(include_self=False):
-                if getattr(layer, "_is_quantized", False):
-                    quantization.mark_weight_only(layer)
+                if getattr(layer, "_is_quantized", False) and getattr(layer, "inputs_quantizer", None):
+                    quantization.mark_activations_quantized(layer)
 
     # --- LoRA ----------------------------------------------------------------------------------
     def default_lora_layer_names(self):

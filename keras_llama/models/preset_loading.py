@@ -138,6 +138,7 @@ _DTYPE_POLICY_CLASSES = (
     "AWQDTypePolicy",
     "DTypePolicyMap",
     "Int8WeightOnlyDTypePolicy",  # keras_llama.quantization: int8 weights, float activations
+    "Int8ActivationsDTypePolicy",  # keras_llama.quantization: W8A8, chosen explicitly
 )
 
 

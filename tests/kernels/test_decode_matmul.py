@@ -283,9 +283,9 @@ def test_int8_weight_only_generate_with_and_without_native_kernels(native, int8_
 
 
 # --- models that keep XLA's path ------------------------------------------------------------
-def quantized(hf, mode):
+def quantized(hf, mode, **kwargs):
     causal_lm = to_keras_llama(hf)
-    causal_lm.quantize(mode)
+    causal_lm.quantize(mode, **kwargs)
     return causal_lm
 
 
@@ -300,7 +300,7 @@ def with_lora(causal_lm):
 
 FALLBACKS = {
     # name -> (model from a transformers model, greedy tolerance for near ties)
-    "int8": (lambda hf: quantized(hf, "int8"), 1e-2),  # W8A8: activations rounded per token
+    "int8_w8a8": (lambda hf: quantized(hf, "int8", quantize_activations=True), 1e-2),
     "int4": (lambda hf: quantized(hf, "int4"), 1e-5),
     # LoRA over int8 weight-only weights (QLoRA), which would otherwise be native.
     "int8_weight_only_lora": (lambda hf: with_lora(quantized(hf, "int8_weight_only")), 1e-5),

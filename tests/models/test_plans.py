@@ -170,7 +170,7 @@ def test_lora_and_quantized_models_plan_the_layers_where_only_they_are_exact():
     jax = keras.config.backend() == "jax"
     assert "LoRA" in str(plan.decode) or not jax
     quantized = to_keras_llama(hf)
-    quantized.quantize("int8")
+    quantized.quantize("int8", quantize_activations=True)  # W8A8
     plan = quantized.execution_plan()
     assert plan.decode.projections == "layers" and ("int8" in str(plan.decode) or not jax)
 
