@@ -16,6 +16,9 @@ mode                    what is quantized                                    act
 =True``                 ``"int8_w8a8"``)
 ``"int4"``              the same weights in int4, blocks of 128 input        float
                         channels with a scale and a zero point each
+``"int4_weight_only"``  the same in blocks of 32 (GGUF's Q4_0 / Q4_1 block   float
+                        size; Keras's int4 layout and policy ``int4/32``);
+                        decoded by the native 4-bit kernels
 ======================  ===================================================  ================
 
 Why ``"int8"`` computes weight-only: per-token activation quantization (W8A8) rounds every
@@ -49,8 +52,9 @@ from keras.dtype_policies import DTypePolicyMap, QuantizedDTypePolicy
 
 from keras_llama.utils import keras_compat
 
-MODES = ("int8", "int8_weight_only", "int4")
+MODES = ("int8", "int8_weight_only", "int4", "int4_weight_only")
 INT8_MODES = ("int8", "int8_weight_only")  # the same scheme: weight-only int8
+INT4_BLOCK = 32  # "int4_weight_only": values per block (GGUF's Q4_0 / Q4_1 blocks)
 
 # Layer types whose `quantize()` Keras implements (leaf layers holding the kernels).
 _QUANTIZABLE_TYPES = (
@@ -124,6 +128,8 @@ def keras_mode_and_config(mode, quantize_activations=False):
     check_mode(mode, quantize_activations)
     if mode in INT8_MODES and not quantize_activations:
         return "int8", keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    if mode == "int4_weight_only":
+        return "int4", keras.quantizers.Int4QuantizationConfig(block_size=INT4_BLOCK)
     return mode, None
 
 
@@ -154,6 +160,16 @@ def is_int8_weight_only(layer):
     )
 
 
+def int4_block_size(layer):
+    """The block size of a Keras int4 layer (a positive int), or None (per channel, or not
+    int4)."""
+    policy = resolved_policy(layer)
+    if policy.quantization_mode != "int4":
+        return None
+    block_size = getattr(policy, "block_size", None)
+    return block_size if block_size is not None and block_size > 0 else None
+
+
 def mark_activations_quantized(layer):
     """Give a freshly W8A8-quantized layer the `Int8ActivationsDTypePolicy` (kept in configs)."""
     policy = resolved_policy(layer)
@@ -164,12 +180,16 @@ def mark_activations_quantized(layer):
 
 def apply_layer_hooks(layer):
     """Restore what a dtype policy cannot express through Keras's own build: float activations
-    for weight-only int8 layers (Keras's int8 build adds a per-token quantizer)."""
+    for weight-only int8 layers (Keras's int8 build adds a per-token quantizer), and for int4
+    layers (the int4 ReversibleEmbedding built from a policy, without the config `quantize`
+    had, quantizes its reverse projection's inputs by default)."""
     if is_int8_weight_only(layer):
         layer.inputs_quantizer = None
         layer.quantization_config = keras.quantizers.Int8QuantizationConfig(
             activation_quantizer=None
         )
+    elif resolved_policy(layer).quantization_mode == "int4":
+        layer.inputs_quantizer = None
 
 
 def quantization_mode_of(model):
@@ -182,6 +202,8 @@ def quantization_mode_of(model):
         policy = resolved_policy(layer)
         if isinstance(policy, Int8ActivationsDTypePolicy):
             return "int8_w8a8"
+        if int4_block_size(layer) == INT4_BLOCK:
+            return "int4_weight_only"
         return policy.quantization_mode
     return None
 

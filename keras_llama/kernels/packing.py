@@ -1,8 +1,12 @@
 """Keras layers -> `decode_matmul.PackedWeights`: the one place that knows how a Keras Dense,
-EinsumDense or ReversibleEmbedding stores its weights, float or int8 weight-only.
+EinsumDense or ReversibleEmbedding stores its weights: float, int8 weight-only, or int4 in
+blocks of 32 (``quantize("int4_weight_only")``).
 
 Keras dequantizes an int8 kernel with ``kernel / scale``, one scale per output channel; packed
 int8 weights carry the reciprocal as their column scale (``x @ (kernel * column_scale)``).
+Keras's int4 in blocks stores values q in -8..7 two per byte, with a scale s and a zero point
+z per block of input rows and output column: ``w = (q - z) * s``. Packed 4-bit blocks hold
+``u = q + 8`` (0..15) with ``w = s * u + offset``, ``offset = -s * (z + 8)``.
 """
 
 import math
@@ -11,7 +15,7 @@ import keras
 from keras import ops
 
 from keras_llama.kernels import decode_matmul
-from keras_llama.quantization import is_int8_weight_only
+from keras_llama.quantization import int4_block_size, is_int8_weight_only
 from keras_llama.utils import keras_compat
 
 
@@ -31,13 +35,15 @@ def dense_matrix(layer, input_dims):
 def packable_mode(layers):
     """How `pack_dense` packs ``layers``: ``"float32"`` when every layer computes in float32
     from a float kernel, ``"int8"`` when every layer is int8 weight-only
-    (``quantize("int8")``); None for anything else (LoRA, W8A8, int4, other dtypes, a mix)."""
+    (``quantize("int8")``), ``"q4_blocks"`` when every layer is int4 in blocks of 32; None
+    for anything else (LoRA, W8A8, int4 in other blocks, other dtypes, a mix)."""
     modes = {_mode(layer) for layer in layers}
     return modes.pop() if len(modes) == 1 and None not in modes else None
 
 
 def packable_embedding_mode(embedding):
-    """How `pack_reverse_embedding` packs ``embedding`` (``"float32"``, ``"int8"``), or None."""
+    """How `pack_reverse_embedding` packs ``embedding`` (``"float32"``, ``"int8"``,
+    ``"q4_blocks"``), or None."""
     if embedding.logit_soft_cap is not None:
         return None
     if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
@@ -59,6 +65,8 @@ def _mode(layer):
     if isinstance(layer, keras.layers.EinsumDense):  # a Keras without it: the layer's own path
         if not keras_compat.has_einsum_dequantization_scale(layer):
             return None
+    if int4_block_size(layer) == decode_matmul.BLOCK:
+        return "q4_blocks"
     return "int8" if is_int8_weight_only(layer) else None
 
 
@@ -72,6 +80,11 @@ def pack_dense(layers, input_dims):
     if mode == "float32":
         matrices = [_as_matrix(ops.convert_to_tensor(x.kernel), input_dims) for x in layers]
         return decode_matmul.pack(ops.concatenate(matrices, axis=1))
+    if mode == "q4_blocks":
+        parts = [_int4_blocks(x) for x in layers]
+        return decode_matmul.pack_q4_blocks(
+            *(ops.concatenate([p[i] for p in parts], axis=1) for i in range(3))
+        )
     matrices, scales = [], []
     for layer in layers:
         kernel = ops.convert_to_tensor(keras_compat.int8_kernel(layer))
@@ -99,6 +112,17 @@ def pack_reverse_embedding(embedding):
         else:
             matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
         return decode_matmul.pack(matrix)
+    if mode == "q4_blocks":
+        hidden = embedding.output_dim
+        if embedding.tie_weights:  # [vocab, hidden / 2] packed along hidden; scale [vocab, G]
+            table = keras_compat.int8_embeddings(embedding)
+            values = ops.transpose(keras.quantizers.unpack_int4(table, hidden, axis=-1))
+            scale = ops.transpose(embedding.embeddings_scale)
+            zero = ops.transpose(embedding.embeddings_zero)
+        else:  # [hidden / 2, vocab] packed along hidden; scale [G, vocab]
+            values = keras.quantizers.unpack_int4(embedding.reverse_embeddings, hidden, axis=0)
+            scale, zero = embedding.reverse_embeddings_scale, embedding.reverse_embeddings_zero
+        return decode_matmul.pack_q4_blocks(*_unsigned_blocks(values, scale, zero))
     if embedding.tie_weights:
         matrix = ops.transpose(ops.convert_to_tensor(keras_compat.int8_embeddings(embedding)))
         scale = ops.convert_to_tensor(embedding.embeddings_scale)
@@ -106,6 +130,25 @@ def pack_reverse_embedding(embedding):
         matrix = ops.convert_to_tensor(embedding.reverse_embeddings)
         scale = ops.convert_to_tensor(embedding.reverse_embeddings_scale)
     return decode_matmul.pack_int8(matrix, 1.0 / ops.reshape(ops.cast(scale, "float32"), (-1,)))
+
+
+def _int4_blocks(layer):
+    """A Keras int4 Dense/EinsumDense in blocks -> ``(u [K, N] 0..15, scale [G, N], offset
+    [G, N])``. Keras keeps the kernel as [K, ceil(N / 2)] (an EinsumDense's flattened to
+    [reduced dims, other dims]) packed along N, scales and zero points [G, N]."""
+    scale = ops.convert_to_tensor(layer.kernel_scale)
+    values = keras.quantizers.unpack_int4(
+        keras_compat.int8_kernel(layer), scale.shape[-1], axis=-1
+    )
+    return _unsigned_blocks(values, scale, layer.kernel_zero)
+
+
+def _unsigned_blocks(values, scale, zero):
+    # (q - z) * s = s * (q + 8) - s * (z + 8)
+    scale = ops.cast(ops.convert_to_tensor(scale), "float32")
+    zero = ops.cast(ops.convert_to_tensor(zero), "float32")
+    unsigned = ops.cast(ops.cast(values, "int32") + 8, "uint8")
+    return unsigned, scale, -scale * (zero + 8.0)
 
 
 def _as_matrix(array, input_dims):
