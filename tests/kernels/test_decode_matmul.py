@@ -289,6 +289,23 @@ def test_int8_weight_only_decode_logits_match_keras_int8_layers(native, int8_lm)
     assert_close(all_at_once_logits(int8_lm, SEQUENCE, fused), forward, 1e-5)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_int4_weight_only_decode_logits_match_float64_on_the_dequantized_weights(
+    native, hf_models, variant
+):
+    from tests.quantization.dequantized_reference import float64_logits
+
+    causal_lm = to_keras_llama(hf_models[variant])
+    causal_lm.quantize("int4_weight_only")
+    fused = decode_weights(causal_lm)
+    assert is_native(fused)
+    assert fused["head"].kind == "q4_blocks"
+    assert all(p.kind == "q4_blocks" for p in fused["layers"][1].values())
+    expected = float64_logits(causal_lm.backbone, SEQUENCE)
+    assert_close(decode_logits(causal_lm, SEQUENCE, 4, fused), expected, 1e-5)
+    assert_close(all_at_once_logits(causal_lm, SEQUENCE, fused), expected, 1e-5)
+
+
 def test_int8_head_is_packed_per_vocabulary_entry_when_the_embedding_stays_float(native, hf_models):
     causal_lm = to_keras_llama(hf_models["gqa"])
     causal_lm.quantize("int8_weight_only", filters=lambda layer: layer.name != "token_embedding")

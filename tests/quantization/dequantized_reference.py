@@ -5,11 +5,47 @@ import keras
 import numpy as np
 
 
+BLOCK = 32  # "int4_weight_only"
+
+
+def unpack_int4(packed, length, axis):
+    """Keras's int4 packing undone by hand: each byte holds two signed 4-bit values, the even
+    index in the low nibble; ``axis`` (0 or -1) is the packed one, trimmed to ``length``."""
+    b = np.asarray(packed).view(np.uint8).astype(np.int64)
+    lo, hi = b & 15, b >> 4
+    lo, hi = lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)  # two's complement nibbles
+    if axis == 0:
+        values = np.stack([lo, hi], axis=1).reshape(2 * b.shape[0], b.shape[1])[:length]
+    else:
+        values = np.stack([lo, hi], axis=-1).reshape(b.shape[0], 2 * b.shape[1])[:, :length]
+    return values.astype("float64")
+
+
+def dequantized_int4(backbone, path):
+    """A Keras int4 variable in blocks of 32, ``(q - zero) * scale`` per block, by hand."""
+    variables = {v.path: np.asarray(v) for v in backbone.weights}
+    scale = variables[path + "_scale"].astype("float64")
+    zero = variables[path + "_zero"].astype("float64")
+    hidden = backbone.hidden_dim
+    if path.endswith("/embeddings"):  # [vocab, hidden / 2], blocks along hidden: [vocab, G]
+        q = unpack_int4(variables[path], hidden, -1)
+        g = np.arange(hidden) // BLOCK
+        return (q - zero[:, g]) * scale[:, g]
+    if path.endswith("/reverse_embeddings"):  # [hidden / 2, vocab]; [G, vocab]
+        q = unpack_int4(variables[path], hidden, 0)
+    else:  # kernels flattened to [input dims, output dims / 2]; [G, output dims]
+        q = unpack_int4(variables[path], scale.shape[-1], -1)
+    g = np.arange(q.shape[0]) // BLOCK
+    return (q - zero[g]) * scale[g]
+
+
 def dequantized(backbone, path):
     """An int8 variable of ``backbone`` divided by its scale, in numpy float64: Keras keeps one
     scale per output channel (per vocabulary row for the embedding table), in the output's
-    layout (EinsumDense: ``[1, 1, *output dims]``)."""
+    layout (EinsumDense: ``[1, 1, *output dims]``). Int4 variables: `dequantized_int4`."""
     variables = {v.path: np.asarray(v) for v in backbone.weights}
+    if path + "_zero" in variables:
+        return dequantized_int4(backbone, path)
     q = variables[path].astype("float64")
     if path.endswith("/embeddings"):
         return q / variables[path + "_scale"].astype("float64")[:, None]

@@ -102,6 +102,33 @@ def test_int8_weight_only_is_the_same_scheme_under_its_earlier_name(hf, weight_o
     np.testing.assert_array_equal(logits(causal_lm), logits(weight_only))
 
 
+def test_int4_weight_only_is_keras_int4_in_blocks_of_32_and_matches_float64(hf, tmp_path):
+    causal_lm = quantized(hf, "int4_weight_only")
+    backbone = causal_lm.backbone
+    assert backbone.quantization_scheme == "int4_weight_only"
+    variables = {v.path: v for v in backbone.weights}
+    # hidden 32, intermediate 64: one block per column of most kernels, two for the down one.
+    assert tuple(variables["transformer_layer_0/feedforward_output_dense/kernel_scale"].shape) == (
+        2, 32
+    )  # fmt: skip
+    assert keras.backend.standardize_dtype(variables["token_embedding/embeddings"].dtype) == "int8"
+    ours = logits(causal_lm)
+    reference = float64_logits(backbone, TOKEN_IDS)
+    np.testing.assert_allclose(ours, reference, atol=2e-4, rtol=0)
+    assert cosine(ours, hf_logits(hf, TOKEN_IDS)).min() > 0.9
+    # Saved with Keras's own int4 policy in blocks of 32; loads to the same logits.
+    causal_lm.save_to_preset(str(tmp_path / "preset"))
+    with open(tmp_path / "preset" / "config.json") as f:
+        policies = json.load(f)["config"]["dtype"]["config"]["policy_map"]
+    assert {(p["class_name"], p["config"]["mode"]) for p in policies.values()} == {
+        ("Int4DTypePolicy", "int4/32")
+    }  # fmt: skip
+    reloaded = CausalLM.from_preset(str(tmp_path / "preset"))
+    assert reloaded.backbone.quantization_scheme == "int4_weight_only"
+    assert reloaded.backbone.token_embedding.inputs_quantizer is None  # float activations
+    np.testing.assert_array_equal(logits(reloaded), ours)
+
+
 def test_w8a8_matches_float64_with_activations_rounded_per_token_by_hand(hf, w8a8):
     """W8A8 by hand: each projection's input rounded to int8 with one abs-max scale per token,
     then the float64 product with the dequantized weights. Checked on the first layer's gate
