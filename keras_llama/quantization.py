@@ -64,8 +64,23 @@ _QUANTIZABLE_TYPES = (
 )
 
 
+class _Int8Policy(QuantizedDTypePolicy):
+    """Keras's int8 policy under another name (``<prefix>_from_<source>``), so that the two
+    never compare equal and a config keeps which one a layer had."""
+
+    prefix = "int8"
+
+    def __init__(self, mode="int8", source_name=None):
+        if mode != "int8":
+            raise ValueError(
+                f"`{type(self).__name__}` only supports mode='int8'. Received: mode={mode!r}"
+            )
+        super().__init__("int8", source_name)
+        self._name = f"{self.prefix}_from_{self._source_name}"
+
+
 @keras.saving.register_keras_serializable(package="keras_llama")
-class Int8ActivationsDTypePolicy(QuantizedDTypePolicy):
+class Int8ActivationsDTypePolicy(_Int8Policy):
     """Quantized dtype policy of W8A8 layers: int8 kernels with per-output-channel scales and
     int8 activations with one scale per token (Keras's and KerasHub's int8 math), chosen with
     ``quantize("int8", quantize_activations=True)``.
@@ -79,18 +94,11 @@ class Int8ActivationsDTypePolicy(QuantizedDTypePolicy):
         source_name: the float policy the layer computes in. Defaults to the global policy.
     """
 
-    def __init__(self, mode="int8", source_name=None):
-        if mode != "int8":
-            raise ValueError(
-                f"`Int8ActivationsDTypePolicy` only supports mode='int8'. Received: mode={mode!r}"
-            )
-        super().__init__("int8", source_name)
-        # Distinct from Keras's "int8_from_<source>", so the two never compare equal.
-        self._name = f"int8_w8a8_from_{self._source_name}"
+    prefix = "int8_w8a8"
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")
-class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
+class Int8WeightOnlyDTypePolicy(_Int8Policy):
     """The policy presets saved before ``"int8"`` became weight-only carry on their int8
     layers (kept so that they load): int8 kernels with per-output-channel scales, float
     activations, exactly what Keras's own int8 policy now means in keras-llama.
@@ -100,13 +108,65 @@ class Int8WeightOnlyDTypePolicy(QuantizedDTypePolicy):
         source_name: the float policy the layer computes in. Defaults to the global policy.
     """
 
-    def __init__(self, mode="int8", source_name=None):
-        if mode != "int8":
+    prefix = "int8_weight_only"
+
+
+# Block formats (GGUF's): format -> (Keras mode, bytes per 32 values, has a per-block minimum).
+BLOCK = 32
+BLOCK_FORMATS = {"q8_0": ("int8", 32, False), "q4_0": ("int4", 16, False),
+                 "q4_1": ("int4", 16, True)}  # fmt: skip
+
+
+@keras.saving.register_keras_serializable(package="keras_llama")
+class BlockDTypePolicy(QuantizedDTypePolicy):
+    """Quantized dtype policy of layers holding weights in GGUF's block formats, as stored:
+    per output row, blocks of 32 input values with a float16 scale ``d`` (and minimum ``m``):
+
+    ===========  ======================================  ==============================
+    format       ``kernel`` [out, in * bits / 8]         value
+    ===========  ======================================  ==============================
+    ``"q8_0"``   int8, one per value                     ``d * q``
+    ``"q4_0"``   uint8, byte j of a block: value j in    ``d * (q - 8)``
+                 its low nibble, value j + 16 in its
+                 high nibble (GGUF's byte order)
+    ``"q4_1"``   the same                                ``d * q + m``
+    ===========  ======================================  ==============================
+
+    with ``kernel_scale`` (and ``kernel_min``) float16 [out, in / 32] beside it (for an
+    embedding: ``embeddings`` [vocabulary, hidden ...], ``embeddings_scale``, ...). Keras sees
+    mode ``"int8"`` or ``"int4"``; the layers of `keras_llama.models.block_layers` build,
+    compute, save and load these variables.
+
+    Args:
+        mode: the Keras mode (``"int8"`` for q8_0, ``"int4"`` for the 4-bit formats).
+        source_name: the float policy the layer computes in. Defaults to the global policy.
+        block_format: ``"q8_0"``, ``"q4_0"`` or ``"q4_1"``.
+    """
+
+    def __init__(self, mode="int8", source_name=None, block_format="q8_0"):
+        if block_format not in BLOCK_FORMATS or BLOCK_FORMATS[block_format][0] != mode:
             raise ValueError(
-                f"`Int8WeightOnlyDTypePolicy` only supports mode='int8'. Received: mode={mode!r}"
+                f"Unknown block format, or a Keras mode that does not go with it. Expected one "
+                f"of { ({f: m[0] for f, m in BLOCK_FORMATS.items()}) }. Received: "
+                f"block_format={block_format!r}, mode={mode!r}"
             )
-        super().__init__("int8", source_name)
-        self._name = f"int8_weight_only_from_{self._source_name}"
+        super().__init__(mode, source_name)
+        self.block_format = block_format
+        self._name = f"{block_format}_from_{self._source_name}"
+
+    def get_config(self):
+        return {**super().get_config(), "block_format": self.block_format}
+
+
+def block_policy(block_format, source_name=None):
+    """The `BlockDTypePolicy` of ``block_format``."""
+    mode = BLOCK_FORMATS[block_format][0] if block_format in BLOCK_FORMATS else None
+    return BlockDTypePolicy(mode, source_name, block_format)
+
+
+def block_format_of(layer):
+    """A layer's block format (``"q8_0"``, ``"q4_0"``, ``"q4_1"``), or None."""
+    return getattr(resolved_policy(layer), "block_format", None)
 
 
 def check_mode(mode, quantize_activations=False):
@@ -156,7 +216,7 @@ def is_int8_weight_only(layer):
     `Int8ActivationsDTypePolicy`)."""
     policy = resolved_policy(layer)
     return policy.quantization_mode == "int8" and not isinstance(
-        policy, Int8ActivationsDTypePolicy
+        policy, (Int8ActivationsDTypePolicy, BlockDTypePolicy)
     )
 
 
@@ -188,7 +248,7 @@ def apply_layer_hooks(layer):
         layer.quantization_config = keras.quantizers.Int8QuantizationConfig(
             activation_quantizer=None
         )
-    elif resolved_policy(layer).quantization_mode == "int4":
+    elif resolved_policy(layer).quantization_mode == "int4" or block_format_of(layer):
         layer.inputs_quantizer = None
 
 
@@ -202,6 +262,8 @@ def quantization_mode_of(model):
         policy = resolved_policy(layer)
         if isinstance(policy, Int8ActivationsDTypePolicy):
             return "int8_w8a8"
+        if isinstance(policy, BlockDTypePolicy):
+            return policy.block_format
         if int4_block_size(layer) == INT4_BLOCK:
             return "int4_weight_only"
         return policy.quantization_mode

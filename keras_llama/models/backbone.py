@@ -162,7 +162,9 @@ class Backbone(PresetsMixin, keras.Model):
             keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
         if keras_mode == "int8":
             for layer in self._flatten_layers(include_self=False):
-                if getattr(layer, "_is_quantized", False) and getattr(layer, "inputs_quantizer", None):
+                if getattr(layer, "_is_quantized", False) and getattr(
+                    layer, "inputs_quantizer", None
+                ):
                     quantization.mark_activations_quantized(layer)
 
     # --- LoRA ----------------------------------------------------------------------------------

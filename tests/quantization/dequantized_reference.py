@@ -4,7 +4,6 @@ numpy, by hand from the stored integers and scales (never through the code under
 import keras
 import numpy as np
 
-
 BLOCK = 32  # "int4_weight_only"
 
 

@@ -1,0 +1,102 @@
+"""GGUF's Q8_0, Q4_0 and Q4_1 tensors kept as stored (`keras_llama.presets.gguf_format`).
+
+A layer whose tensors are all of one of these types gets a
+`keras_llama.quantization.BlockDTypePolicy` in the backbone config's ``dtype`` (a
+`keras.dtype_policies.DTypePolicyMap`); its blocks are then split, bit for bit, into the
+values, float16 scales (and minimums) that layer holds (`keras_llama.models.block_layers`),
+in the file's own rows ([out, ...]). ``names``: ``{hf_name: gguf_name}``
+(`gguf_format.gguf_names`).
+"""
+
+import numpy as np
+
+from keras_llama.presets.huggingface import _ROTARY_HEADS, weight_table
+from keras_llama.presets.rotary import interleaved_to_half
+
+BLOCK = 32
+
+KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGML type -> block format
+# Bytes of one 32-value block: (scale, minimum, values) byte ranges (ggml-common.h).
+_BLOCK_FIELDS = {"q8_0": ((0, 2), None, (2, 34)), "q4_0": ((0, 2), None, (2, 18)),
+                 "q4_1": ((0, 2), (2, 4), (4, 20))}  # fmt: skip
+
+
+def _layer_formats(config, tensors, names):
+    """``{layer path: (block format, [hf names])}`` for every layer whose tensors are all of
+    one kept type (an embedding with an untied output projection: both of the same type)."""
+    layers = {}
+    for hf_name, ours, _, _ in weight_table(config):
+        if ours.endswith("/scale"):  # norms stay float
+            continue
+        layers.setdefault(ours.rsplit("/", 1)[0], []).append(hf_name)
+    formats = {}
+    for layer, hf_names in layers.items():
+        types = {tensors[names[n]].tensor_type.name for n in hf_names if names[n] in tensors}
+        if len(types) == 1 and next(iter(types)) in KEPT_TYPES:
+            formats[layer] = (KEPT_TYPES[types.pop()], hf_names)
+    return formats
+
+
+def block_policy_map(config, tensors, names):
+    """A `keras.dtype_policies.DTypePolicyMap` giving each layer kept as stored its
+    `BlockDTypePolicy` (float32 elsewhere), or None when no layer is."""
+    import keras
+
+    from keras_llama.quantization import block_policy
+
+    formats = _layer_formats(config, tensors, names)
+    if not formats:
+        return None
+    policies = keras.dtype_policies.DTypePolicyMap(default_policy="float32")
+    for layer, (block_format, _) in formats.items():
+        policies[layer] = block_policy(block_format, "float32")
+    return policies
+
+
+def kept_tensors(config, tensors, names):
+    """Hugging Face names of the tensors kept as stored: those of the layers the config's
+    ``dtype`` (a `DTypePolicyMap`) gives a `BlockDTypePolicy`."""
+    import keras
+
+    from keras_llama.quantization import BlockDTypePolicy
+
+    policies = config.get("dtype")
+    if not isinstance(policies, keras.dtype_policies.DTypePolicyMap):
+        return set()
+    kept = set()
+    for layer, (block_format, hf_names) in _layer_formats(config, tensors, names).items():
+        policy = policies[layer]
+        if isinstance(policy, BlockDTypePolicy) and policy.block_format == block_format:
+            kept.update(hf_names)
+    return kept
+
+
+def block_weights(config, tensors, names, kept, source):
+    """``(our path, array)`` for the values, scales (and minimums) of each kept tensor, in
+    the file's own rows ([out, ...]; q/k rows put from interleaved into half rotary order)."""
+    for hf_name, ours, _, expected in weight_table(config):
+        if hf_name not in kept:
+            continue
+        tensor = tensors[names[hf_name]]
+        rows, depth = (int(d) for d in reversed(tensor.shape))
+        if (rows, depth) != expected:
+            raise ValueError(
+                f"Shape mismatch for tensor {names[hf_name]!r} (our weight `{ours}`) of the "
+                f"checkpoint {source!r}: expected {expected[::-1]}, received {tensor.shape}"
+            )
+        block_format = KEPT_TYPES[tensor.tensor_type.name]
+        scale, minimum, values = _BLOCK_FIELDS[block_format]
+        blocks = np.asarray(tensor.data).reshape(rows, depth // BLOCK, -1)  # [out, G, bytes]
+        arrays = {
+            "": blocks[..., values[0] : values[1]].reshape(rows, -1),
+            "_scale": blocks[..., scale[0] : scale[1]].copy().view(np.float16)[..., 0],
+        }
+        if minimum is not None:
+            arrays["_min"] = blocks[..., minimum[0] : minimum[1]].copy().view(np.float16)[..., 0]
+        if block_format == "q8_0":
+            arrays[""] = arrays[""].view(np.int8)
+        heads = _ROTARY_HEADS.get(hf_name.split(".", 3)[-1])
+        for suffix, array in arrays.items():
+            if heads:
+                array = interleaved_to_half(array, config[heads])
+            yield ours + suffix, np.ascontiguousarray(array)
