@@ -48,6 +48,7 @@ explicitly). Presets written before ``"int8"`` became weight-only carry an
 """
 
 import keras
+import numpy as np
 from keras.dtype_policies import DTypePolicyMap, QuantizedDTypePolicy
 
 from keras_llama.utils import keras_compat
@@ -158,6 +159,39 @@ class BlockDTypePolicy(QuantizedDTypePolicy):
         return {**super().get_config(), "block_format": self.block_format}
 
 
+# Bytes of one GGUF block: (scale, minimum, values) byte ranges (ggml-common.h).
+_BLOCK_FIELDS = {"q8_0": ((0, 2), None, (2, 34)), "q4_0": ((0, 2), None, (2, 18)),
+                 "q4_1": ((0, 2), (2, 4), (4, 20))}  # fmt: skip
+
+
+def split_blocks(blocks, block_format):
+    """GGUF blocks ``blocks`` uint8 [rows, G, bytes per block] -> ``{"": values, "_scale":
+    float16 [rows, G], "_min": float16 [rows, G] (q4_1)}``, the variables a block layer holds
+    (values int8 [rows, 32 G] for q8_0, uint8 [rows, 16 G] for the 4-bit formats), bit for bit.
+    """
+    rows = blocks.shape[0]
+    scale, minimum, values = _BLOCK_FIELDS[block_format]
+    arrays = {
+        "": blocks[..., values[0] : values[1]].reshape(rows, -1),
+        "_scale": blocks[..., scale[0] : scale[1]].copy().view(np.float16)[..., 0],
+    }
+    if minimum is not None:
+        arrays["_min"] = blocks[..., minimum[0] : minimum[1]].copy().view(np.float16)[..., 0]
+    if block_format == "q8_0":
+        arrays[""] = arrays[""].view(np.int8)
+    return arrays
+
+
+def quantize_blocks(matrix, block_format):
+    """A float matrix [rows, depth] (depth a multiple of 32) in ``block_format``, quantized by
+    ``gguf.quants`` (ggml's reference quantizers) and split as `split_blocks`."""
+    import gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, block_format.upper())
+    raw = gguf.quants.quantize(np.asarray(matrix, np.float32), kind)
+    return split_blocks(raw.reshape(raw.shape[0], matrix.shape[1] // BLOCK, -1), block_format)
+
+
 def block_policy(block_format, source_name=None):
     """The `BlockDTypePolicy` of ``block_format``."""
     mode = BLOCK_FORMATS[block_format][0] if block_format in BLOCK_FORMATS else None
@@ -169,9 +203,17 @@ def block_format_of(layer):
     return getattr(resolved_policy(layer), "block_format", None)
 
 
-def check_mode(mode, quantize_activations=False):
+def check_mode(mode, quantize_activations=False, block_size=None):
     """Raise a clear error unless ``mode`` names a scheme of `MODES` (and
-    ``quantize_activations`` is only asked of int8)."""
+    ``quantize_activations`` and ``block_size`` are only asked of int8)."""
+    if block_size is not None and (block_size != BLOCK or mode not in INT8_MODES):
+        raise ValueError(
+            f"`block_size` applies to mode='int8' / 'int8_weight_only' and must be {BLOCK} "
+            f"(GGUF's Q8_0 blocks). Received: block_size={block_size!r}, mode={mode!r}"
+        )
+    if block_size is not None and quantize_activations:
+        raise ValueError("`block_size` quantizes weights only: `quantize_activations=True` "
+                         "cannot be combined with it.")  # fmt: skip
     if mode not in MODES:
         raise ValueError(
             f"Unknown quantization mode. Expected one of {MODES}. Received: mode={mode!r}"

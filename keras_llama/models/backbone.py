@@ -112,7 +112,7 @@ class Backbone(PresetsMixin, keras.Model):
         return quantization.quantization_mode_of(self)
 
     def quantize(self, mode=None, config=None, filters=None, quantize_activations=False,
-                 **kwargs):  # fmt: skip
+                 block_size=None, **kwargs):  # fmt: skip
         """Quantize the weights in place.
 
         Args:
@@ -128,13 +128,17 @@ class Backbone(PresetsMixin, keras.Model):
             quantize_activations: with ``mode="int8"``: also quantize activations to int8,
                 one scale per token (W8A8, KerasHub's int8 math; less accurate, see
                 `keras_llama.quantization`). Kept through saving.
+            block_size: with ``"int8"`` / ``"int8_weight_only"``: 32 gives one scale per 32
+                input values (GGUF's Q8_0 blocks, ``gguf.quants``'s quantizer) instead of one
+                per output channel; layers whose input dimension is not a multiple of 32 stay
+                float.
 
         Raises:
             ValueError: for an unknown mode, or a model that is already quantized.
         """
         if mode is None and config is not None:
             mode = config.mode
-        quantization.check_mode(mode, quantize_activations)
+        quantization.check_mode(mode, quantize_activations, block_size)
         if kwargs:
             raise ValueError(f"Unrecognized keyword arguments to `quantize()`: {kwargs}")
         current = self.quantization_scheme
@@ -144,6 +148,11 @@ class Backbone(PresetsMixin, keras.Model):
                 "quantize already-rounded weights. Quantize the float model instead (e.g. "
                 f"reload it from its preset). Received: mode={mode!r}"
             )
+        if block_size is not None:
+            if config is not None:
+                raise ValueError(f"`config` cannot be combined with `block_size`. Received: "
+                                 f"config={config!r}")  # fmt: skip
+            return self._quantize_blocks("q8_0", _compile_filters(filters))
         keras_mode, keras_config = quantization.keras_mode_and_config(mode, quantize_activations)
         if config is not None:
             if quantize_activations:
@@ -166,6 +175,17 @@ class Backbone(PresetsMixin, keras.Model):
                     layer, "inputs_quantizer", None
                 ):
                     quantization.mark_activations_quantized(layer)
+
+    def _quantize_blocks(self, block_format, user_filter):
+        # Setting a layer's policy to a quantized one makes Keras call its `quantize`, which
+        # the block layers (`keras_llama.models.block_layers`) implement for block policies.
+        with keras_compat.one_garbage_collection():
+            for layer in self._flatten_layers(include_self=False):
+                if not hasattr(layer, "block_depth") or not user_filter(layer):
+                    continue
+                if layer.block_depth() % quantization.BLOCK == 0:
+                    source = quantization.resolved_policy(layer).name  # the float policy
+                    layer.dtype_policy = quantization.block_policy(block_format, source)
 
     # --- LoRA ----------------------------------------------------------------------------------
     def default_lora_layer_names(self):

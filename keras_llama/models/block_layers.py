@@ -25,7 +25,7 @@ import math
 import keras
 from keras import ops
 
-from keras_llama.quantization import BLOCK, BLOCK_FORMATS, block_format_of
+from keras_llama.quantization import BLOCK, BLOCK_FORMATS, block_format_of, quantize_blocks
 
 
 # --- the blocks, as arrays -----------------------------------------------------------------------
@@ -107,8 +107,27 @@ class _BlockWeights:
             variable.assign(store[str(i)])
 
     def quantize(self, mode=None, type_check=True, config=None):
-        # Keras refuses to quantize subclasses (``type_check``); these quantize as their parents.
-        super().quantize(mode, type_check=False, config=config)
+        """Keras's ``quantize`` (Keras refuses subclasses: ``type_check``; these quantize as
+        their parents), or, when the layer's policy was just set to a `BlockDTypePolicy`
+        (Keras then calls ``quantize``), the float weights into those blocks."""
+        block_format = block_format_of(self)
+        if block_format is None:
+            return super().quantize(mode, type_check=False, config=config)
+        if self.block_depth() % BLOCK:
+            raise ValueError(
+                f"Layer {self.name!r} cannot hold {block_format!r} blocks: its input dimension "
+                f"is not a multiple of {BLOCK}. Received: {self.block_depth()}"
+            )
+        arrays = {}
+        for prefix, matrix in self._float_matrices().items():  # [rows, depth] each
+            matrix = ops.convert_to_numpy(ops.cast(matrix, "float32"))
+            for suffix, array in quantize_blocks(matrix, block_format).items():
+                arrays[prefix + suffix] = array
+        shape = self._float_shape()
+        self._drop_float_weights()
+        self.quantized_build(shape, BLOCK_FORMATS[block_format][0])
+        for variable in self._block_variables:
+            variable.assign(arrays[variable.name])
 
 
 class _KernelBlocks(_BlockWeights):
@@ -145,6 +164,19 @@ class Dense(_KernelBlocks, keras.layers.Dense):
         depth, units = kernel_shape
         self._block_build(block_format, [("kernel", (units, depth))])
 
+    def block_depth(self):
+        """The input dimension blocks run along."""
+        return self._kernel.shape[0]
+
+    def _float_matrices(self):
+        return {"kernel": ops.transpose(self._kernel)}
+
+    def _float_shape(self):
+        return tuple(self._kernel.shape)
+
+    def _drop_float_weights(self):
+        del self._kernel
+
     def _block_call(self, inputs):
         kernel = ops.cast(ops.transpose(self._block_matrix("kernel")), self.compute_dtype)
         return _finish(self, ops.matmul(ops.cast(inputs, self.compute_dtype), kernel))
@@ -176,6 +208,19 @@ class EinsumDense(_KernelBlocks, keras.layers.EinsumDense):
                 f"Received: equation={self.equation!r}"
             )
         return len(contracted)
+
+    def block_depth(self):
+        """The input dimension blocks run along (the contracted kernel dimensions)."""
+        return math.prod(self._kernel.shape[: self.contracted_dims()])
+
+    def _float_matrices(self):
+        return {"kernel": ops.transpose(ops.reshape(self._kernel, (self.block_depth(), -1)))}
+
+    def _float_shape(self):
+        return tuple(self._kernel.shape)
+
+    def _drop_float_weights(self):
+        del self._kernel
 
     def _block_call(self, inputs):
         kernel = ops.reshape(ops.transpose(self._block_matrix("kernel")), self._block_kernel_shape)
@@ -209,6 +254,24 @@ class ReversibleEmbedding(_BlockWeights, keras.layers.ReversibleEmbedding):
         if block_format_of(self) is None:
             return super()._int4_call(inputs, reverse=reverse)
         return self._block_call(inputs, reverse)
+
+    def block_depth(self):
+        """The input dimension blocks run along: the hidden size."""
+        return self.output_dim
+
+    def _float_matrices(self):
+        matrices = {"embeddings": self._embeddings}
+        if not self.tie_weights:  # Keras keeps it [hidden, vocab]
+            matrices["reverse_embeddings"] = ops.transpose(self.reverse_embeddings)
+        return matrices
+
+    def _float_shape(self):
+        return (self.input_dim, self.output_dim)
+
+    def _drop_float_weights(self):
+        del self._embeddings
+        if not self.tie_weights:
+            del self.reverse_embeddings
 
     def _block_call(self, inputs, reverse):
         if not reverse:  # gather the rows, then dequantize them: never the whole table

@@ -12,13 +12,11 @@ import numpy as np
 
 from keras_llama.presets.huggingface import _ROTARY_HEADS, weight_table
 from keras_llama.presets.rotary import interleaved_to_half
+from keras_llama.quantization import split_blocks
 
 BLOCK = 32
 
 KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGML type -> block format
-# Bytes of one 32-value block: (scale, minimum, values) byte ranges (ggml-common.h).
-_BLOCK_FIELDS = {"q8_0": ((0, 2), None, (2, 34)), "q4_0": ((0, 2), None, (2, 18)),
-                 "q4_1": ((0, 2), (2, 4), (4, 20))}  # fmt: skip
 
 
 def _layer_formats(config, tensors, names):
@@ -85,16 +83,8 @@ def block_weights(config, tensors, names, kept, source):
                 f"checkpoint {source!r}: expected {expected[::-1]}, received {tensor.shape}"
             )
         block_format = KEPT_TYPES[tensor.tensor_type.name]
-        scale, minimum, values = _BLOCK_FIELDS[block_format]
         blocks = np.asarray(tensor.data).reshape(rows, depth // BLOCK, -1)  # [out, G, bytes]
-        arrays = {
-            "": blocks[..., values[0] : values[1]].reshape(rows, -1),
-            "_scale": blocks[..., scale[0] : scale[1]].copy().view(np.float16)[..., 0],
-        }
-        if minimum is not None:
-            arrays["_min"] = blocks[..., minimum[0] : minimum[1]].copy().view(np.float16)[..., 0]
-        if block_format == "q8_0":
-            arrays[""] = arrays[""].view(np.int8)
+        arrays = split_blocks(blocks, block_format)
         heads = _ROTARY_HEADS.get(hf_name.split(".", 3)[-1])
         for suffix, array in arrays.items():
             if heads:

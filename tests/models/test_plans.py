@@ -144,11 +144,19 @@ def test_greedy_generation_equals_transformers_over_every_plan(pair):
         )
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4_weight_only"])
-def test_quantized_decoding_equals_keras_quantized_layers_over_every_plan(mode):
+QUANTIZED = {  # name -> quantize() arguments
+    "int8": ("int8", {}),
+    "int8_blocks": ("int8_weight_only", {"block_size": 32}),  # GGUF's Q8_0 blocks
+    "int4_weight_only": ("int4_weight_only", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_decoding_equals_keras_quantized_layers_over_every_plan(name):
     hf = make_hf_model("gqa", seed=7, **SHAPE)
     causal_lm = to_keras_llama(hf)
-    causal_lm.quantize(mode)
+    mode, kwargs = QUANTIZED[name]
+    causal_lm.quantize(mode, **kwargs)
     chosen = causal_lm.execution_plan()
     plans = stage_plans(causal_lm, "decode")
     # The reference: Keras's own int8 / int4 layers (the "layers" projections), themselves

@@ -45,6 +45,11 @@ def dequantized(backbone, path):
     variables = {v.path: np.asarray(v) for v in backbone.weights}
     if path + "_zero" in variables:
         return dequantized_int4(backbone, path)
+    if variables[path + "_scale"].dtype == np.float16:  # Q8_0 blocks, rows [out, in]
+        q = variables[path].astype("float64")
+        scale = variables[path + "_scale"].astype("float64")
+        w = q * np.repeat(scale, BLOCK, axis=1)
+        return w if path.endswith("/embeddings") else w.T  # ours: kernels [in, out]
     q = variables[path].astype("float64")
     if path.endswith("/embeddings"):
         return q / variables[path + "_scale"].astype("float64")[:, None]

@@ -129,6 +129,33 @@ def test_int4_weight_only_is_keras_int4_in_blocks_of_32_and_matches_float64(hf, 
     np.testing.assert_array_equal(logits(reloaded), ours)
 
 
+def test_int8_in_blocks_of_32_is_ggufs_q8_0_and_matches_float64(hf, tmp_path):
+    import gguf
+
+    float_lm = to_keras_llama(hf)
+    up = float_lm.backbone.transformer_layers[0]._feedforward_intermediate_dense
+    kernel = np.asarray(up.kernel)  # [32, 64]
+    causal_lm = to_keras_llama(hf)
+    causal_lm.quantize("int8_weight_only", block_size=32)
+    backbone = causal_lm.backbone
+    assert backbone.quantization_scheme == "q8_0"
+    # The blocks are ggml's reference Q8_0 of each output row (the gguf package's quantizer).
+    raw = gguf.quants.quantize(kernel.T, gguf.GGMLQuantizationType.Q8_0)  # [64, 34]
+    variables = {v.path: np.asarray(v) for v in backbone.weights}
+    path = "transformer_layer_0/feedforward_intermediate_dense/kernel"
+    np.testing.assert_array_equal(variables[path].view(np.uint8), raw[:, 2:])
+    np.testing.assert_array_equal(variables[path + "_scale"].view(np.uint8), raw[:, :2])
+    ours = logits(causal_lm)
+    np.testing.assert_allclose(ours, float64_logits(backbone, TOKEN_IDS), atol=2e-4, rtol=0)
+    assert cosine(ours, hf_logits(hf, TOKEN_IDS)).min() > 0.995
+    causal_lm.save_to_preset(str(tmp_path / "preset"))
+    reloaded = CausalLM.from_preset(str(tmp_path / "preset"))
+    assert reloaded.backbone.quantization_scheme == "q8_0"
+    np.testing.assert_array_equal(logits(reloaded), ours)
+    with pytest.raises(ValueError, match="must be 32"):
+        to_keras_llama(hf).quantize("int8", block_size=64)
+
+
 def test_w8a8_matches_float64_with_activations_rounded_per_token_by_hand(hf, w8a8):
     """W8A8 by hand: each projection's input rounded to int8 with one abs-max scale per token,
     then the float64 product with the dequantized weights. Checked on the first layer's gate
