@@ -1,10 +1,19 @@
-"""GGUF's Q8_0, Q4_0 and Q4_1 tensors kept as stored (`keras_llama.presets.gguf_format`).
+"""GGUF's Q8_0, Q4_0 and Q4_1 tensors kept as stored, and the K-quants (Q2_K..Q6_K) and Q5_0 /
+Q5_1 re-packed into Q8_0 (`keras_llama.presets.gguf_format`).
 
-A layer whose tensors are all of one of these types gets a
+A layer whose tensors all go to one block format gets a
 `keras_llama.quantization.BlockDTypePolicy` in the backbone config's ``dtype`` (a
-`keras.dtype_policies.DTypePolicyMap`); its blocks are then split, bit for bit, into the
+`keras.dtype_policies.DTypePolicyMap`). Kept tensors are split, bit for bit, into the
 values, float16 scales (and minimums) that layer holds (`keras_llama.models.block_layers`),
-in the file's own rows ([out, ...]). ``names``: ``{hf_name: gguf_name}``
+in the file's own rows ([out, ...]). Re-packed tensors are dequantized one at a time
+(``gguf.quants``) and quantized to Q8_0 by ``gguf.quants`` (ggml's reference quantizer).
+
+Why Q8_0 for the K-quants: their super-blocks (256 values, 6-bit sub-block scales) have no
+kernel here; Q8_0 keeps what they hold almost exactly (its rounding, at most half of a 1/127
+step of each block's largest value, is far below a 4-6-bit format's) and every projection of a
+mixed file (Q4_K_M: Q4_K and Q6_K) then packs into the same native int8-block kernel. The cost
+is memory, 8.5 bits per weight instead of 4.5-6.6. Measured on SmolLM2-135M-Instruct as
+Q4_K_M (``benchmarks/RESULTS.md``, 2026-12-03). ``names``: ``{hf_name: gguf_name}``
 (`gguf_format.gguf_names`).
 """
 
@@ -12,16 +21,23 @@ import numpy as np
 
 from keras_llama.presets.huggingface import _ROTARY_HEADS, weight_table
 from keras_llama.presets.rotary import interleaved_to_half
-from keras_llama.quantization import split_blocks
+from keras_llama.quantization import quantize_blocks, split_blocks
 
 BLOCK = 32
 
 KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGML type -> block format
+REPACKED_TYPES = {name: "q8_0" for name in ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                            "Q6_K")}  # fmt: skip
+
+
+def target_format(type_name):
+    """The block format a GGML tensor type is held in (kept or re-packed), or None (float)."""
+    return KEPT_TYPES.get(type_name) or REPACKED_TYPES.get(type_name)
 
 
 def _layer_formats(config, tensors, names):
     """``{layer path: (block format, [hf names])}`` for every layer whose tensors are all of
-    one kept type (an embedding with an untied output projection: both of the same type)."""
+    one block format (an embedding with an untied output projection: both)."""
     layers = {}
     for hf_name, ours, _, _ in weight_table(config):
         if ours.endswith("/scale"):  # norms stay float
@@ -29,9 +45,10 @@ def _layer_formats(config, tensors, names):
         layers.setdefault(ours.rsplit("/", 1)[0], []).append(hf_name)
     formats = {}
     for layer, hf_names in layers.items():
-        types = {tensors[names[n]].tensor_type.name for n in hf_names if names[n] in tensors}
-        if len(types) == 1 and next(iter(types)) in KEPT_TYPES:
-            formats[layer] = (KEPT_TYPES[types.pop()], hf_names)
+        targets = {target_format(tensors[names[n]].tensor_type.name)
+                   for n in hf_names if names[n] in tensors}  # fmt: skip
+        if len(targets) == 1 and None not in targets:
+            formats[layer] = (targets.pop(), hf_names)
     return formats
 
 
@@ -70,8 +87,8 @@ def kept_tensors(config, tensors, names):
 
 
 def block_weights(config, tensors, names, kept, source):
-    """``(our path, array)`` for the values, scales (and minimums) of each kept tensor, in
-    the file's own rows ([out, ...]; q/k rows put from interleaved into half rotary order)."""
+    """``(our path, array)`` for the values, scales (and minimums) of each kept (or re-packed)
+    tensor, in the file's own rows ([out, ...]; q/k rows put from interleaved into half rotary order)."""
     for hf_name, ours, _, expected in weight_table(config):
         if hf_name not in kept:
             continue
@@ -82,9 +99,15 @@ def block_weights(config, tensors, names, kept, source):
                 f"Shape mismatch for tensor {names[hf_name]!r} (our weight `{ours}`) of the "
                 f"checkpoint {source!r}: expected {expected[::-1]}, received {tensor.shape}"
             )
-        block_format = KEPT_TYPES[tensor.tensor_type.name]
-        blocks = np.asarray(tensor.data).reshape(rows, depth // BLOCK, -1)  # [out, G, bytes]
-        arrays = split_blocks(blocks, block_format)
+        type_name = tensor.tensor_type.name
+        if type_name in KEPT_TYPES:
+            blocks = np.asarray(tensor.data).reshape(rows, depth // BLOCK, -1)  # [out, G, bytes]
+            arrays = split_blocks(blocks, KEPT_TYPES[type_name])
+        else:  # re-packed: dequantized, then quantized to the target format
+            from gguf import quants
+
+            weights = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+            arrays = quantize_blocks(weights.reshape(rows, depth), REPACKED_TYPES[type_name])
         heads = _ROTARY_HEADS.get(hf_name.split(".", 3)[-1])
         for suffix, array in arrays.items():
             if heads:

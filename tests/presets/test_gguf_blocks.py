@@ -140,3 +140,35 @@ def test_a_layer_with_tensors_of_two_types_is_dequantized(tmp_path):
     ids = token_batch(seed=16)
     expected = hf_logits(reference_with(hf, stored), ids)
     np.testing.assert_allclose(logits(causal_lm, ids), expected, atol=1e-4, rtol=0)
+
+
+def test_q5_0_is_repacked_into_ggufs_own_q8_0_of_its_weights(tmp_path):
+    # Q5_0 and the K-quants have no kernel here: dequantized by gguf.quants, then quantized to
+    # Q8_0 by it (the same path for every re-packed type; SmolLM2 as Q4_K_M measured in
+    # benchmarks/gguf_repack_accuracy.py).
+    hf = make_hf_model("gqa", seed=24, **SHAPE)
+    path = str(tmp_path / "q5_0.gguf")
+    stored = write_gguf(path, hf, qtype="Q5_0")
+    causal_lm = CausalLM.from_preset(path)
+    up = causal_lm.backbone.transformer_layers[0]._feedforward_intermediate_dense
+    assert up.dtype_policy.block_format == "q8_0"
+    weights = stored["model.layers.0.mlp.up_proj.weight"]  # as the file stores it, dequantized
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q8_0).reshape(96, 2, 34)
+    variables = {v.path: np.asarray(v) for v in up.weights}
+    np.testing.assert_array_equal(
+        variables[up.path + "/kernel"].view(np.uint8), raw[..., 2:].reshape(96, 64)
+    )
+    np.testing.assert_array_equal(
+        variables[up.path + "/kernel_scale"].view(np.uint8), raw[..., :2].reshape(96, 4)
+    )
+    # Close to the file's own weights: Q8_0 rounds each block to 1/127 of its largest value.
+    repacked = {n: gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                                          gguf.GGMLQuantizationType.Q8_0)
+                for n, w in stored.items() if w.ndim == 2}  # fmt: skip
+    ids = token_batch(seed=17)
+    expected = hf_logits(reference_with(hf, {**stored, **repacked}), ids)
+    np.testing.assert_allclose(logits(causal_lm, ids), expected, atol=1e-4, rtol=0)
+    float_path = logits(CausalLM.from_preset(path, dtype="float32"), ids)
+    np.testing.assert_allclose(
+        logits(causal_lm, ids), float_path, atol=0.05 * np.abs(float_path).max()
+    )
