@@ -6,7 +6,8 @@ last-token logits of chat prompts against the float32 model (one JSON line per s
 
 ``cosine_min`` / ``cosine_mean``: cosine similarity of the last-token logits with float32's,
 over the prompts; ``argmax_agree``: prompts whose top next token equals float32's. Modes are
-`quantize()` modes; ``int8_w8a8`` is ``quantize("int8", quantize_activations=True)``.
+`quantize()` modes; ``int8_w8a8`` is ``quantize("int8", quantize_activations=True)``,
+``int8_blocks`` ``quantize("int8", block_size=32)`` (GGUF's Q8_0 blocks).
 """
 
 import argparse
@@ -45,7 +46,8 @@ def last_token_logits(causal_lm, prompts):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smollm2_135m_instruct")
-    parser.add_argument("--modes", nargs="+", default=["int8", "int8_w8a8", "int4"])
+    parser.add_argument("--modes", nargs="+",
+                        default=["int8", "int8_w8a8", "int8_blocks", "int4", "int4_weight_only"])  # fmt: skip
     args = parser.parse_args()
     import numpy as np
 
@@ -64,6 +66,8 @@ def main():
         causal_lm = load()
         if mode == "int8_w8a8":
             causal_lm.quantize("int8", quantize_activations=True)
+        elif mode == "int8_blocks":
+            causal_lm.quantize("int8", block_size=32)
         else:
             causal_lm.quantize(mode)
         ours = last_token_logits(causal_lm, prompts)

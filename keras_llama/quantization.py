@@ -11,6 +11,10 @@ mode                    what is quantized                                    act
                         projection's per-output-channel scale when tied).
                         KerasHub's int8 file layout and dtype policy.
 ``"int8_weight_only"``  the same as ``"int8"`` (its earlier name, kept)      float
+``"int8"`` with         one scale per 32 input values of each output         float
+``block_size=32``       channel: GGUF's Q8_0 blocks (``gguf.quants``'s
+                        quantizer), held by `keras_llama.models.block_layers`
+                        (`quantization_scheme` says ``"q8_0"``)
 ``"int8"`` with         the same weights, same scales (KerasHub's own        int8, one scale
 ``quantize_activations  "W8A8" math; `quantization_scheme` says               per token
 =True``                 ``"int8_w8a8"``)
@@ -32,6 +36,11 @@ SmolLM2-135M-Instruct (six chat prompts, last-token logits against float32, 2026
   0.252x float32 (0.409x if the embedding is kept float with ``filters``);
 * ``"int4"``: cosine 0.95-0.99, argmax differs on half the prompts (a 135M model has little to
   spare at 4 bits; tolerance in tests: cosine >= 0.9 on a tiny random model).
+
+GGUF files keep their Q8_0 / Q4_0 / Q4_1 weights as stored (`BlockDTypePolicy`, see
+`keras_llama.presets.gguf_blocks`; K-quants are re-packed into Q8_0). The native decode
+kernels (`keras_llama.kernels.decode_matmul`) read int8 blocks and 4-bit blocks directly:
+Q8_0, Q4_0, Q4_1 and ``"int4_weight_only"`` all decode through them.
 
 Pass ``filters`` to `quantize` to keep layers in float, e.g. the embedding:
 ``model.quantize("int8", filters=lambda layer: layer.name != "token_embedding")``.
