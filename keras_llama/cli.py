@@ -229,6 +229,10 @@ def cmd_convert(args, out, inp=None):
                 f"{args.dtype}"
             )
         kwargs["dtype"] = "float32" if dtype == "int8" else dtype
+    if args.to != "keras":
+        # Exporters write float weights: a GGUF source's blocks are dequantized (no dtype
+        # given: float32, its exact float path).
+        kwargs.setdefault("dtype", "float32")
     # Refuse an existing destination before the (possibly long) load.
     with options.as_usage_errors():
         check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")

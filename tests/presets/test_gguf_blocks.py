@@ -172,3 +172,20 @@ def test_q5_0_is_repacked_into_ggufs_own_q8_0_of_its_weights(tmp_path):
     np.testing.assert_allclose(
         logits(causal_lm, ids), float_path, atol=0.05 * np.abs(float_path).max()
     )
+
+
+def test_convert_to_transformers_writes_the_dequantized_weights(written, tmp_path):
+    import io
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from keras_llama import cli
+
+    _, path, reference = written
+    target = str(tmp_path / "hf")
+    code = cli.main(["convert", path, target, "--to", "transformers"], out=io.StringIO())
+    assert code == 0
+    exported = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    ids = token_batch(seed=18)
+    np.testing.assert_allclose(hf_logits(exported, ids), hf_logits(reference, ids), atol=1e-5)
