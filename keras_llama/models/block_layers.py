@@ -133,6 +133,15 @@ class _BlockWeights:
 class _KernelBlocks(_BlockWeights):
     """Dense and EinsumDense: a block-quantized layer calls ``_block_call(inputs)``."""
 
+    def enable_lora(self, rank, *args, **kwargs):
+        if block_format_of(self) is not None:
+            raise ValueError(
+                f"LoRA adapters over block-quantized weights ({block_format_of(self)!r}) are not "
+                f"supported: load the float weights instead (e.g. `from_preset(path, "
+                f'dtype="float32")` for a GGUF file). Received: layer {self.name!r}'
+            )
+        return super().enable_lora(rank, *args, **kwargs)
+
     def _int8_call(self, inputs, training=None):
         if block_format_of(self) is None:
             return super()._int8_call(inputs, training=training)

@@ -189,3 +189,11 @@ def test_convert_to_transformers_writes_the_dequantized_weights(written, tmp_pat
     exported = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     ids = token_batch(seed=18)
     np.testing.assert_allclose(hf_logits(exported, ids), hf_logits(reference, ids), atol=1e-5)
+
+
+def test_lora_over_blocks_is_refused_and_the_plan_names_the_format(written):
+    qtype, path, _ = written
+    causal_lm = CausalLM.from_preset(path)
+    assert f"projections are {FORMATS[qtype]}" in str(causal_lm.execution_plan().training)
+    with pytest.raises(ValueError, match="LoRA adapters over block-quantized weights"):
+        causal_lm.backbone.enable_lora(2)
