@@ -305,20 +305,24 @@ def apply_layer_hooks(layer):
 
 def quantization_mode_of(model):
     """The scheme a model was quantized with (``"int8"``, ``"int8_w8a8"`` for int8 with
-    quantized activations, ``"int4"``, or a Keras mode for layers quantized some other way),
-    or None for a float model. Mixed schemes give the first."""
-    for layer in keras_compat.sublayers(model):
-        if not getattr(layer, "_is_quantized", False):
-            continue
-        policy = resolved_policy(layer)
-        if isinstance(policy, Int8ActivationsDTypePolicy):
-            return "int8_w8a8"
-        if isinstance(policy, BlockDTypePolicy):
-            return policy.block_format
-        if int4_block_size(layer) == INT4_BLOCK:
-            return "int4_weight_only"
-        return policy.quantization_mode
-    return None
+    quantized activations, ``"int4"``, ``"int4_weight_only"``, a block format such as
+    ``"q4_1"``, or a Keras mode for layers quantized some other way), or None for a float
+    model. Mixed schemes (a GGUF file's Q4_1 projections and Q8_0 embedding) give the one most
+    layers have."""
+    schemes = [_scheme(layer) for layer in keras_compat.sublayers(model)
+               if getattr(layer, "_is_quantized", False)]  # fmt: skip
+    return max(schemes, key=schemes.count) if schemes else None
+
+
+def _scheme(layer):
+    policy = resolved_policy(layer)
+    if isinstance(policy, Int8ActivationsDTypePolicy):
+        return "int8_w8a8"
+    if isinstance(policy, BlockDTypePolicy):
+        return policy.block_format
+    if int4_block_size(layer) == INT4_BLOCK:
+        return "int4_weight_only"
+    return policy.quantization_mode
 
 
 def quantized_policy_map(model, default_policy):

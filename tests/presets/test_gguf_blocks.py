@@ -46,6 +46,7 @@ def test_layers_hold_the_files_blocks_bit_for_bit(written):
     assert isinstance(up.dtype_policy, BlockDTypePolicy)
     assert up.dtype_policy.block_format == FORMATS[qtype]
     assert backbone.token_embedding.dtype_policy.block_format == FORMATS[qtype]
+    assert backbone.quantization_scheme == FORMATS[qtype]
     variables = {v.path: np.asarray(v) for v in up.weights}
     blocks = raw_blocks(path, "blk.0.ffn_up.weight")  # [96, 2, bytes]: not rotary-permuted
     scale, minimum, values = FIELDS[qtype]

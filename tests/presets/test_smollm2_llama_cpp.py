@@ -113,6 +113,7 @@ def test_top1_agreement_with_llama_cpp_at_least_the_float_paths(request, file, m
     scheme = "q8_0" if file == "q8_0_path" else "q4_1"
     layer = kept.backbone.transformer_layers[0]._feedforward_gate_dense
     assert layer.dtype_policy.block_format == scheme
+    assert kept.backbone.quantization_scheme == scheme  # the embedding is Q8_0 in both files
     rows = prompts(kept)
     reference = llama_cpp_top1(path, rows, monkeypatch)
     ours = (our_top1(kept, rows) == reference).mean()
