@@ -65,8 +65,10 @@ def dequantize_rows(block_format, values, scale, minimum=None):
 
 # --- the shared behaviour --------------------------------------------------------------------------
 class _BlockWeights:
-    """What the three layers share: building, saving and loading block variables. Each class
-    names its block variables (``_block_prefixes``) and gives their [rows, depth] shapes."""
+    """What the three layers share: building, saving and loading block variables, and
+    quantizing float weights into blocks. Each class gives ``_block_build`` its matrices'
+    names and [rows, depth] shapes, and ``block_depth``, ``_float_matrices``,
+    ``_float_shape`` and ``_drop_float_weights`` for quantizing."""
 
     def _block_build(self, block_format, prefixes):
         self._block_variables = []
