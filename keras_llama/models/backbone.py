@@ -146,7 +146,8 @@ class Backbone(PresetsMixin, keras.Model):
             raise ValueError(
                 f"This model is already quantized (mode={current!r}); quantizing twice would "
                 "quantize already-rounded weights. Quantize the float model instead (e.g. "
-                f"reload it from its preset). Received: mode={mode!r}"
+                "reload it from its preset; a GGUF file's blocks are kept as stored unless "
+                f'`from_preset(..., dtype="float32")`). Received: mode={mode!r}'
             )
         if block_size is not None:
             if config is not None:
