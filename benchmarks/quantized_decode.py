@@ -73,7 +73,7 @@ def run(mode, args, weights):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", default=["float32", "int8_weight_only", "int8"])
+    parser.add_argument("--modes", nargs="+", default=["float32", "int8", "int4_weight_only"])
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)

@@ -52,7 +52,7 @@ def _load(args):
 
     causal_lm = CausalLM.from_preset(args.preset, **options.dtype_kwargs(args))
     if args.dtype == "int8":
-        causal_lm.quantize("int8_weight_only")
+        causal_lm.quantize("int8")
     if causal_lm.preprocessor is None:
         raise ValueError(
             f"the preset has no tokenizer, so it cannot take text. Received: --preset {args.preset}"
@@ -229,6 +229,10 @@ def cmd_convert(args, out, inp=None):
                 f"{args.dtype}"
             )
         kwargs["dtype"] = "float32" if dtype == "int8" else dtype
+    if args.to != "keras":
+        # Exporters write float weights: a GGUF source's blocks are dequantized (no dtype
+        # given: float32, its exact float path).
+        kwargs.setdefault("dtype", "float32")
     # Refuse an existing destination before the (possibly long) load.
     with options.as_usage_errors():
         check_target(os.path.abspath(args.dst), args.overwrite, folder=args.to != "gguf")
@@ -241,7 +245,7 @@ def cmd_convert(args, out, inp=None):
             raise task_error from None
     if args.to == "keras":
         if dtype == "int8":
-            model.quantize("int8_weight_only")
+            model.quantize("int8")
         model.save_to_preset(args.dst)
     elif args.to == "transformers":
         model.export_to_transformers(args.dst, overwrite=args.overwrite)
@@ -300,7 +304,7 @@ def cmd_serve(args, out, inp=None):
 
         causal_lm = CausalLM.from_preset(args.preset, **options.dtype_kwargs(args))
         if args.dtype == "int8":
-            causal_lm.quantize("int8_weight_only")
+            causal_lm.quantize("int8")
         return causal_lm
 
     app = create_app(

@@ -118,6 +118,18 @@ def to_arrays(preprocessor, examples):
     return x, y, weight
 
 
+def _float_weights(preset):
+    """LoRA adapters train over float weights or Keras's int8 (QLoRA), not over GGUF's blocks
+    kept as stored: a GGUF file is loaded on its float path (``dtype="float32"``)."""
+    from keras_llama.models.preset_reading import open_preset
+    from keras_llama.presets.checkpoint import Checkpoint
+
+    source = open_preset(preset)
+    return (
+        {"dtype": "float32"} if isinstance(source, Checkpoint) and source.format == "gguf" else {}
+    )
+
+
 def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, batch_size=4,
              max_length=512, validation_data=None, keep_adapter=False, overwrite=False,
              callbacks=None):  # fmt: skip
@@ -134,7 +146,7 @@ def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, ba
     check_target(output, overwrite, folder=True)
     train = read_examples(data)  # every line checked before anything is loaded
     validation = read_examples(validation_data) if validation_data else None
-    causal_lm = CausalLM.from_preset(preset)
+    causal_lm = CausalLM.from_preset(preset, **_float_weights(preset))
     preprocessor = causal_lm.preprocessor
     if preprocessor is None:
         raise ValueError(f"The preset has no tokenizer to read the data with. Received: {preset!r}")

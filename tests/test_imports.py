@@ -12,7 +12,8 @@ ALLOWED = {
     "utils": set(),
     "tokenizers": {"utils", "version"},
     "samplers": {"utils", "version"},
-    "presets": {"utils", "tokenizers", "version"},
+    # gguf_blocks.py gives layers kept as GGUF stores them their `BlockDTypePolicy`.
+    "presets": {"utils", "tokenizers", "quantization", "version"},
     # packing.py reads Keras layers' quantization (keras_llama.quantization imports nothing).
     "kernels": {"utils", "quantization", "version"},
 }

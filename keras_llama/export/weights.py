@@ -7,6 +7,8 @@ weights a float checkpoint holds, and an exporter must never write wrong weights
 import keras
 import numpy as np
 
+from keras_llama.utils import keras_compat
+
 
 def backbone_config(backbone):
     """The `LlamaBackbone` keyword arguments the converter tables read."""
@@ -33,7 +35,7 @@ def weight_reader(backbone, merge_lora=True):
             "it from its preset before `quantize()`), and quantize the export instead, e.g. "
             "`export_to_gguf(path, dtype='q8_0')`."
         )
-    layers = {layer.path: layer for layer in backbone._flatten_layers(include_self=False)}
+    layers = {layer.path: layer for layer in keras_compat.sublayers(backbone)}
     variables = {v.path: v for v in backbone.weights}
 
     def get(path):

@@ -8,6 +8,18 @@
 //   packed W: [P, K, NB] float32 (or int8 plus one float scale per column), panel p holding
 //   columns p*NB .. p*NB+NB-1 of W, zero-padded past N. Panel p, row k is NB contiguous values.
 //
+// Block-quantized weights (GGUF's Q8_0 / Q4_0 / Q4_1, Keras's int4 in blocks of 32) keep one
+// scale (and, for 4 bits, one offset) per column and block of kBlock = 32 rows:
+//
+//   int8 blocks:  q [P, K, NB] int8,  scale [P, G, NB]              w = scale * q
+//   4-bit blocks: q [P, K, NB / 2] uint8 (byte j: column j in its low nibble, column j + 16
+//                 in its high nibble, unsigned 0..15), scale and offset [P, G, NB]
+//                                                                   w = scale * q + offset
+//
+// with G = ceil(K / 32) (the last block may be short). A block's products are summed
+// unscaled, then scaled once: acc += scale * sum_k x[k] q[k] (+ offset * sum_k x[k], the
+// row sums of x per block, computed once per call).
+//
 // Panels are shared between the calling thread and XLA's intra-op thread pool through an
 // atomic counter (dynamic scheduling); the caller waits only for panels other threads have
 // claimed, so a helper task that starts late finds no work and never blocks the caller.
@@ -19,6 +31,9 @@
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include <type_traits>
+#include <vector>
 
 #include "cpu_common.h"
 
@@ -96,6 +111,183 @@ void panel_product(const float* x, int64_t K, const W* panel, const float* scale
     store(y + m * ldy + n0, acc[m][0], cols);
     store(y + m * ldy + n0 + 16, acc[m][1], cols - 16);
   }
+}
+
+// --- block-quantized panels -----------------------------------------------------------------
+constexpr int64_t kBlock = 32;  // rows per scale (and offset)
+
+typedef uint8_t u8x16u __attribute__((vector_size(16), aligned(1)));
+
+// 32 unsigned 4-bit values (16 bytes: low nibbles are columns 0..15, high nibbles 16..31).
+inline void load_nibbles(const uint8_t* p, f32x16* lo, f32x16* hi) {
+#if defined(__AVX512F__)
+  const __m512i wide = _mm512_maskz_cvtepu8_epi32(
+      static_cast<__mmask16>(0xFFFF), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mask = _mm512_set1_epi32(15);
+  const __mmask16 all = static_cast<__mmask16>(0xFFFF);  // zero-masking forms: see load()
+  const __m512 l = _mm512_maskz_cvtepi32_ps(all, _mm512_maskz_and_epi32(all, wide, mask));
+  const __m512 h = _mm512_maskz_cvtepi32_ps(all, _mm512_maskz_srli_epi32(all, wide, 4));
+  std::memcpy(lo, &l, sizeof(*lo));
+  std::memcpy(hi, &h, sizeof(*hi));
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i mask = _mm256_set1_epi32(15);
+  const __m256i a = _mm256_cvtepu8_epi32(bytes);
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  const __m256 parts[4] = {
+      _mm256_cvtepi32_ps(_mm256_and_si256(a, mask)), _mm256_cvtepi32_ps(_mm256_and_si256(b, mask)),
+      _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
+  std::memcpy(lo, &parts[0], 32);
+  std::memcpy(reinterpret_cast<char*>(lo) + 32, &parts[1], 32);
+  std::memcpy(hi, &parts[2], 32);
+  std::memcpy(reinterpret_cast<char*>(hi) + 32, &parts[3], 32);
+#else
+  const i32x16 wide = __builtin_convertvector(*reinterpret_cast<const u8x16u*>(p), i32x16);
+  *lo = __builtin_convertvector(wide & 15, f32x16);
+  *hi = __builtin_convertvector(wide >> 4, f32x16);
+#endif
+}
+
+// One 32-column row of a block-quantized panel as two 16-float vectors.
+inline void load_row(const int8_t* panel, int64_t k, f32x16* w0, f32x16* w1) {
+  *w0 = load(panel + k * kPanel);
+  *w1 = load(panel + k * kPanel + 16);
+}
+
+inline void load_row(const uint8_t* panel, int64_t k, f32x16* w0, f32x16* w1) {
+  load_nibbles(panel + k * (kPanel / 2), w0, w1);
+}
+
+// Rows [0, M) of x times one block-quantized panel (int8_t: int8 blocks, uint8_t: 4-bit
+// blocks); ``scale``/``offset`` [G, kPanel] for this panel (offset nullptr for int8);
+// ``xsum`` [M, G] the block sums of x (4-bit only).
+template <int M, typename Q>
+void block_panel_product(const float* x, int64_t K, const Q* panel, const float* scale,
+                         const float* offset, const float* xsum, int64_t groups, float* y,
+                         int64_t ldy, int64_t n0, int64_t cols) {
+  f32x16 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = f32x16{};
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * kBlock, k1 = std::min(K, k0 + kBlock);
+    f32x16 part[M][2];
+    for (int m = 0; m < M; ++m) part[m][0] = part[m][1] = f32x16{};
+    for (int64_t k = k0; k < k1; ++k) {
+      f32x16 w0, w1;
+      load_row(panel, k, &w0, &w1);
+      for (int m = 0; m < M; ++m) {
+        const float xv = x[m * K + k];
+        part[m][0] += xv * w0;
+        part[m][1] += xv * w1;
+      }
+    }
+    const f32x16 s0 = load(scale + g * kPanel), s1 = load(scale + g * kPanel + 16);
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] += s0 * part[m][0];
+      acc[m][1] += s1 * part[m][1];
+    }
+    if (offset != nullptr) {
+      const f32x16 o0 = load(offset + g * kPanel), o1 = load(offset + g * kPanel + 16);
+      for (int m = 0; m < M; ++m) {
+        const float xs = xsum[m * groups + g];
+        acc[m][0] += xs * o0;
+        acc[m][1] += xs * o1;
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    store(y + m * ldy + n0, acc[m][0], cols);
+    store(y + m * ldy + n0 + 16, acc[m][1], cols - 16);
+  }
+}
+
+template <typename Q>
+using BlockPanelFn = void (*)(const float*, int64_t, const Q*, const float*, const float*,
+                              const float*, int64_t, float*, int64_t, int64_t, int64_t);
+
+template <typename Q>
+BlockPanelFn<Q> block_panel_fn(int rows) {
+  switch (rows) {
+    case 1: return block_panel_product<1, Q>;
+    case 2: return block_panel_product<2, Q>;
+    case 3: return block_panel_product<3, Q>;
+    case 4: return block_panel_product<4, Q>;
+    case 5: return block_panel_product<5, Q>;
+    case 6: return block_panel_product<6, Q>;
+    case 7: return block_panel_product<7, Q>;
+    default: return block_panel_product<8, Q>;
+  }
+}
+
+// Bytes of one panel row: 32 int8, or 16 bytes of 4-bit pairs.
+template <typename Q>
+constexpr int64_t row_bytes() {
+  return std::is_same<Q, uint8_t>::value ? kPanel / 2 : kPanel;
+}
+
+template <typename Q>
+struct BlockWork {
+  const float* x;
+  const Q* packed;
+  const float* scale;   // [P, G, kPanel]
+  const float* offset;  // [P, G, kPanel] or nullptr
+  std::vector<float> xsum;  // [M, G] (4-bit only)
+  float* y;
+  int64_t M, K, N, G, panels, chunk;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void run() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= items) return;
+      const int64_t first = c * chunk, last = std::min(panels, first + chunk);
+      for (int64_t r = 0; r < M; r += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
+        const BlockPanelFn<Q> fn = block_panel_fn<Q>(rows);
+        const float* sums = xsum.empty() ? nullptr : xsum.data() + r * G;
+        for (int64_t p = first; p < last; ++p) {
+          const int64_t n0 = p * kPanel;
+          fn(x + r * K, K, packed + p * K * row_bytes<Q>(), scale + p * G * kPanel,
+             offset == nullptr ? nullptr : offset + p * G * kPanel, sums, G, y + r * N, N, n0,
+             std::min(kPanel, N - n0));
+        }
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+template <typename Q>
+ffi::Error run_block_product(ffi::ThreadPool& pool, const float* x, const Q* packed,
+                             const float* scale, const float* offset, float* y, int64_t M,
+                             int64_t K, int64_t N, int64_t panels) {
+  if (panels * kPanel < N) {
+    return ffi::Error::InvalidArgument("packed weights hold fewer columns than n");
+  }
+  auto work = std::make_shared<BlockWork<Q>>();
+  work->x = x;
+  work->packed = packed;
+  work->scale = scale;
+  work->offset = offset;
+  work->y = y;
+  work->M = M;
+  work->K = K;
+  work->N = N;
+  work->G = (K + kBlock - 1) / kBlock;
+  work->panels = (N + kPanel - 1) / kPanel;
+  if (offset != nullptr) {  // block sums of x, for the offsets
+    work->xsum.assign(M * work->G, 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) work->xsum[m * work->G + k / kBlock] += x[m * K + k];
+    }
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / (K * row_bytes<Q>()));
+  work->chunk = std::max(min_panels, (work->panels + 4 * threads - 1) / (4 * threads));
+  work->items = (work->panels + work->chunk - 1) / work->chunk;
+  run_shared(pool, work);
+  return ffi::Error::Success();
 }
 
 template <typename W>
@@ -197,6 +389,47 @@ ffi::Error decode_matmul_i8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              y->typed_data(), xd[0], xd[1], yd[1], pd[0]);
 }
 
+bool block_shapes_ok(const ffi::Span<const int64_t>& xd, const ffi::Span<const int64_t>& pd,
+                     const ffi::Span<const int64_t>& yd, int64_t row, size_t scale_count,
+                     size_t offset_count) {
+  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != row || pd[1] != xd[1] ||
+      yd[0] != xd[0]) {
+    return false;
+  }
+  const int64_t groups = (xd[1] + kBlock - 1) / kBlock;
+  const size_t expected = static_cast<size_t>(pd[0] * groups * kPanel);
+  return scale_count == expected && (offset_count == 0 || offset_count == expected);
+}
+
+ffi::Error decode_matmul_q8_blocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> scale,
+                                   ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
+  if (!block_shapes_ok(xd, pd, yd, kPanel, scale.element_count(), 0)) {
+    return ffi::Error::InvalidArgument(
+        "decode_matmul_q8_blocks: expected x [M, K], packed [P, K, 32], scale "
+        "[P, ceil(K / 32), 32], y [M, N]");
+  }
+  return run_block_product<int8_t>(pool, x.typed_data(), packed.typed_data(), scale.typed_data(),
+                                   nullptr, y->typed_data(), xd[0], xd[1], yd[1], pd[0]);
+}
+
+ffi::Error decode_matmul_q4_blocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> scale,
+                                   ffi::Buffer<ffi::F32> offset,
+                                   ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
+  if (!block_shapes_ok(xd, pd, yd, kPanel / 2, scale.element_count(), offset.element_count()) ||
+      offset.element_count() != scale.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "decode_matmul_q4_blocks: expected x [M, K], packed [P, K, 16], scale and offset "
+        "[P, ceil(K / 32), 32], y [M, N]");
+  }
+  return run_block_product<uint8_t>(pool, x.typed_data(), packed.typed_data(),
+                                    scale.typed_data(), offset.typed_data(), y->typed_data(),
+                                    xd[0], xd[1], yd[1], pd[0]);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeMatmulF32, decode_matmul_f32,
@@ -211,5 +444,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeMatmulI8, decode_matmul_i8,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeMatmulQ8Blocks, decode_matmul_q8_blocks,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeMatmulQ4Blocks, decode_matmul_q4_blocks,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,5 +1,7 @@
 """Skinny matmuls for decoding (`decode_matmul.cc`): ``x [..., K] @ W [K, N]`` for a few rows,
-with W packed into column panels, float32 or int8 with one float scale per column.
+with W packed into column panels: float32, int8 with one float scale per column, or
+block-quantized with one scale (and offset) per column and block of 32 rows: int8 blocks
+(GGUF's Q8_0) or 4-bit blocks (GGUF's Q4_0 / Q4_1, Keras's int4 in blocks of 32).
 
 Decoding a token at batch size 1-8 reads every weight once and does little arithmetic with it:
 its speed is the speed at which the weights stream from memory. XLA:CPU's matrix-vector
@@ -17,35 +19,53 @@ import jax.numpy as jnp
 from keras_llama.kernels.library import require_loaded
 
 PANEL = 32  # columns per panel; `kPanel` in decode_matmul.cc
-FFI_NAMES = {"float32": "keras_llama_decode_matmul_f32", "int8": "keras_llama_decode_matmul_i8"}
+BLOCK = 32  # rows per scale of block-quantized weights; `kBlock` in decode_matmul.cc
+FFI_NAMES = {
+    "float32": "keras_llama_decode_matmul_f32",
+    "int8": "keras_llama_decode_matmul_i8",
+    "q8_blocks": "keras_llama_decode_matmul_q8_blocks",
+    "q4_blocks": "keras_llama_decode_matmul_q4_blocks",
+}
 
 
 @jax.tree_util.register_pytree_node_class
 class PackedWeights:
-    """A [K, N] weight matrix laid out for `matmul` (a JAX pytree): ``panels``
-    [ceil(N / 32), K, 32] (float32 or int8; panel p holds columns 32p..32p+31, zero-padded past
-    N), ``scale`` [32 * panels] (float32 multiplier per column, int8 only, else None) and
-    ``n`` = N (static)."""
+    """A [K, N] weight matrix laid out for `matmul` (a JAX pytree), ``kind`` one of:
 
-    def __init__(self, panels, scale, n):
+    * ``"float32"``: ``panels`` [ceil(N / 32), K, 32] float32 (panel p holds columns
+      32p..32p+31, zero-padded past N);
+    * ``"int8"``: the same panels in int8 and ``scale`` [32 * panels], one float32 multiplier
+      per column;
+    * ``"q8_blocks"``: int8 panels and ``scale`` [panels, ceil(K / 32), 32], one multiplier per
+      column and block of 32 rows (``w = scale * q``);
+    * ``"q4_blocks"``: ``panels`` [panels, K, 16] uint8 (byte j of a row: column j in its low
+      nibble, column j + 16 in its high nibble, values 0..15), ``scale`` and ``offset``
+      [panels, ceil(K / 32), 32] (``w = scale * q + offset``).
+
+    ``n`` = N and ``kind`` are static."""
+
+    def __init__(self, panels, scale, n, offset=None, kind=None):
         self.panels = panels
         self.scale = scale
+        self.offset = offset
         self.n = n
+        self.kind = kind or ("float32" if scale is None else "int8")
 
     def tree_flatten(self):
-        return (self.panels, self.scale), self.n
+        return (self.panels, self.scale, self.offset), (self.n, self.kind)
 
     @classmethod
-    def tree_unflatten(cls, n, children):
-        return cls(*children, n)
+    def tree_unflatten(cls, aux, children):
+        panels, scale, offset = children
+        n, kind = aux
+        return cls(panels, scale, n, offset, kind)
 
     @property
     def shape(self):
         return (self.panels.shape[1], self.n)
 
     def __repr__(self):
-        dtype = "float32" if self.scale is None else "int8"
-        return f"PackedWeights(shape={self.shape}, {dtype})"
+        return f"PackedWeights(shape={self.shape}, {self.kind})"
 
 
 def _panels(matrix):
@@ -70,6 +90,50 @@ def pack_int8(matrix, column_scale):
     return PackedWeights(_panels(jnp.asarray(matrix, jnp.int8)), scale, n)
 
 
+def _block_panels(values, n):
+    # [G, N] -> [panels, G, 32], zero-padded past N.
+    count = -(-n // PANEL)
+    values = jnp.pad(values, ((0, 0), (0, count * PANEL - n)))
+    return values.reshape(values.shape[0], count, PANEL).transpose(1, 0, 2)
+
+
+def _check_blocks(matrix, scale):
+    k, n = matrix.shape
+    groups = -(-k // BLOCK)
+    if tuple(scale.shape) != (groups, n):
+        raise ValueError(
+            f"Block scales of a [{k}, {n}] matrix must be [ceil({k} / {BLOCK}), {n}] = "
+            f"[{groups}, {n}]. Received: shape={tuple(scale.shape)}"
+        )
+
+
+def pack_q8_blocks(matrix, scale):
+    """``matrix`` [K, N] int8 and ``scale`` [ceil(K / 32), N] -> `PackedWeights` computing
+    ``x @ (matrix * scale[k // 32])`` (GGUF's Q8_0 layout: one scale per 32 rows)."""
+    _check_blocks(matrix, scale)
+    n = matrix.shape[1]
+    scale = _block_panels(jnp.asarray(scale, jnp.float32), n)
+    return PackedWeights(_panels(jnp.asarray(matrix, jnp.int8)), scale, n, None, "q8_blocks")
+
+
+def pack_q4_blocks(values, scale, offset):
+    """``values`` [K, N] integers 0..15, ``scale`` and ``offset`` [ceil(K / 32), N] ->
+    `PackedWeights` computing ``x @ (values * scale[k // 32] + offset[k // 32])`` with the
+    values stored two per byte (GGUF's Q4_1 math; Q4_0 is ``offset = -8 * scale``)."""
+    _check_blocks(values, scale)
+    _check_blocks(values, offset)
+    n = values.shape[1]
+    panels = _panels(jnp.asarray(values, jnp.uint8))  # [P, K, 32]
+    nibbles = panels[..., :16] | (panels[..., 16:] << 4)  # column j low, j + 16 high
+    return PackedWeights(
+        nibbles,
+        _block_panels(jnp.asarray(scale, jnp.float32), n),
+        n,
+        _block_panels(jnp.asarray(offset, jnp.float32), n),
+        "q4_blocks",
+    )
+
+
 def matmul(x, packed):
     """``x [..., K]`` (float32) times the matrix of ``packed`` -> [..., N] float32."""
     require_loaded("decode_matmul")
@@ -79,8 +143,6 @@ def matmul(x, packed):
         rows *= d
     x = jnp.reshape(jnp.asarray(x, jnp.float32), (rows, x.shape[-1]))
     out = jax.ShapeDtypeStruct((rows, packed.n), jnp.float32)
-    if packed.scale is None:
-        y = jax.ffi.ffi_call(FFI_NAMES["float32"], out)(x, packed.panels)
-    else:
-        y = jax.ffi.ffi_call(FFI_NAMES["int8"], out)(x, packed.panels, packed.scale)
+    operands = [x, packed.panels] + [a for a in (packed.scale, packed.offset) if a is not None]
+    y = jax.ffi.ffi_call(FFI_NAMES[packed.kind], out)(*operands)
     return jnp.reshape(y, (*lead, packed.n))

@@ -237,6 +237,8 @@ LIBRARIES = {
         {
             "keras_llama_decode_matmul_f32": "KerasLlamaDecodeMatmulF32",
             "keras_llama_decode_matmul_i8": "KerasLlamaDecodeMatmulI8",
+            "keras_llama_decode_matmul_q8_blocks": "KerasLlamaDecodeMatmulQ8Blocks",
+            "keras_llama_decode_matmul_q4_blocks": "KerasLlamaDecodeMatmulQ4Blocks",
         },
     ),
     "attention": NativeLibrary(

@@ -133,25 +133,34 @@ class Backbone(PresetsMixin, keras.Model):
         None for a float model."""
         return quantization.quantization_mode_of(self)
 
-    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+    def quantize(self, mode=None, config=None, filters=None, quantize_activations=False,
+                 block_size=None, **kwargs):  # fmt: skip
         """Quantize the weights in place.
 
         Args:
-            mode: ``"int8_weight_only"`` (recommended: int8 kernels and embedding with
-                per-output-channel scales, float activations), ``"int8"`` (KerasHub's W8A8:
-                the same int8 weights plus per-token int8 activations) or ``"int4"``
-                (weights only, blocks of 128). See `keras_llama.quantization`.
-            config: optional `keras.quantizers.QuantizationConfig` passed on to Keras for
-                ``"int8"``/``"int4"`` (custom quantizers, int4 ``block_size``).
+            mode: ``"int8"`` (recommended: int8 kernels and embedding with per-output-channel
+                scales, float activations; KerasHub's int8 file layout),
+                ``"int8_weight_only"`` (the same) or ``"int4"`` (weights only, blocks of 128).
+                See `keras_llama.quantization`.
+            config: optional `keras.quantizers.QuantizationConfig` passed on to Keras
+                (custom quantizers, int4 ``block_size``; an int8 config with an activation
+                quantizer gives W8A8).
             filters: optional regex, list of regexes or callable selecting layers, as in
                 `keras.Model.quantize`; combined with the scheme's own choice of layers.
+            quantize_activations: with ``mode="int8"``: also quantize activations to int8,
+                one scale per token (W8A8, KerasHub's int8 math; less accurate, see
+                `keras_llama.quantization`). Kept through saving.
+            block_size: with ``"int8"`` / ``"int8_weight_only"``: 32 gives one scale per 32
+                input values (GGUF's Q8_0 blocks, ``gguf.quants``'s quantizer) instead of one
+                per output channel; layers whose input dimension is not a multiple of 32 stay
+                float.
 
         Raises:
             ValueError: for an unknown mode, or a model that is already quantized.
         """
         if mode is None and config is not None:
             mode = config.mode
-        quantization.check_mode(mode)
+        quantization.check_mode(mode, quantize_activations, block_size)
         if kwargs:
             raise ValueError(f"Unrecognized keyword arguments to `quantize()`: {kwargs}")
         current = self.quantization_scheme
@@ -159,14 +168,20 @@ class Backbone(PresetsMixin, keras.Model):
             raise ValueError(
                 f"This model is already quantized (mode={current!r}); quantizing twice would "
                 "quantize already-rounded weights. Quantize the float model instead (e.g. "
-                f"reload it from its preset). Received: mode={mode!r}"
+                "reload it from its preset; a GGUF file's blocks are kept as stored unless "
+                f'`from_preset(..., dtype="float32")`). Received: mode={mode!r}'
             )
-        keras_mode, keras_config = quantization.keras_mode_and_config(mode)
+        if block_size is not None:
+            if config is not None:
+                raise ValueError(f"`config` cannot be combined with `block_size`. Received: "
+                                 f"config={config!r}")  # fmt: skip
+            return self._quantize_blocks("q8_0", _compile_filters(filters))
+        keras_mode, keras_config = quantization.keras_mode_and_config(mode, quantize_activations)
         if config is not None:
-            if mode == "int8_weight_only":
+            if quantize_activations:
                 raise ValueError(
-                    "`config` cannot be combined with mode='int8_weight_only', which fixes its "
-                    f"own quantizers. Received: config={config!r}"
+                    "`config` cannot be combined with `quantize_activations=True`; give the "
+                    f"activation quantizer in the config instead. Received: config={config!r}"
                 )
             keras_config = config
         scheme_filter = quantization.layer_filter(mode)
@@ -177,10 +192,23 @@ class Backbone(PresetsMixin, keras.Model):
 
         with keras_compat.one_garbage_collection():
             keras.Model.quantize(self, keras_mode, config=keras_config, filters=keep)
-        if mode == "int8_weight_only":
+        if keras_mode == "int8":
             for layer in keras_compat.sublayers(self):
-                if getattr(layer, "_is_quantized", False):
-                    quantization.mark_weight_only(layer)
+                if getattr(layer, "_is_quantized", False) and getattr(
+                    layer, "inputs_quantizer", None
+                ):
+                    quantization.mark_activations_quantized(layer)
+
+    def _quantize_blocks(self, block_format, user_filter):
+        # Setting a layer's policy to a quantized one makes Keras call its `quantize`, which
+        # the block layers (`keras_llama.models.block_layers`) implement for block policies.
+        with keras_compat.one_garbage_collection():
+            for layer in keras_compat.sublayers(self):
+                if not hasattr(layer, "block_depth") or not user_filter(layer):
+                    continue
+                if layer.block_depth() % quantization.BLOCK == 0:
+                    source = quantization.resolved_policy(layer).name  # the float policy
+                    layer.dtype_policy = quantization.block_policy(block_format, source)
 
     # --- LoRA ----------------------------------------------------------------------------------
     def default_lora_layer_names(self):

@@ -19,6 +19,7 @@ import os
 import numpy as np
 from keras import ops
 
+from keras_llama.utils import keras_compat
 from keras_llama.utils.files import staged_file
 
 SUFFIX = ".lora.h5"
@@ -26,7 +27,7 @@ SUFFIX = ".lora.h5"
 
 def weighted_layers(backbone):
     """The layers KerasHub's adapter indices count: nested layers holding weights."""
-    return [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+    return [layer for layer in keras_compat.sublayers(backbone) if layer.weights]
 
 
 def save(backbone, filepath, rank, layers):

@@ -129,7 +129,8 @@ def _resolve_dtype(saved, requested):
             for key in list(saved):
                 policy = saved[key]
                 if getattr(policy, "quantization_mode", None):
-                    saved[key] = type(policy)(policy.quantization_mode, source_name=requested)
+                    config = {**policy.get_config(), "source_name": requested}
+                    saved[key] = type(policy).from_config(config)
         return saved
     return requested
 
@@ -146,6 +147,8 @@ _DTYPE_POLICY_CLASSES = (
     "AWQDTypePolicy",
     "DTypePolicyMap",
     "Int8WeightOnlyDTypePolicy",  # keras_llama.quantization: int8 weights, float activations
+    "Int8ActivationsDTypePolicy",  # keras_llama.quantization: W8A8, chosen explicitly
+    "BlockDTypePolicy",  # keras_llama.quantization: GGUF's Q8_0 / Q4_0 / Q4_1 blocks
 )
 
 

@@ -130,7 +130,7 @@ class Task(PresetsMixin, keras.Model):
     # --- quantization --------------------------------------------------------------------------
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantize the backbone's weights in place; see `Backbone.quantize` for the modes
-        (``"int8_weight_only"`` recommended, ``"int8"``, ``"int4"``)."""
+        (``"int8"`` recommended, ``"int4"``) and options (``quantize_activations``)."""
         self.backbone.quantize(mode, config=config, filters=filters, **kwargs)
         # Compiled train/predict/generate functions captured the float variables.
         self.train_function = self.test_function = self.predict_function = None

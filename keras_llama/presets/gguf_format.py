@@ -1,9 +1,14 @@
 """GGUF files (llama.cpp) of the ``llama`` architecture.
 
 Tensors are memory-mapped by `keras_llama.presets.gguf_file` (a read-only parser of the
-container, much faster than ``gguf.GGUFReader`` on large vocabularies) and dequantized one
-at a time with ``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
-K-quants Q2_K..Q6_K and the IQ types). Each GGUF name maps to its Hugging Face name, so the
+container, much faster than ``gguf.GGUFReader`` on large vocabularies). Q8_0, Q4_0 and Q4_1
+weights are kept as stored: their layers get a `keras_llama.quantization.BlockDTypePolicy`
+(through the config's ``dtype``, a `keras.dtype_policies.DTypePolicyMap`) and their blocks
+are split into the values, scales and minimums those layers hold, bit for bit. Everything
+else (F32, F16, BF16, Q5_0, Q5_1, the K-quants Q2_K..Q6_K and the IQ types), and every weight
+when the caller passes a ``dtype`` (``from_preset(path, dtype="float32")``: the exact float
+path), is dequantized one tensor at a time with ``gguf.quants.dequantize``. An untied output
+projection is kept only in the embedding table's format (one layer holds both). Each GGUF name maps to its Hugging Face name, so the
 Hugging Face table (`keras_llama.presets.huggingface`) does the rest; llama.cpp stores q/k rows
 in interleaved rotary layout, undone by `keras_llama.presets.rotary.interleaved_to_half`.
 
@@ -17,7 +22,7 @@ import os
 
 import numpy as np
 
-from keras_llama.presets import huggingface
+from keras_llama.presets import gguf_blocks, huggingface
 from keras_llama.presets.checkpoint import Checkpoint, TokenizerSpec
 from keras_llama.utils.validation import check_positive_int, check_positive_number
 
@@ -92,17 +97,27 @@ def read(path, source=None):
 
     def read_weights(final_config):
         names = gguf_names(final_config)
-        return huggingface.convert_weights(
+        kept = gguf_blocks.kept_tensors(final_config, tensors, names)
+        yield from huggingface.convert_weights(
             lambda hf_name: _read_tensor(tensors[names[hf_name]]), final_config, source,
             file_names=names, interleaved_rotary=True, file_shape=lambda s: tuple(reversed(s)),
+            skip=kept,
         )  # fmt: skip
+        yield from gguf_blocks.block_weights(final_config, tensors, names, kept, source)
+
+    def read_config():
+        config = convert_backbone_config(meta, tensors, source)
+        policies = gguf_blocks.block_policy_map(config, tensors, gguf_names(config))
+        if policies is not None:
+            config["dtype"] = policies
+        return config
 
     return Checkpoint(
         source=source,
         path=path,
         format="gguf",
         family=family,
-        read_config=lambda: convert_backbone_config(meta, tensors, source),
+        read_config=read_config,
         read_weights=read_weights,
         tokenizer=tokenizer,
         preprocessor={"add_start_token": add_bos},

@@ -245,7 +245,7 @@ def weight_table(backbone_config):
 
 
 def convert_weights(get_tensor, backbone_config, source="checkpoint", file_names=None,
-                    interleaved_rotary=False, file_shape=tuple):  # fmt: skip
+                    interleaved_rotary=False, file_shape=tuple, skip=()):  # fmt: skip
     """Yield ``(our_path, numpy array)`` for each weight, reading with ``get_tensor(hf_name)``
     (an array in Hugging Face layout; KeyError when missing).
 
@@ -254,9 +254,12 @@ def convert_weights(get_tensor, backbone_config, source="checkpoint", file_names
         file_names: ``{hf_name: name in the file}`` for error messages (GGUF, Meta names).
         interleaved_rotary: q/k rows are stored in interleaved rotary pairs (GGUF, Meta).
         file_shape: a shape as the file lists it (GGUF: innermost dimension first).
+        skip: Hugging Face names the caller converts itself (GGUF's block-quantized tensors).
     """
     file_names = file_names or {}
     for hf_name, ours, hook, expected in weight_table(backbone_config):
+        if hf_name in skip:
+            continue
         name = file_names.get(hf_name, hf_name)
         try:
             array = np.asarray(get_tensor(hf_name))

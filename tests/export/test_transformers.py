@@ -91,7 +91,7 @@ def test_lora_is_merged_and_transformers_continues_greedily_the_same(tmp_path):
 def test_quantized_model_is_refused_with_the_mode(tmp_path):
     ours = to_keras_llama(make_hf_model("gqa"))
     ours.quantize("int8_weight_only")
-    with pytest.raises(ValueError, match="mode='int8_weight_only'"):
+    with pytest.raises(ValueError, match="mode=.int8."):
         ours.export_to_transformers(tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path) == []
 

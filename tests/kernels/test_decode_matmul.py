@@ -29,11 +29,25 @@ def native():
 
 # --- products against numpy float64 ---------------------------------------------------------
 def random_kernel(dtype, k, n, rng):
-    """``(packed, reference [K, N] float64)``: float32 weights, or int8 weights with one
-    float32 scale per column (the product must be ``x @ (q * scale)``)."""
+    """``(packed, reference [K, N] float64)``: float32 weights, int8 weights with one
+    float32 scale per column (the product must be ``x @ (q * scale)``), or block-quantized
+    weights with one scale (and offset) per column and block of 32 rows, dequantized here in
+    float64 (``q * scale[k // 32]``, ``u * scale[k // 32] + offset[k // 32]``)."""
     if dtype == "float32":
         w = rng.normal(0, 1, (k, n)).astype("float32")
         return decode_matmul.pack(w), w.astype("float64")
+    groups = -(-k // 32)
+    block = np.arange(k) // 32  # the block of each row
+    if dtype == "q8_blocks":
+        q = rng.integers(-127, 128, (k, n)).astype("int8")
+        scale = rng.uniform(0.001, 0.02, (groups, n)).astype("float32")
+        return decode_matmul.pack_q8_blocks(q, scale), q * scale.astype("float64")[block]
+    if dtype == "q4_blocks":
+        u = rng.integers(0, 16, (k, n)).astype("uint8")
+        scale = rng.uniform(0.001, 0.02, (groups, n)).astype("float32")
+        offset = rng.uniform(-0.1, 0.1, (groups, n)).astype("float32")
+        w = u * scale.astype("float64")[block] + offset.astype("float64")[block]
+        return decode_matmul.pack_q4_blocks(u, scale, offset), w
     q = rng.integers(-127, 128, (k, n)).astype("int8")
     scale = rng.uniform(0.001, 0.02, n).astype("float32")
     return decode_matmul.pack_int8(q, scale), q.astype("float64") * scale.astype("float64")
@@ -51,12 +65,14 @@ def assert_product(y, x, w):
     assert worst <= 1.0, f"error up to {worst:.3g}x the float32 bound"
 
 
-# (K, N): N a multiple of 32, not one, under 32; K small and odd; (512, 4099) has enough
-# panels to be split between XLA's threads.
+# (K, N): N a multiple of 32, not one, under 32; K small and odd (block-quantized: a short
+# last block, or one short block); (512, 4099) has enough panels to be split between XLA's
+# threads.
 SHAPES = [(7, 70), (100, 33), (7, 5), (100, 64), (512, 4099)]
+DTYPES = ["float32", "int8", "q8_blocks", "q4_blocks"]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 17])  # rows; over 8 takes several passes
 def test_matmul_matches_float64_in_and_outside_jit(native, dtype, k, n, m):
@@ -71,7 +87,7 @@ def test_matmul_matches_float64_in_and_outside_jit(native, dtype, k, n, m):
     assert_product(jax.jit(lambda x: decode_matmul.matmul(x, packed))(x), x, w)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_keeps_leading_batch_dims(native, dtype):
     import jax
 
@@ -83,12 +99,13 @@ def test_matmul_keeps_leading_batch_dims(native, dtype):
         assert_product(jax.jit(decode_matmul.matmul)(x, packed), x, w)
 
 
-def test_matmul_is_deterministic_across_threads(native):
+@pytest.mark.parametrize("dtype", ["int8", "q4_blocks"])
+def test_matmul_is_deterministic_across_threads(native, dtype):
     # The panels are split between XLA's threads: every call must give the same full result.
     import jax
 
     rng = np.random.default_rng(2)
-    packed, w = random_kernel("int8", 512, 4099, rng)
+    packed, w = random_kernel(dtype, 512, 4099, rng)
     x = rng.normal(0, 1, (5, 512)).astype("float32")
     f = jax.jit(decode_matmul.matmul)
     first = np.asarray(f(x, packed))
@@ -111,6 +128,31 @@ def test_packed_layout_is_zero_padded_column_panels(native):
     assert np.asarray(packed_int8.panels).dtype == np.int8
     scale = np.asarray(packed_int8.scale)
     assert scale.shape == (64,) and (scale[:37] == 0.5).all() and (scale[37:] == 0).all()
+
+
+def test_block_layouts_worked_out_by_hand(native):
+    # 4-bit: byte j of a panel row holds column j in its low nibble and column j + 16 in its
+    # high nibble; block scales and offsets become [panels, blocks, 32], zero past N.
+    u = (np.arange(40 * 37) % 16).astype("uint8").reshape(40, 37)
+    scale = np.arange(2 * 37, dtype="float32").reshape(2, 37)
+    packed = decode_matmul.pack_q4_blocks(u, scale, -scale)
+    panels = np.asarray(packed.panels)
+    assert packed.kind == "q4_blocks" and packed.shape == (40, 37)
+    assert panels.shape == (2, 40, 16) and panels.dtype == np.uint8
+    np.testing.assert_array_equal(panels[0] & 15, u[:, :16])
+    np.testing.assert_array_equal(panels[0] >> 4, u[:, 16:32])
+    np.testing.assert_array_equal(panels[1, :, :5] & 15, u[:, 32:])
+    np.testing.assert_array_equal(panels[1, :, 5:], 0)
+    block_scale = np.asarray(packed.scale)
+    assert block_scale.shape == (2, 2, 32)
+    np.testing.assert_array_equal(block_scale[1, :, :5], scale[:, 32:])
+    np.testing.assert_array_equal(block_scale[1, :, 5:], 0)
+    np.testing.assert_array_equal(np.asarray(packed.offset)[0], -scale[:, :32])
+    q8 = decode_matmul.pack_q8_blocks(u.astype("int8"), scale)
+    assert q8.kind == "q8_blocks" and q8.offset is None
+    assert np.asarray(q8.panels).dtype == np.int8 and np.asarray(q8.scale).shape == (2, 2, 32)
+    with pytest.raises(ValueError, match=r"must be \[ceil\(40 / 32\), 37\] = \[2, 37\]"):
+        decode_matmul.pack_q8_blocks(u.astype("int8"), scale[:1])
 
 
 def test_matmul_rejects_a_kernel_of_another_depth(native):
@@ -247,6 +289,23 @@ def test_int8_weight_only_decode_logits_match_keras_int8_layers(native, int8_lm)
     assert_close(all_at_once_logits(int8_lm, SEQUENCE, fused), forward, 1e-5)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_int4_weight_only_decode_logits_match_float64_on_the_dequantized_weights(
+    native, hf_models, variant
+):
+    from tests.quantization.dequantized_reference import float64_logits
+
+    causal_lm = to_keras_llama(hf_models[variant])
+    causal_lm.quantize("int4_weight_only")
+    fused = decode_weights(causal_lm)
+    assert is_native(fused)
+    assert fused["head"].kind == "q4_blocks"
+    assert all(p.kind == "q4_blocks" for p in fused["layers"][1].values())
+    expected = float64_logits(causal_lm.backbone, SEQUENCE)
+    assert_close(decode_logits(causal_lm, SEQUENCE, 4, fused), expected, 1e-5)
+    assert_close(all_at_once_logits(causal_lm, SEQUENCE, fused), expected, 1e-5)
+
+
 def test_int8_head_is_packed_per_vocabulary_entry_when_the_embedding_stays_float(native, hf_models):
     causal_lm = to_keras_llama(hf_models["gqa"])
     causal_lm.quantize("int8_weight_only", filters=lambda layer: layer.name != "token_embedding")
@@ -283,9 +342,9 @@ def test_int8_weight_only_generate_with_and_without_native_kernels(native, int8_
 
 
 # --- models that keep XLA's path ------------------------------------------------------------
-def quantized(hf, mode):
+def quantized(hf, mode, **kwargs):
     causal_lm = to_keras_llama(hf)
-    causal_lm.quantize(mode)
+    causal_lm.quantize(mode, **kwargs)
     return causal_lm
 
 
@@ -300,7 +359,7 @@ def with_lora(causal_lm):
 
 FALLBACKS = {
     # name -> (model from a transformers model, greedy tolerance for near ties)
-    "int8": (lambda hf: quantized(hf, "int8"), 1e-2),  # W8A8: activations rounded per token
+    "int8_w8a8": (lambda hf: quantized(hf, "int8", quantize_activations=True), 1e-2),
     "int4": (lambda hf: quantized(hf, "int4"), 1e-5),
     # LoRA over int8 weight-only weights (QLoRA), which would otherwise be native.
     "int8_weight_only_lora": (lambda hf: with_lora(quantized(hf, "int8_weight_only")), 1e-5),

@@ -761,12 +761,10 @@ def test_lora_fit_keeps_frozen_weights(native, models):
 # --- the ReversibleEmbedding subclass against Keras's own layer -----------------------------------
 def keras_quantization(mode):
     """Keras's own ``(mode, config)`` for one of our modes: int8 weights with float
-    activations for "int8_weight_only", Keras's defaults (int4 in blocks of 128) otherwise."""
-    if mode == "int8_weight_only":
-        return "int8", keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    activations for "int8" and "int8_weight_only", int4 in blocks of 128 for "int4"."""
     if mode == "int4":
         return "int4", keras.quantizers.Int4QuantizationConfig(block_size=128)
-    return "int8", None
+    return "int8", keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
 
 def plain_copy(embedding):
@@ -816,8 +814,7 @@ def test_quantized_embedding_equals_keras_layer(models, mode):
     causal_lm.quantize(mode)
     plain.quantize(keras_mode, config=config)
     assert embedding.quantization_mode == plain.quantization_mode == keras_mode
-    assert (embedding.inputs_quantizer is None) == (mode != "int8")
-    assert (plain.inputs_quantizer is None) == (mode != "int8")
+    assert embedding.inputs_quantizer is None and plain.inputs_quantizer is None
     assert [v.path.split("/")[-1] for v in embedding.weights] == [
         v.path.split("/")[-1] for v in plain.weights
     ]

@@ -144,17 +144,28 @@ def test_greedy_generation_equals_transformers_over_every_plan(pair):
         )
 
 
-def test_int8_weight_only_decoding_equals_keras_int8_layers_over_every_plan():
+QUANTIZED = {  # name -> quantize() arguments
+    "int8": ("int8", {}),
+    "int8_blocks": ("int8_weight_only", {"block_size": 32}),  # GGUF's Q8_0 blocks
+    "int4_weight_only": ("int4_weight_only", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_decoding_equals_keras_quantized_layers_over_every_plan(name):
     hf = make_hf_model("gqa", seed=7, **SHAPE)
     causal_lm = to_keras_llama(hf)
-    causal_lm.quantize("int8_weight_only")
+    mode, kwargs = QUANTIZED[name]
+    causal_lm.quantize(mode, **kwargs)
     chosen = causal_lm.execution_plan()
     plans = stage_plans(causal_lm, "decode")
-    # The reference: Keras's own int8 layers (the "layers" projections).
+    # The reference: Keras's own int8 / int4 layers (the "layers" projections), themselves
+    # tested against transformers in float64 on the dequantized weights
+    # (tests/quantization/test_quantize.py).
     layers_plan = next(p for p in plans if p.projections == "layers")
     reference = _greedy(causal_lm, chosen.__class__(chosen.prefill, layers_plan, None, None))
     if keras.config.backend() == "jax":
-        assert "packed" in {p.projections for p in plans}  # int8 weight-only packs
+        assert "packed" in {p.projections for p in plans}  # int8 / 4-bit blocks pack
         assert "fused" not in {p.projections for p in plans}  # fused needs float kernels
     for plan in plans:
         tokens = _greedy(causal_lm, chosen.__class__(chosen.prefill, plan, None, None))
@@ -170,7 +181,7 @@ def test_lora_and_quantized_models_plan_the_layers_where_only_they_are_exact():
     jax = keras.config.backend() == "jax"
     assert "LoRA" in str(plan.decode) or not jax
     quantized = to_keras_llama(hf)
-    quantized.quantize("int8")
+    quantized.quantize("int8", quantize_activations=True)  # W8A8
     plan = quantized.execution_plan()
     assert plan.decode.projections == "layers" and ("int8" in str(plan.decode) or not jax)
 

@@ -107,8 +107,13 @@ def write_gguf(path, hf, qtype="F32", tokenizer="llama", arch="llama", rope_freq
         elif name.endswith("k_proj.weight"):
             w = llama_cpp_permute(w, c.num_key_value_heads)
         kind = getattr(gguf.GGMLQuantizationType, qtype)
-        if (override or {}).get(gguf_name(name)) is not None:
-            writer.add_tensor(gguf_name(name), override[gguf_name(name)])
+        replacement = (override or {}).get(gguf_name(name))
+        if isinstance(replacement, tuple):  # (quantized bytes, their type), stored as given
+            q, kind = replacement
+            writer.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=kind)
+            stored[name] = gguf.quants.dequantize(q, kind)
+        elif replacement is not None:
+            writer.add_tensor(gguf_name(name), replacement)
         elif w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
             q = gguf.quants.quantize(w, kind)
             writer.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=kind)

@@ -10,6 +10,7 @@ transposed on every call (16-18% of a CPU decode step).
 import keras
 from keras import ops
 
+from keras_llama.models.block_layers import EinsumDense
 from keras_llama.models.llama import llama_cache, llama_strategies
 from keras_llama.models.llama.llama_layers import (
     LlamaRotaryEmbedding,
@@ -103,22 +104,22 @@ class LlamaAttention(keras.layers.Layer):
         common = dict(
             kernel_initializer=clone_initializer(self.kernel_initializer), dtype=self.dtype_policy
         )
-        self._query_dense = keras.layers.EinsumDense(
+        self._query_dense = EinsumDense(
             "bqm,muh->bquh", output_shape=(None, u, h), name="query", **common
         )
         self._query_dense.build(inputs_shape)
-        self._key_dense = keras.layers.EinsumDense(
+        self._key_dense = EinsumDense(
             "bkm,mvh->bkvh", output_shape=(None, v, h), name="key", **common
         )
         self._key_dense.build(inputs_shape)
-        self._value_dense = keras.layers.EinsumDense(
+        self._value_dense = EinsumDense(
             "bkm,mvh->bkvh", output_shape=(None, v, h), name="value", **common
         )
         self._value_dense.build(inputs_shape)
         self._dropout_layer = keras.layers.Dropout(
             rate=self.dropout, dtype=self.dtype_policy, name="attention_dropout"
         )
-        self._output_dense = keras.layers.EinsumDense(
+        self._output_dense = EinsumDense(
             "bqah,ahm->bqm", output_shape=(None, hidden_dim), name="attention_output", **common
         )
         self._output_dense.build((None, None, u, h))

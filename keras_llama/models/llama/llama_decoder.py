@@ -6,6 +6,7 @@ Layer and attribute names follow KerasHub's (they make the ``.weights.h5`` paths
 import keras
 from keras import ops
 
+from keras_llama.models.block_layers import Dense
 from keras_llama.models.llama import llama_strategies
 from keras_llama.models.llama.llama_attention import LlamaAttention, causal_attention_mask
 from keras_llama.models.llama.llama_layers import (
@@ -99,14 +100,14 @@ class LlamaTransformerDecoder(keras.layers.Layer):
             rate=self.dropout, dtype=self.dtype_policy, name="self_attention_dropout"
         )
         dense = dict(use_bias=False, dtype=self.dtype_policy)
-        self._feedforward_intermediate_dense = keras.layers.Dense(
+        self._feedforward_intermediate_dense = Dense(
             self.intermediate_dim,
             kernel_initializer=clone_initializer(self.kernel_initializer),
             name="feedforward_intermediate_dense",
             **dense,
         )
         self._feedforward_intermediate_dense.build(decoder_sequence_shape)
-        self._feedforward_gate_dense = keras.layers.Dense(
+        self._feedforward_gate_dense = Dense(
             self.intermediate_dim,
             activation=self.activation,
             kernel_initializer=clone_initializer(self.kernel_initializer),
@@ -114,7 +115,7 @@ class LlamaTransformerDecoder(keras.layers.Layer):
             **dense,
         )
         self._feedforward_gate_dense.build(decoder_sequence_shape)
-        self._feedforward_output_dense = keras.layers.Dense(
+        self._feedforward_output_dense = Dense(
             hidden_dim,
             kernel_initializer=clone_initializer(self.kernel_initializer),
             name="feedforward_output_dense",

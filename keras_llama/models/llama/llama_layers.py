@@ -10,6 +10,7 @@ import math
 import keras
 from keras import ops
 
+from keras_llama.models.block_layers import ReversibleEmbedding  # noqa: F401 (re-exported)
 from keras_llama.utils.validation import check_positive_number
 
 
@@ -35,18 +36,6 @@ ROPE_ARGUMENTS = (
 def rope_config(layer):
     """The rotary-embedding arguments of a layer that takes them (`ROPE_ARGUMENTS`)."""
     return {name: getattr(layer, name) for name in ROPE_ARGUMENTS}
-
-
-@keras.saving.register_keras_serializable(package="keras_llama")
-class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
-    """`keras.layers.ReversibleEmbedding` (same arguments, variables, results and class name:
-    Keras names a layer's entries in ``.weights.h5`` files after its class, so KerasHub's
-    weight files keep loading) that `quantize()` accepts although it is a subclass."""
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        # Keras refuses to quantize subclasses (``type_check``); this one quantizes exactly as
-        # its parent.
-        super().quantize(mode, type_check=False, config=config)
 
 
 @keras.saving.register_keras_serializable(package="keras_llama")

@@ -18,6 +18,7 @@ from keras_llama.kernels import decode_matmul, packing, training_matmul
 from keras_llama.kernels import swiglu as native_swiglu
 from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
 from keras_llama.models.llama import llama_strategies
+from keras_llama.quantization import block_format_of
 
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
 NATIVE_OPS = {
@@ -101,7 +102,7 @@ def _dense_layers(block):
 def _weight_kind(layer):
     if getattr(layer, "lora_enabled", False):
         return "LoRA"
-    return layer.quantization_mode or "float"
+    return block_format_of(layer) or layer.quantization_mode or "float"
 
 
 def _multi_token_attention(facts, training):
