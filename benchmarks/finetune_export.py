@@ -90,7 +90,7 @@ def main():
         step = statistics.median(timer.epochs[-1])
         result["finetune_tokens_per_s"] = round(tokens_per_step / step, 1)
 
-        causal_lm = CausalLM.from_preset(PRESET)
+        causal_lm = CausalLM.from_preset(PRESET, dtype="float32")  # as finetune loads it
         causal_lm.preprocessor.sequence_length = args.max_length
         x, y, weight = to_arrays(causal_lm.preprocessor, read_examples(data))
         causal_lm.backbone.enable_lora(8)
@@ -104,7 +104,7 @@ def main():
             result["finetune_tokens_per_s"] / result["fit_tokens_per_s"], 3
         )
 
-        plain = CausalLM.from_preset(PRESET)
+        plain = CausalLM.from_preset(PRESET, dtype="float32")
         for dtype in ("f16", "q8_0", "q4_0"):
             start = time.perf_counter()
             plain.export_to_gguf(os.path.join(tmp, f"m-{dtype}.gguf"), dtype=dtype)
