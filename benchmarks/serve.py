@@ -10,7 +10,10 @@ once (``concurrency_speedup`` = their ratio). With both servers, a last line hol
 keras-llama / llama-server, measured in the same run.
 
     python benchmarks/serve.py --clients 8 --requests 16
-    python benchmarks/serve.py --llama-server PATH/llama-server   # the same load on both
+    python benchmarks/serve.py --llama-server PATH/llama-server --llama-server-args=--no-repack
+
+(``--no-repack``: llama.cpp's repacked CPU weights use AMX instructions that this machine's
+kernel does not allow; the server dies with "Illegal instruction" without it.)
 """
 
 import argparse
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -92,9 +96,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_healthy(url, timeout=900):
+def wait_healthy(url, timeout=900, process=None, log=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            with open(log) as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{tail}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return
@@ -138,19 +146,22 @@ def main():
 
         gguf = handles.resolve(backbone_presets[args.preset]["kaggle_handle"])
         port = free_port()
+        log = os.path.join(tempfile.gettempdir(), f"llama-server-{port}.log")
+        log_file = open(log, "w")  # noqa: SIM115 - closed after the server stops
         proc = subprocess.Popen([args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port",
                                  str(port), "-np", str(args.max_batch_size), "-t", "2", "-c",
                                  str(args.max_batch_size * (args.prompt_tokens + args.output_tokens + 16)),
                                  *args.llama_server_args.split()],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=log_file)  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_healthy(url)
+            wait_healthy(url, process=proc, log=log)
             theirs = measure(url, "bench", prompts, args, rss_pid=proc.pid)
             print(json.dumps({"server": "llama-server", **theirs}), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+            log_file.close()
         keys = ("output_tok_s", "ttft_p50_s", "itl_p50_ms", "idle_rss_mb", "concurrency_speedup")
         print(json.dumps({"ratio": "keras-llama / llama-server",
                           **{k: round(ours[k] / theirs[k], 3) for k in keys if theirs[k]}}))  # fmt: skip
