@@ -17,6 +17,7 @@ from keras_llama import kernels
 from keras_llama.kernels import decode_matmul, packing, training_matmul
 from keras_llama.kernels import swiglu as native_swiglu
 from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
+from keras_llama.models import torch_step
 from keras_llama.models.llama import llama_strategies
 
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
@@ -148,7 +149,7 @@ def _decode(facts):
             Choice("projections", "layers", reason),
             Choice("head", "layers", reason),
         )
-        return StagePlan("decode", (projections, attention, head))
+        return StagePlan("decode", (projections, attention, head, _decode_step(facts)))
     usable, reason = facts.native("decode_matmul")
     packable = packing.packable_mode(facts.projection_layers)
     head_mode = packing.packable_embedding_mode(facts.embedding)
@@ -166,7 +167,21 @@ def _decode(facts):
         why = facts.plain_reason()
         projections = Choice("projections", "layers", why)
         head = Choice("head", "layers", why)
-    return StagePlan("decode", (projections, attention, head))
+    return StagePlan("decode", (projections, attention, head, _decode_step(facts)))
+
+
+def _decode_step(facts):
+    """How the per-token step runs: inside one compiled JAX loop, compiled by torch, or eager."""
+    if facts.backend == "jax":
+        return Choice("step", "xla_loop", "the whole decode loop is one jax.jit while_loop")
+    if facts.backend != "torch":
+        return Choice("step", "eager", f"no compiler for backend {facts.backend}")
+    reason = torch_step.unavailable_reason()
+    if reason:
+        return Choice("step", "eager", f"torch.compile: no, {reason}")
+    return Choice(
+        "step", "torch_compile", "traced once per shape (make_fx) and compiled by torch.compile"
+    )
 
 
 def _training(facts):
@@ -246,7 +261,8 @@ def _applicable(facts, stage):
         projections = ["layers"] + (["fused"] if jax and facts.plain else [])
         if _decode(facts).projections == "packed":
             projections.append("packed")
-        return {"projections": projections}
+        steps = ["eager"] + (["torch_compile"] if _decode_step(facts).strategy != "eager" else [])
+        return {"projections": projections, "step": steps if facts.backend == "torch" else []}
     if stage == "scoring":
         return {"attention": attention}
     matrices = facts.jax_cpu and facts.plain

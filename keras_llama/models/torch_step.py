@@ -1,0 +1,112 @@
+"""The per-token decode step compiled on the torch backend (`CompiledStep`).
+
+On torch, Keras runs every layer eagerly: a decode step of SmolLM2-135M is thousands of
+Python-dispatched ops. ``torch.compile`` straight on a step that calls Keras layers breaks its
+graph at Keras's own Python (dtype bookkeeping, name scopes, ``setattr`` hooks: dozens of
+breaks and a recompile per call, measured on a 2-layer model). So the step is compiled in two
+moves, once per shape:
+
+1. **trace**: `make_fx` runs the step once (the plan's routes, the Keras layers, the rotary and
+   cache code: the one model implementation) and records only the ATen ops it dispatches, as an
+   FX graph. Variable values are graph *inputs* (a `keras.StatelessScope` maps them onto the
+   variables while tracing), never constants, so a changed weight is read by the next call.
+2. **compile**: ``torch.compile(graph, dynamic=False)`` (Inductor: fused C++/OpenMP kernels on
+   CPU around the library matmuls; on CUDA, ``mode="reduce-overhead"`` also captures the step in
+   a CUDA graph). Dynamo has nothing left to break on: the graph is plain ATen calls.
+
+Shapes are static: the engine buckets prompt widths and cache lengths
+(`generation_engine.bucket_length`), so a new shape (and a compilation) comes only with a new
+batch size or length bucket. Inductor keeps its compiled kernels on disk (its FX graph cache),
+so a later process compiling the same shapes mostly reads them back.
+"""
+
+import os
+import shutil
+import threading
+
+import keras
+
+# ``KERAS_LLAMA_TORCH_COMPILE=0`` keeps the eager step (the plan says so).
+COMPILE_ENV = "KERAS_LLAMA_TORCH_COMPILE"
+
+
+def unavailable_reason():
+    """None when the decode step can be compiled here, else why not (a short phrase)."""
+    value = os.environ.get(COMPILE_ENV, "1")
+    if value.lower() in ("0", "false", "no", "off"):
+        return f"disabled by {COMPILE_ENV}={value}"
+    import torch
+
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if _device() == "cpu" and not _cpp_compiler():
+        return "no C++ compiler for Inductor's CPU kernels ($CXX, c++, g++ or clang++)"
+    return None
+
+
+def _cpp_compiler():
+    names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+def _device():
+    # Where Keras puts new tensors ("cpu" or "cuda"): the device the step runs on.
+    return keras.ops.convert_to_tensor(0).device.type
+
+
+class CompiledStep:
+    """``step_fn(token_ids, caches, slot, cache_mask, positions)`` (see
+    `keras_llama.samplers.sampler.feed`) traced and compiled once per input shape.
+
+    Args:
+        variables: the model's variables, in the order of the ``values`` given to `bind`.
+        make_step: a function returning the eager step (the engine's ``make_step(None)``).
+    """
+
+    def __init__(self, variables, make_step):
+        self.variables = variables
+        self.make_step = make_step
+        self._compiled = {}  # input shapes -> compiled graph
+        self._lock = threading.Lock()  # one trace at a time: tracing modes are process state
+
+    def bind(self, values):
+        """The step for these variable values: the decode loop's ``step_fn``."""
+
+        def step(token_ids, caches, slot, cache_mask, positions):
+            args = (values, token_ids, caches, slot, cache_mask, positions)
+            return self._graph(args)(*args)
+
+        return step
+
+    def _graph(self, args):
+        key = _shapes(args)
+        with self._lock:
+            if key not in self._compiled:
+                self._compiled[key] = self._trace_and_compile(args)
+            return self._compiled[key]
+
+    def _trace_and_compile(self, args):
+        import torch
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        variables, make_step = self.variables, self.make_step
+
+        def traced(values, token_ids, caches, slot, cache_mask, positions):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return make_step()(token_ids, caches, slot, cache_mask, positions)
+
+        graph = make_fx(traced)(*args)
+        mode = "reduce-overhead" if _device() == "cuda" else None
+        return torch.compile(graph, dynamic=False, fullgraph=True, mode=mode)
+
+    @property
+    def num_compiled(self):
+        """How many shapes have been compiled."""
+        return len(self._compiled)
+
+
+def _shapes(tree):
+    # Every tensor's shape and dtype, in order (the step's inputs are flat tensors and tuples).
+    if isinstance(tree, (list, tuple)):
+        return tuple(_shapes(x) for x in tree)
+    return (tuple(tree.shape), str(tree.dtype))
