@@ -282,12 +282,22 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every torch run (transformers, the torch backend)",
+    )
+    parser.add_argument(
         "--keras-hub-python",
         default=os.environ.get("KERAS_HUB_PYTHON"),
         help="a Python with keras-hub (default: $KERAS_HUB_PYTHON)",
     )
     parser.add_argument("--transformers-python", default=sys.executable)
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     if args.compare:  # one subprocess per implementation, one after the other
         impls = ["keras_llama", *args.compare]
         python = {"keras_hub": args.keras_hub_python, "transformers": args.transformers_python}

@@ -16,8 +16,8 @@ from keras import ops
 from keras_llama import kernels
 from keras_llama.kernels import decode_matmul, packing, training_matmul
 from keras_llama.kernels import swiglu as native_swiglu
-from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
 from keras_llama.models import torch_step
+from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
 from keras_llama.models.llama import llama_strategies
 
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
@@ -144,11 +144,15 @@ def _prefill(facts):
 def _decode(facts):
     attention = Choice("attention", "single_query", "one query per row against the caches")
     if facts.backend != "jax":
-        reason = f"fused and packed weights feed the compiled JAX loop; backend is {facts.backend}"
-        projections, head = (
-            Choice("projections", "layers", reason),
-            Choice("head", "layers", reason),
-        )
+        head = Choice("head", "layers", "the embedding's own reverse projection")
+        if facts.plain:
+            # EinsumDense's einsums reach torch as batch-1 bmm's, which Inductor lowers to its
+            # own slow reductions on CPU; the same kernels as [K, N] views reach the BLAS mm.
+            projections = Choice(
+                "projections", "matrices", "plain float kernels as [K, N] matrices, one matmul each"
+            )
+        else:
+            projections = Choice("projections", "layers", facts.plain_reason())
         return StagePlan("decode", (projections, attention, head, _decode_step(facts)))
     usable, reason = facts.native("decode_matmul")
     packable = packing.packable_mode(facts.projection_layers)
@@ -259,6 +263,7 @@ def _applicable(facts, stage):
         return {"attention": attention[:2]}
     if stage == "decode":
         projections = ["layers"] + (["fused"] if jax and facts.plain else [])
+        projections += ["matrices"] if not jax and facts.plain else []
         if _decode(facts).projections == "packed":
             projections.append("packed")
         steps = ["eager"] + (["torch_compile"] if _decode_step(facts).strategy != "eager" else [])
@@ -307,6 +312,10 @@ def _projections(stage_plan, block, weights):
     kind = stage_plan.projections
     if kind == "layers":
         return llama_strategies.LayerProjections()
+    if kind == "matrices":
+        return llama_strategies.MatrixProjections(
+            _separate_matrices(block), ops.matmul, llama_strategies.gated_activation(block)
+        )
     if kind == "training_matmuls":
         activation = (
             native_swiglu.swiglu
@@ -342,7 +351,7 @@ def decode_weights(stage_plan, backbone):
     `keras.StatelessScope` applies): ``{"layers": [per block], "head": packed or None}`` for
     ``"fused"`` and ``"packed"`` projections, None for ``"layers"``."""
     kind = stage_plan.projections
-    if kind == "layers":
+    if kind in ("layers", "matrices"):
         return None
     blocks = backbone.transformer_layers
     if kind == "fused":
