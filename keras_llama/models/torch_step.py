@@ -26,6 +26,8 @@ import threading
 
 import keras
 
+from keras_llama.models.llama import llama_cache
+
 # ``KERAS_LLAMA_TORCH_COMPILE=0`` keeps the eager step (the plan says so).
 COMPILE_ENV = "KERAS_LLAMA_TORCH_COMPILE"
 # FX tracing sets a process-wide flag under which a compiled function refuses to run, and Dynamo
@@ -110,6 +112,21 @@ class CompiledStep:
     def num_compiled(self):
         """How many shapes have been compiled."""
         return len(self._compiled)
+
+
+def write_cache_in_place(cache, key, value, start):
+    """`llama_cache.update` writing into the cache tensors themselves (``index_copy_`` at
+    slots ``start + arange(q)``): the compiled step's static cache, no copy of it per token.
+    Only the decode plan with ``step: torch_compile`` routes blocks here; its engine owns the
+    caches it passes (fresh from each prefill)."""
+    import torch
+
+    key_cache, value_cache = cache
+    q = key.shape[1]
+    slots = torch.arange(q, device=key_cache.device) + torch.as_tensor(start).to(torch.int64)
+    key_cache.index_copy_(2, slots, llama_cache.to_cache_layout(key, True, key_cache.dtype))
+    value_cache.index_copy_(1, slots, llama_cache.to_cache_layout(value, False, value_cache.dtype))
+    return key_cache, value_cache
 
 
 def _shapes(tree):

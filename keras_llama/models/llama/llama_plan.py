@@ -18,7 +18,7 @@ from keras_llama.kernels import decode_matmul, packing, training_matmul
 from keras_llama.kernels import swiglu as native_swiglu
 from keras_llama.models import torch_step
 from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
-from keras_llama.models.llama import llama_strategies
+from keras_llama.models.llama import llama_cache, llama_strategies
 
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
 NATIVE_OPS = {
@@ -184,7 +184,10 @@ def _decode_step(facts):
     if reason:
         return Choice("step", "eager", f"torch.compile: no, {reason}")
     return Choice(
-        "step", "torch_compile", "traced once per shape (make_fx) and compiled by torch.compile"
+        "step",
+        "torch_compile",
+        "traced once per shape (make_fx), compiled by torch.compile, writing the static cache "
+        "in place",
     )
 
 
@@ -299,12 +302,14 @@ def block_routes(stage_plan, backbone, weights=None):
     """One `BlockRoute` per block for ``stage_plan``; ``weights`` from `decode_weights` for
     the ``"fused"`` and ``"packed"`` projections."""
     attention = llama_strategies.ATTENTION[stage_plan.attention]()
+    in_place = getattr(stage_plan, "step", None) == "torch_compile"
+    write_cache = torch_step.write_cache_in_place if in_place else llama_cache.update
     routes = []
     for i, block in enumerate(backbone.transformer_layers):
         projections = _projections(
             stage_plan, block, None if weights is None else weights["layers"][i]
         )
-        routes.append(llama_strategies.BlockRoute(projections, attention))
+        routes.append(llama_strategies.BlockRoute(projections, attention, write_cache))
     return routes
 
 
