@@ -12,6 +12,7 @@ EXCLUDED = {
     "tests/kernels/test_attention.py": "native ops are XLA FFI custom calls: JAX only",
     "tests/kernels/test_decode_matmul.py": "native ops are XLA FFI custom calls: JAX only",
     "tests/kernels/test_training_kernels.py": "native ops and jax.custom_vjp matmuls: JAX only",
+    "tests/kernels/test_library.py": "builds and loads the XLA FFI libraries (skips off JAX)",
     "tests/models/test_compilation_cache.py": "JAX's persistent compilation cache",
     "tests/distribution/test_distribution.py": "keras.distribution device meshes: JAX only",
     "tests/training/test_loss_and_score.py": "compares jax.grad gradients of the training plans",
