@@ -36,10 +36,12 @@ COMPILE_ENV = "KERAS_LLAMA_TORCH_COMPILE"
 _LOCK = threading.Lock()
 
 
-def unavailable_reason():
-    """None when the decode step can be compiled here, else why not (a short phrase)."""
+def unavailable_reason(respect_opt_out=True):
+    """None when the decode step can be compiled here, else why not (a short phrase).
+    ``respect_opt_out=False`` ignores ``KERAS_LLAMA_TORCH_COMPILE=0`` (a plan chosen by the
+    caller, e.g. in `llama_plan.alternatives`, may still compile)."""
     value = os.environ.get(COMPILE_ENV, "1")
-    if value.lower() in ("0", "false", "no", "off"):
+    if respect_opt_out and value.lower() in ("0", "false", "no", "off"):
         return f"disabled by {COMPILE_ENV}={value}"
     import torch
 

@@ -140,6 +140,8 @@ def test_greedy_generation_equals_transformers_over_every_plan(pair):
     plans = list(_generation_plans(causal_lm))
     if keras.config.backend() == "jax":
         assert {"packed", "fused", "layers"} == {p.decode.projections for p in plans}
+    else:  # torch: the compiled step too, even where the run opted out of it
+        assert {"torch_compile", "eager"} == {p.decode.step for p in plans}
     for plan in plans:
         tokens = _greedy(causal_lm, plan)
         np.testing.assert_array_equal(

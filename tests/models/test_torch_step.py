@@ -40,7 +40,7 @@ def _greedy(engine, prompt):
     return engine.run(batch, ())["tokens"][0, :NEW_TOKENS]
 
 
-def test_decode_step_choice_says_how_and_why():
+def test_decode_step_choice_says_how_and_why(compiling):
     causal_lm = to_keras_llama(make_hf_model("gqa", seed=1, **SHAPE))
     step = next(c for c in causal_lm.execution_plan().decode.choices if c.part == "step")
     if TORCH:
@@ -60,8 +60,15 @@ def test_compile_can_be_turned_off_and_the_plan_says_so(monkeypatch):
     assert engine.compiled_step is None
 
 
+@pytest.fixture
+def compiling(monkeypatch):
+    # The plan's own choice, even where the run opted out (CI's torch run compiles only where a
+    # test asks: each new shape costs seconds of Inductor compilation).
+    monkeypatch.setenv("KERAS_LLAMA_TORCH_COMPILE", "1")
+
+
 @torch_only
-def test_compiled_step_reads_changed_weights():
+def test_compiled_step_reads_changed_weights(compiling):
     first, second = (make_hf_model("gqa", seed=s, **SHAPE) for s in (11, 12))
     causal_lm = to_keras_llama(first)
     engine = generation_engine.GenerationEngine(causal_lm, samplers.get("greedy"))
@@ -76,7 +83,7 @@ def test_compiled_step_reads_changed_weights():
 
 
 @torch_only
-def test_similar_lengths_reuse_one_compiled_step():
+def test_similar_lengths_reuse_one_compiled_step(compiling):
     hf = make_hf_model("gqa", seed=13, **SHAPE)
     causal_lm = to_keras_llama(hf)
     engine = generation_engine.GenerationEngine(causal_lm, samplers.get("greedy"))

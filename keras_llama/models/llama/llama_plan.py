@@ -269,7 +269,8 @@ def _applicable(facts, stage):
         projections += ["matrices"] if not jax and facts.plain else []
         if _decode(facts).projections == "packed":
             projections.append("packed")
-        steps = ["eager"] + (["torch_compile"] if _decode_step(facts).strategy != "eager" else [])
+        compiles = facts.backend == "torch" and not torch_step.unavailable_reason(False)
+        steps = ["eager"] + (["torch_compile"] if compiles else [])
         return {"projections": projections, "step": steps if facts.backend == "torch" else []}
     if stage == "scoring":
         return {"attention": attention}
