@@ -10,6 +10,8 @@ transformers (torch, float32) with ``--transformers-python``.
     python benchmarks/generate.py                                  # keras-llama only
     python benchmarks/generate.py --compare keras_hub transformers # all three, same run
     python benchmarks/generate.py --preset ./my_preset --batch-sizes 1
+    KERAS_BACKEND=torch python benchmarks/generate.py --compare keras_hub transformers \
+        --batch-sizes 1 --keras-hub-python PY   # the torch backend, all three side by side
 
 Defaults: the SmolLM2-135M shape (30 layers, hidden 576, 9 query / 3 key-value heads,
 intermediate 1536, vocab 49152, tied embeddings), float32, random weights, a 32-token prompt and
@@ -142,7 +144,14 @@ def run_ours(args):
         }
         if engine.jax:
             extra["compiled_decode_shapes"] = engine._decode_jit._cache_size()
+        elif engine.compiled_step:
+            extra["compiled_decode_shapes"] = engine.compiled_step.num_compiled
         extra["backend"] = keras.config.backend()
+        extra["decode_step"] = engine.plan.decode.step
+        if extra["backend"] == "torch":
+            import torch
+
+            extra["torch_threads"] = torch.get_num_threads()
         _report(args, "keras_llama", batch, cold, warm, prefill, extra)
 
 
@@ -189,14 +198,22 @@ def run_keras_hub(args):
         cold, _ = _timed(generate, batch)
         warm = [_timed(generate, batch)[0] for _ in range(args.runs)]
         # Prefill as KerasHub does it: one cached forward pass over the padded max_length.
-        import jax
-
         ids = inputs(batch, args.prompt_length)["token_ids"]
-        build = jax.jit(lambda t: causal_lm._build_cache(t)[1])
-        jax.block_until_ready(build(ids))
-        prefill = [
-            _timed(lambda b=build, i=ids: jax.block_until_ready(b(i)))[0] for _ in range(args.runs)
-        ]
+        if keras.config.backend() == "jax":
+            import jax
+
+            build = jax.jit(lambda t: causal_lm._build_cache(t)[1])
+            jax.block_until_ready(build(ids))
+            prefill = [
+                _timed(lambda b=build, i=ids: jax.block_until_ready(b(i)))[0]
+                for _ in range(args.runs)
+            ]
+        else:  # torch: eager, as its generate() runs it
+            import torch
+
+            with torch.no_grad():
+                ids = keras.ops.convert_to_tensor(ids)
+                prefill = [_timed(causal_lm._build_cache, ids)[0] for _ in range(args.runs)]
         similar, _ = _timed(generate, batch, args.prompt_length - 3)
         extra = {"similar_prompt_s": round(similar, 4), "backend": keras.config.backend()}
         _report(args, "keras_hub", batch, cold, warm, prefill, extra)
@@ -265,12 +282,22 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every torch run (transformers, the torch backend)",
+    )
+    parser.add_argument(
         "--keras-hub-python",
         default=os.environ.get("KERAS_HUB_PYTHON"),
         help="a Python with keras-hub (default: $KERAS_HUB_PYTHON)",
     )
     parser.add_argument("--transformers-python", default=sys.executable)
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     if args.compare:  # one subprocess per implementation, one after the other
         impls = ["keras_llama", *args.compare]
         python = {"keras_hub": args.keras_hub_python, "transformers": args.transformers_python}

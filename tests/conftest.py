@@ -3,3 +3,36 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _torch_exclusions():
+    from tests.torch_suite import EXCLUDED
+
+    return EXCLUDED if os.environ.get("KERAS_BACKEND") == "torch" else {}
+
+
+def pytest_ignore_collect(collection_path, config):
+    """On the torch backend, leave out the files `tests/torch_suite.py` names (with reasons)."""
+    excluded = _torch_exclusions()
+    if not excluded:
+        return None
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        relative = Path(collection_path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return None
+    return True if relative in excluded else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """On the torch backend, deselect the single tests `tests/torch_suite.py` names."""
+    excluded = _torch_exclusions()
+    if not excluded:
+        return
+    kept = [item for item in items if item.nodeid.split("[")[0] not in excluded]
+    deselected = [item for item in items if item not in kept]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

@@ -7,7 +7,8 @@ running it is a small set of strategies, and a plan names one of each for every 
   (any dtype policy, quantization or LoRA); ``"training_matmuls"`` multiplies each layer's
   kernel with written-out gradients (`keras_llama.kernels.training_matmul`); ``"fused"``
   multiplies the query/key/value and gate/up kernels concatenated (fewer, larger XLA matmuls);
-  ``"packed"`` multiplies packed weights in the native decode op.
+  ``"packed"`` multiplies packed weights in the native decode op; ``"matrices"`` multiplies
+  each float kernel viewed as a [K, N] matrix with ``ops.matmul`` (torch decoding).
 * ``attention``: ``"einsum"`` (grouped einsums, any backend, dropout), ``"dot_product"``
   (`jax.nn.dot_product_attention`), ``"native"`` (the native flash-style op), or
   ``"single_query"`` (one query per row against the key/value caches, for decoding).
@@ -15,6 +16,9 @@ running it is a small set of strategies, and a plan names one of each for every 
   ``"native_swiglu"``.
 * ``head`` (the vocabulary projection): ``"layers"``, ``"training_matmuls"`` or ``"packed"``.
 * ``loss`` (training only): ``"xla"`` or ``"native"`` cross-entropy.
+* ``step`` (decode only): ``"xla_loop"`` (JAX: the whole loop is one compiled while-loop),
+  ``"torch_compile"`` (torch: the per-token step traced and compiled once per shape, see
+  `keras_llama.models.torch_step`) or ``"eager"``.
 
 Every choice records why it was made, so ``print(causal_lm.execution_plan())`` answers "which
 path runs, and why" without reading code.

@@ -4,7 +4,10 @@ On JAX, prefill and decode are ``jax.jit`` functions that take the model's varia
 arguments (a `keras.StatelessScope` maps them onto the variables while tracing, so weights are
 never baked in as constants); decode is one ``lax.while_loop`` on device with its state donated.
 Prompt widths and lengths are bucketed (`bucket_length`), so a prompt of similar length reuses
-the compiled code. On other backends the same functions run eagerly under ``torch.no_grad()``.
+the compiled code. On torch, prefill runs eagerly under ``torch.no_grad()`` and decode runs the
+same Python loop around a step that the plan either runs eagerly or compiles once per bucketed
+shape (``step: torch_compile``, `keras_llama.models.torch_step`): per token, only the sampler
+and the loop's bookkeeping run in Python.
 
 What prefill and decode run is the model's `ExecutionPlan`, decided when the engine is made and
 passed to every traced function: nothing is read from hidden state, so concurrent calls of
@@ -19,6 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_llama.models import torch_step
 from keras_llama.samplers.sampler import PAD_TOKEN, DecodeState, run_decode_loop
 from keras_llama.utils.cache import cache_dir
 
@@ -79,6 +83,12 @@ class GenerationEngine:
         self.plan = plan or model.execution_plan(build=("prefill", "decode"))
         self.jax = keras.config.backend() == "jax"
         self._lock = threading.Lock()  # guards the two sets below across threads
+        # On torch, the decode step compiled per shape when the plan says so.
+        self.compiled_step = (
+            torch_step.CompiledStep(self.variables, lambda: self.make_step(None))
+            if self.plan.decode.step == "torch_compile"
+            else None
+        )
         if self.jax:
             import jax
 
@@ -102,7 +112,7 @@ class GenerationEngine:
         and the loop runs at most ``steps`` (what the shortest prompt may add)."""
         lengths = [len(r) for r in prompts.rows]
         steps = prompts.max_length - min(lengths)
-        if self.jax:
+        if self.jax or self.compiled_step:  # compiled shapes repeat
             return bucket_length(max(lengths)), bucket_length(prompts.max_length), steps
         return max(lengths), steps, steps
 
@@ -129,7 +139,10 @@ class GenerationEngine:
         if not self.jax:
             with _no_grad():
                 stop_ids = ops.convert_to_tensor(stop_ids)
-                step = self.make_step(None)
+                if self.compiled_step:
+                    step = self.compiled_step.bind([v.value for v in self.variables])
+                else:
+                    step = self.make_step(None)
                 return run_decode_loop(self.sampler, step, state, stop_at, stop_ids)[0]
         with self._lock:
             compiling, self._compiling = self._compiling, []

@@ -7,6 +7,7 @@ the objects and loads the weights. Tokenizers: `keras_llama.models.tokenizer_loa
 
 import inspect
 import os
+import re
 import sys
 
 import keras
@@ -201,8 +202,19 @@ def _load_keras_weights(backbone, src):
         raise ValueError(
             f"Could not load the weights of preset {src.source!r} from "
             f"{src.weights_path!r} (truncated, corrupt, or of another configuration?): "
-            f"{type(e).__name__}: {e}"
+            f"{type(e).__name__}: {_plain_shapes(str(e))}"
         ) from e
+
+
+def _plain_shapes(message):
+    """Keras's message with torch's ``torch.Size([32, 64])`` written as on every other backend,
+    ``(32, 64)``, so a shape mismatch reads the same whatever the backend."""
+
+    def plain(match):
+        dims = [d.strip() for d in match.group(1).split(",") if d.strip()]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    return re.sub(r"torch\.Size\(\[([^\]]*)\]\)", plain, message)
 
 
 # --- preprocessor and task ---------------------------------------------------------------------

@@ -105,8 +105,9 @@ class RowSampler:
 
 def apply_penalties(logits, counts, presence, frequency):
     """OpenAI's penalties: ``logits - frequency * count - presence * (count > 0)``."""
-    counts = ops.cast(counts, "float32")
+    logits, counts = ops.convert_to_tensor(logits), ops.cast(counts, "float32")
     seen = ops.cast(counts > 0, "float32")
+    presence, frequency = ops.convert_to_tensor(presence), ops.convert_to_tensor(frequency)
     return logits - frequency[:, None] * counts - presence[:, None] * seen
 
 
@@ -114,6 +115,7 @@ def filter_logits(logits, top_k, top_p, min_p):
     """``logits`` [b, V] with the tokens outside each row's top-k, top-p (nucleus) and min-p
     sets at -inf. The most likely token always stays; ties at the threshold all stay."""
     vocabulary = ops.shape(logits)[-1]
+    top_k, top_p, min_p = (ops.convert_to_tensor(x) for x in (top_k, top_p, min_p))
     ordered = ops.flip(ops.sort(logits, axis=-1), axis=-1)  # [b, V], descending
     probabilities = ops.softmax(ordered, axis=-1)
     rank = ops.arange(vocabulary)[None, :]

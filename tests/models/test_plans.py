@@ -6,8 +6,8 @@ against transformers on the same weights, greedy generation against transformers
 int8 weight-only decoding against Keras's own int8 layers. Concurrent generate() calls on one
 fresh model give the sequential results.
 
-Backend-sensitive: `tests/test_torch_backend.py` reruns this file on the torch backend, where
-fewer plans apply.
+Backend-sensitive: CI runs this file on the torch backend too (`.ci/run`), where fewer plans
+apply and the decode step runs both compiled and eager.
 """
 
 import threading
@@ -80,6 +80,9 @@ def _loss_and_grads(causal_lm, plan):
     return float(loss), {v.path: np.asarray(g) for v, g in zip(variables, grads)}
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="jax.value_and_grad of each training plan"
+)
 def test_training_loss_and_gradients_equal_transformers_over_every_plan(pair):
     hf, causal_lm = pair
     causal_lm.compile()
@@ -137,6 +140,8 @@ def test_greedy_generation_equals_transformers_over_every_plan(pair):
     plans = list(_generation_plans(causal_lm))
     if keras.config.backend() == "jax":
         assert {"packed", "fused", "layers"} == {p.decode.projections for p in plans}
+    else:  # torch: the compiled step too, even where the run opted out of it
+        assert {"torch_compile", "eager"} == {p.decode.step for p in plans}
     for plan in plans:
         tokens = _greedy(causal_lm, plan)
         np.testing.assert_array_equal(

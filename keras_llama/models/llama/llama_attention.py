@@ -162,7 +162,7 @@ class LlamaAttention(keras.layers.Layer):
         query = self.rotary_embedding_layer.apply(query, cos, sin)
         key = self.rotary_embedding_layer.apply(key, cos, sin)
         if cache is not None:
-            cache = llama_cache.update(cache, key, value, start)
+            cache = route.write_cache(cache, key, value, start)
             key, value = cache
             if not route.attention.reads_caches:  # -> [b, s, v, h]
                 key = llama_cache.from_cache_layout(key, True, self.num_key_value_heads)

@@ -16,8 +16,9 @@ from keras import ops
 from keras_llama import kernels
 from keras_llama.kernels import decode_matmul, packing, training_matmul
 from keras_llama.kernels import swiglu as native_swiglu
+from keras_llama.models import torch_step
 from keras_llama.models.execution_plan import Choice, ExecutionPlan, StagePlan
-from keras_llama.models.llama import llama_strategies
+from keras_llama.models.llama import llama_cache, llama_strategies
 from keras_llama.quantization import block_format_of
 
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
@@ -144,12 +145,16 @@ def _prefill(facts):
 def _decode(facts):
     attention = Choice("attention", "single_query", "one query per row against the caches")
     if facts.backend != "jax":
-        reason = f"fused and packed weights feed the compiled JAX loop; backend is {facts.backend}"
-        projections, head = (
-            Choice("projections", "layers", reason),
-            Choice("head", "layers", reason),
-        )
-        return StagePlan("decode", (projections, attention, head))
+        head = Choice("head", "layers", "the embedding's own reverse projection")
+        if facts.plain:
+            # EinsumDense's einsums reach torch as batch-1 bmm's, which Inductor lowers to its
+            # own slow reductions on CPU; the same kernels as [K, N] views reach the BLAS mm.
+            projections = Choice(
+                "projections", "matrices", "plain float kernels as [K, N] matrices, one matmul each"
+            )
+        else:
+            projections = Choice("projections", "layers", facts.plain_reason())
+        return StagePlan("decode", (projections, attention, head, _decode_step(facts)))
     usable, reason = facts.native("decode_matmul")
     packable = packing.packable_mode(facts.projection_layers)
     head_mode = packing.packable_embedding_mode(facts.embedding)
@@ -167,7 +172,24 @@ def _decode(facts):
         why = facts.plain_reason()
         projections = Choice("projections", "layers", why)
         head = Choice("head", "layers", why)
-    return StagePlan("decode", (projections, attention, head))
+    return StagePlan("decode", (projections, attention, head, _decode_step(facts)))
+
+
+def _decode_step(facts):
+    """How the per-token step runs: inside one compiled JAX loop, compiled by torch, or eager."""
+    if facts.backend == "jax":
+        return Choice("step", "xla_loop", "the whole decode loop is one jax.jit while_loop")
+    if facts.backend != "torch":
+        return Choice("step", "eager", f"no compiler for backend {facts.backend}")
+    reason = torch_step.unavailable_reason()
+    if reason:
+        return Choice("step", "eager", f"torch.compile: no, {reason}")
+    return Choice(
+        "step",
+        "torch_compile",
+        "traced once per shape (make_fx), compiled by torch.compile, writing the static cache "
+        "in place",
+    )
 
 
 def _training(facts):
@@ -245,9 +267,12 @@ def _applicable(facts, stage):
         return {"attention": attention[:2]}
     if stage == "decode":
         projections = ["layers"] + (["fused"] if jax and facts.plain else [])
+        projections += ["matrices"] if not jax and facts.plain else []
         if _decode(facts).projections == "packed":
             projections.append("packed")
-        return {"projections": projections}
+        compiles = facts.backend == "torch" and not torch_step.unavailable_reason(False)
+        steps = ["eager"] + (["torch_compile"] if compiles else [])
+        return {"projections": projections, "step": steps if facts.backend == "torch" else []}
     if stage == "scoring":
         return {"attention": attention}
     matrices = facts.jax_cpu and facts.plain
@@ -279,12 +304,14 @@ def block_routes(stage_plan, backbone, weights=None):
     """One `BlockRoute` per block for ``stage_plan``; ``weights`` from `decode_weights` for
     the ``"fused"`` and ``"packed"`` projections."""
     attention = llama_strategies.ATTENTION[stage_plan.attention]()
+    in_place = getattr(stage_plan, "step", None) == "torch_compile"
+    write_cache = torch_step.write_cache_in_place if in_place else llama_cache.update
     routes = []
     for i, block in enumerate(backbone.transformer_layers):
         projections = _projections(
             stage_plan, block, None if weights is None else weights["layers"][i]
         )
-        routes.append(llama_strategies.BlockRoute(projections, attention))
+        routes.append(llama_strategies.BlockRoute(projections, attention, write_cache))
     return routes
 
 
@@ -292,6 +319,10 @@ def _projections(stage_plan, block, weights):
     kind = stage_plan.projections
     if kind == "layers":
         return llama_strategies.LayerProjections()
+    if kind == "matrices":
+        return llama_strategies.MatrixProjections(
+            _separate_matrices(block), ops.matmul, llama_strategies.gated_activation(block)
+        )
     if kind == "training_matmuls":
         activation = (
             native_swiglu.swiglu
@@ -327,7 +358,7 @@ def decode_weights(stage_plan, backbone):
     `keras.StatelessScope` applies): ``{"layers": [per block], "head": packed or None}`` for
     ``"fused"`` and ``"packed"`` projections, None for ``"layers"``."""
     kind = stage_plan.projections
-    if kind == "layers":
+    if kind in ("layers", "matrices"):
         return None
     blocks = backbone.transformer_layers
     if kind == "fused":

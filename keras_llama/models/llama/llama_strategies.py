@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from keras_llama.kernels import attention as native_attention
+from keras_llama.models.llama import llama_cache
 
 # Masked scores: a large negative number rather than -inf, so a row with no visible key
 # softmaxes to uniform weights instead of NaN.
@@ -190,10 +191,13 @@ ATTENTION = {
 
 @dataclasses.dataclass(frozen=True)
 class BlockRoute:
-    """How one decoder block runs: its ``projections`` and its ``attention``."""
+    """How one decoder block runs: its ``projections``, its ``attention``, and how it writes
+    a step's keys and values into the cache (``write_cache(cache, key, value, start)``, as
+    `llama_cache.update`: a new cache, or the same tensors written in place)."""
 
     projections: object
     attention: object
+    write_cache: object = llama_cache.update
 
 
 # A block called without a route (building the functional graph, a direct call): the Keras
