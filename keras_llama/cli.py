@@ -378,55 +378,9 @@ def build_parser():
     gen.add_argument("--no-stream", action="store_true", help="print the answer when complete")
     options.add_model_options(sub.choices["chat"])
     options.add_length_options(sub.choices["chat"])
-    conv = sub.choices["convert"]
-    conv.add_argument("src", help="built-in name, kaggle://, hf://, folder, .gguf or Meta folder")
-    conv.add_argument("dst", help="the preset folder, transformers folder or .gguf file to write")
-    conv.add_argument(
-        "--to", choices=("keras", "transformers", "gguf"), default="keras", help="default: keras"
-    )
-    conv.add_argument(
-        "--dtype",
-        default=None,
-        help="gguf: f32 (default), f16, bf16, q8_0, q4_0; keras/transformers: float32, "
-        "bfloat16, float16 (f32/f16/bf16 also accepted)",
-    )
-    conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    tune = sub.choices["finetune"]
-    tune.add_argument("--preset", default=DEFAULT_PRESET, help=f"default: {DEFAULT_PRESET}")
-    tune.add_argument("--data", required=True, help='JSON lines: {"messages"}, '
-                      '{"prompt", "completion"} or {"text"}')  # fmt: skip
-    tune.add_argument("--output", required=True, help="the preset folder to write")
-    tune.add_argument("--lora-rank", type=int, default=8)
-    tune.add_argument("--epochs", type=int, default=3)
-    tune.add_argument("--learning-rate", type=float, default=2e-4)
-    tune.add_argument("--batch-size", type=int, default=4)
-    tune.add_argument("--max-length", type=int, default=512, help="tokens per example")
-    tune.add_argument("--validation-data", default=None, help="JSON lines, as --data")
-    tune.add_argument("--keep-adapter", action="store_true",
-                      help="write the base weights and adapter.lora.h5 instead of merging")  # fmt: skip
-    tune.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    serve = sub.choices["serve"]
-    serve.add_argument(
-        "--preset", default=DEFAULT_PRESET, help=f"as for generate (default: {DEFAULT_PRESET})"
-    )
-    options.add_dtype_option(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--model-name", default=None, help="the model id clients pass (default: the preset's name)"
-    )
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="slots decoded together")
-    serve.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting beyond the slots (then 429)"
-    )
-    serve.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="most tokens per request (prompt + completion)",
-    )
-    serve.add_argument("--log-level", default="info")
+    options.add_convert_options(sub.choices["convert"])
+    options.add_finetune_options(sub.choices["finetune"])
+    options.add_serve_options(sub.choices["serve"])
     return parser
 
 

@@ -20,6 +20,7 @@ EXCLUDED = {
     "tests/serving/test_api.py": "the slot engine runs on JAX only (serving/slots.py refuses torch)",
     "tests/serving/test_engine.py": "the slot engine runs on JAX only (as above)",
     "tests/serving/test_slots.py": "the slot engine runs on JAX only (as above)",
+    "tests/serving/test_real_model.py": "the slot engine runs on JAX only (as above)",
     # --- backend-independent: the same numpy/tokenizer/file code as on JAX -----------------
     "tests/test_fuzz.py": "property tests of the file readers and tokenizers (no tensors)",
     "tests/tokenizers/test_byte_pair_tokenizer.py": "tokenizers compute in Python/numpy",
@@ -28,9 +29,15 @@ EXCLUDED = {
     "tests/serving/test_chat_page.py": "the chat page in a headless browser (HTML and JS)",
     "tests/serving/test_auth.py": "API-key checks of the HTTP layer (its app needs the slot engine)",
     "tests/export/test_atomic.py": "atomic file writes",
+    "tests/docs/test_build.py": "builds the documentation site (mkdocs, no tensors)",
+    "tests/docs/test_api_reference.py": "reads docstrings and the site's reference pages",
+    "tests/docs/test_site_browser.py": "the built site's search in a headless browser",
     # --- too slow for CI's torch budget; the same code runs on tiny models in other files ---
     "tests/presets/test_smollm2.py": "the real 135M model: its 30-layer step compiles in ~90 s",
     "tests/quantization/test_smollm2_int8.py": "the real 135M model, int8 (as above)",
+    "tests/presets/test_smollm2_llama_cpp.py": "the real 135M model against llama.cpp (as above)",
+    "tests/export/test_smollm2_gguf_export.py": "the real 135M model exported (as above)",
+    "tests/docs/test_page_examples.py": "the guides' examples run the real 135M model (as above)",
     "tests/training/test_finetune_cli.py::test_finetune_teaches_smollm2_a_made_up_fact": (
         "fine-tunes the real 135M model (minutes on torch's eager training step)"
     ),
