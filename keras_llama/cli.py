@@ -24,7 +24,6 @@ import sys
 from keras_llama import cli_options as options
 from keras_llama.cli_options import (
     DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_PRESET,
     DTYPES,
     GGUF_DTYPES,
     UsageError,
