@@ -31,7 +31,8 @@ def pytest_collection_modifyitems(config, items):
     excluded = _torch_exclusions()
     if not excluded:
         return
-    kept = [item for item in items if item.nodeid.split("[")[0] not in excluded]
+    kept = [item for item in items
+            if item.nodeid not in excluded and item.nodeid.split("[")[0] not in excluded]  # fmt: skip
     deselected = [item for item in items if item not in kept]
     if deselected:
         config.hook.pytest_deselected(items=deselected)

@@ -17,7 +17,7 @@ def test_every_exclusion_names_an_existing_test_file_and_a_reason():
         path, _, name = entry.partition("::")
         assert (ROOT / path).is_file(), path
         assert Path(path).name.startswith("test_"), path
-        assert not name or f"def {name}(" in (ROOT / path).read_text(), entry
+        assert not name or f"def {name.split('[')[0]}(" in (ROOT / path).read_text(), entry
         assert len(reason) > 10, entry
 
 

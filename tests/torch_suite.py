@@ -3,7 +3,8 @@
 CI runs the suite twice: on JAX (every file), then with ``KERAS_BACKEND=torch`` (every file
 but these). A file is left out only when what it tests does not exist on torch or does not
 depend on the backend, or when its torch run would not fit CI's time; each entry says which.
-Keys are test files or single tests (``path::name``). `tests/test_torch_backend.py` checks that
+Keys are test files, single tests (``path::name``) or single parameters of a test
+(``path::name[id]``). `tests/test_torch_backend.py` checks that
 every entry names a test that exists and that every test folder keeps files in the torch run.
 """
 
@@ -21,6 +22,10 @@ EXCLUDED = {
     "tests/serving/test_engine.py": "the slot engine runs on JAX only (as above)",
     "tests/serving/test_slots.py": "the slot engine runs on JAX only (as above)",
     "tests/serving/test_real_model.py": "the slot engine runs on JAX only (as above)",
+    "tests/docs/test_docstring_examples.py::test_docstring_example_runs"
+    "[keras_llama.serving.create_app[0]]": "the slot engine runs on JAX only (as above)",
+    "tests/docs/test_docstring_examples.py::test_docstring_example_runs"
+    "[keras_llama.serving.SlotEngine[0]]": "the slot engine runs on JAX only (as above)",
     # --- backend-independent: the same numpy/tokenizer/file code as on JAX -----------------
     "tests/test_fuzz.py": "property tests of the file readers and tokenizers (no tensors)",
     "tests/tokenizers/test_byte_pair_tokenizer.py": "tokenizers compute in Python/numpy",
