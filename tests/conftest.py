@@ -6,9 +6,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _torch_exclusions():
-    from tests.torch_suite import EXCLUDED
+    """What this backend's run leaves out (`tests/torch_suite.py`: ``EXCLUDED`` on torch,
+    ``TORCH_ONLY`` on JAX), each with its reason: deselected, never skipped."""
+    from tests.torch_suite import EXCLUDED, TORCH_ONLY
 
-    return EXCLUDED if os.environ.get("KERAS_BACKEND") == "torch" else {}
+    return EXCLUDED if os.environ.get("KERAS_BACKEND") == "torch" else TORCH_ONLY
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -27,7 +29,7 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """On the torch backend, deselect the single tests `tests/torch_suite.py` names."""
+    """Deselect the single tests `tests/torch_suite.py` names for this backend."""
     excluded = _torch_exclusions()
     if not excluded:
         return

@@ -7,13 +7,13 @@ leaves out the files of `tests/torch_suite.py`. Run it locally with
 
 from pathlib import Path
 
-from tests.torch_suite import EXCLUDED
+from tests.torch_suite import EXCLUDED, TORCH_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_exclusion_names_an_existing_test_file_and_a_reason():
-    for entry, reason in EXCLUDED.items():
+    for entry, reason in {**EXCLUDED, **TORCH_ONLY}.items():
         path, _, name = entry.partition("::")
         assert (ROOT / path).is_file(), path
         assert Path(path).name.startswith("test_"), path

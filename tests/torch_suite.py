@@ -1,4 +1,6 @@
-"""Which test files the torch-backend run leaves out, and why (`conftest.py` applies it).
+"""Which test files the torch-backend run leaves out, and why (`conftest.py` applies it); and
+which torch-only tests the JAX run leaves out (``TORCH_ONLY``). Left out means deselected, not
+skipped.
 
 CI runs the suite twice: on JAX (every file), then with ``KERAS_BACKEND=torch`` (every file
 but these). A file is left out only when what it tests does not exist on torch or does not
@@ -10,6 +12,9 @@ every entry names a test that exists and that every test folder keeps files in t
 
 EXCLUDED = {
     # --- JAX-only machinery: on torch the plan never chooses it (test_plans.py checks that) --
+    "tests/models/test_plans.py::test_training_loss_and_gradients_equal_transformers_over_every_plan": (  # noqa: E501
+        "jax.value_and_grad of each training plan"
+    ),
     "tests/kernels/test_attention.py": "native ops are XLA FFI custom calls: JAX only",
     "tests/kernels/test_decode_matmul.py": "native ops are XLA FFI custom calls: JAX only",
     "tests/kernels/test_training_kernels.py": "native ops and jax.custom_vjp matmuls: JAX only",
@@ -49,5 +54,18 @@ EXCLUDED = {
     # --- to fix: a bound tuned to JAX's random draws ---------------------------------------
     "tests/training/test_fit.py::test_lora_fine_tuning_learns_a_new_sentence_with_frozen_weights_untouched": (  # noqa: E501
         "its first-epoch loss bound (> 1.5) is tuned to JAX's random draws: 1.47 on torch"
+    ),
+}
+
+# The other way round: tests of the torch backend's own machinery, which the JAX run leaves out.
+TORCH_ONLY = {
+    "tests/models/test_torch_step.py::test_compile_can_be_turned_off_and_the_plan_says_so": (
+        "the compiled torch decode step"
+    ),
+    "tests/models/test_torch_step.py::test_compiled_step_reads_changed_weights": (
+        "the compiled torch decode step"
+    ),
+    "tests/models/test_torch_step.py::test_similar_lengths_reuse_one_compiled_step": (
+        "the compiled torch decode step"
     ),
 }

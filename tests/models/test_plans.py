@@ -80,9 +80,6 @@ def _loss_and_grads(causal_lm, plan):
     return float(loss), {v.path: np.asarray(g) for v, g in zip(variables, grads)}
 
 
-@pytest.mark.skipif(
-    keras.config.backend() != "jax", reason="jax.value_and_grad of each training plan"
-)
 def test_training_loss_and_gradients_equal_transformers_over_every_plan(pair):
     hf, causal_lm = pair
     causal_lm.compile()

@@ -16,9 +16,6 @@ from tests.hf_reference import make_hf_model, to_keras_llama
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
 NEW_TOKENS = 8
 TORCH = keras.config.backend() == "torch"
-torch_only = pytest.mark.skipif(
-    not TORCH, reason="the compiled torch step (CI runs the torch suite)"
-)
 
 
 def _hf_greedy(hf, prompt):
@@ -49,7 +46,6 @@ def test_decode_step_choice_says_how_and_why(compiling):
         assert step.strategy == "xla_loop" and "while_loop" in step.reason
 
 
-@torch_only
 def test_compile_can_be_turned_off_and_the_plan_says_so(monkeypatch):
     monkeypatch.setenv("KERAS_LLAMA_TORCH_COMPILE", "0")
     causal_lm = to_keras_llama(make_hf_model("gqa", seed=1, **SHAPE))
@@ -67,7 +63,6 @@ def compiling(monkeypatch):
     monkeypatch.setenv("KERAS_LLAMA_TORCH_COMPILE", "1")
 
 
-@torch_only
 def test_compiled_step_reads_changed_weights(compiling):
     first, second = (make_hf_model("gqa", seed=s, **SHAPE) for s in (11, 12))
     causal_lm = to_keras_llama(first)
@@ -82,7 +77,6 @@ def test_compiled_step_reads_changed_weights(compiling):
     assert engine.compiled_step.num_compiled == 1
 
 
-@torch_only
 def test_similar_lengths_reuse_one_compiled_step(compiling):
     hf = make_hf_model("gqa", seed=13, **SHAPE)
     causal_lm = to_keras_llama(hf)
