@@ -32,7 +32,8 @@ def weight_reader(backbone, merge_lora=True):
         raise ValueError(
             f"Cannot export a quantized model (mode={mode!r}): its kernels are integers with "
             "scales, not the float weights a checkpoint holds. Export the float model (reload "
-            "it from its preset before `quantize()`), and quantize the export instead, e.g. "
+            "it from its preset before `quantize()`; a GGUF file's blocks kept as stored: "
+            "`from_preset(path, dtype='float32')`), and quantize the export instead, e.g. "
             "`export_to_gguf(path, dtype='q8_0')`."
         )
     layers = {layer.path: layer for layer in keras_compat.sublayers(backbone)}

@@ -199,3 +199,13 @@ def test_lora_over_blocks_is_refused_and_the_plan_names_the_format(written):
         assert f"projections are {FORMATS[qtype]}" in str(causal_lm.execution_plan().training)
     with pytest.raises(ValueError, match="LoRA adapters over block-quantized weights"):
         causal_lm.backbone.enable_lora(2)
+
+
+def test_export_of_blocks_kept_as_stored_is_refused_naming_the_mode_and_the_float_path(
+    written, tmp_path
+):
+    qtype, path, _ = written
+    causal_lm = CausalLM.from_preset(path)
+    with pytest.raises(ValueError, match=rf"mode='{FORMATS[qtype]}'.*dtype='float32'"):
+        causal_lm.export_to_gguf(tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
