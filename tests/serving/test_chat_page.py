@@ -2,32 +2,17 @@
 chromium-driver, driven by selenium); the answer equals the API's greedy answer."""
 
 import os
-import shutil
 
 import pytest
 
+from tests.browser import headless_chromium
 from tests.serving.conftest import MODEL_NAME
-
-CHROMEDRIVER = shutil.which("chromedriver")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMEDRIVER and CHROMIUM):
-        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=900,700"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    with headless_chromium(900, 700) as driver:
+        yield driver
 
 
 def test_the_chat_page_answers_in_headless_chromium(browser, served, client, tmp_path):
