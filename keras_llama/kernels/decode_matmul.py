@@ -25,6 +25,8 @@ FFI_NAMES = {
     "int8": "keras_llama_decode_matmul_i8",
     "q8_blocks": "keras_llama_decode_matmul_q8_blocks",
     "q4_blocks": "keras_llama_decode_matmul_q4_blocks",
+    "q8_blocks_int8_dot": "keras_llama_q8_blocks_int8_dot",
+    "q4_blocks_int8_dot": "keras_llama_q4_blocks_int8_dot",
 }
 
 
@@ -40,29 +42,34 @@ class PackedWeights:
       column and block of 32 rows (``w = scale * q``);
     * ``"q4_blocks"``: ``panels`` [panels, K, 16] uint8 (byte j of a row: column j in its low
       nibble, column j + 16 in its high nibble, values 0..15), ``scale`` and ``offset``
-      [panels, ceil(K / 32), 32] (``w = scale * q + offset``).
+      [panels, ceil(K / 32), 32] (``w = scale * q + offset``);
+    * ``"q8_blocks_int8_dot"`` and ``"q4_blocks_int8_dot"``: the same matrices, multiplied the
+      way llama.cpp multiplies GGUF blocks: the input is quantized to int8 per block of 32
+      values, and each block's integer dot product is scaled once (`block_dot.cc`, which
+      describes their layout: ``panels`` [panels, ceil(K / 32), 8, 128 or 64] uint8).
 
-    ``n`` = N and ``kind`` are static."""
+    ``n`` = N, ``kind`` and ``k`` = K are static."""
 
-    def __init__(self, panels, scale, n, offset=None, kind=None):
+    def __init__(self, panels, scale, n, offset=None, kind=None, k=None):
         self.panels = panels
         self.scale = scale
         self.offset = offset
         self.n = n
         self.kind = kind or ("float32" if scale is None else "int8")
+        self.k = panels.shape[1] if k is None else k  # the int8-dot layouts hold K in blocks
 
     def tree_flatten(self):
-        return (self.panels, self.scale, self.offset), (self.n, self.kind)
+        return (self.panels, self.scale, self.offset), (self.n, self.kind, self.k)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         panels, scale, offset = children
-        n, kind = aux
-        return cls(panels, scale, n, offset, kind)
+        n, kind, k = aux
+        return cls(panels, scale, n, offset, kind, k)
 
     @property
     def shape(self):
-        return (self.panels.shape[1], self.n)
+        return (self.k, self.n)
 
     def __repr__(self):
         return f"PackedWeights(shape={self.shape}, {self.kind})"
@@ -134,9 +141,54 @@ def pack_q4_blocks(values, scale, offset):
     )
 
 
+def _quad_bytes(values, n):
+    # [K, N] -> [panels, G, 8, 32 columns, 4 rows], zero-padded past K and N.
+    k = values.shape[0]
+    groups, count = -(-k // BLOCK), -(-n // PANEL)
+    values = jnp.pad(values, ((0, groups * BLOCK - k), (0, count * PANEL - n)))
+    values = values.reshape(groups, BLOCK // 4, 4, count, PANEL)
+    return values.transpose(3, 0, 1, 4, 2)
+
+
+def pack_q8_blocks_int8_dot(matrix, scale):
+    """As `pack_q8_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q8_0 as
+    llama.cpp multiplies it): bytes ``q + 128``, one quad of 4 rows x 32 columns after another."""
+    _check_blocks(matrix, scale)
+    n = matrix.shape[1]
+    unsigned = (jnp.asarray(matrix, jnp.int8).astype(jnp.int16) + 128).astype(jnp.uint8)
+    quads = _quad_bytes(unsigned, n)
+    panels = quads.reshape(*quads.shape[:3], 4 * PANEL)
+    scale = _block_panels(jnp.asarray(scale, jnp.float32), n)
+    return PackedWeights(panels, scale, n, None, "q8_blocks_int8_dot", matrix.shape[0])
+
+
+def pack_q4_blocks_int8_dot(values, scale, offset):
+    """As `pack_q4_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q4_0 / Q4_1
+    as llama.cpp multiplies them): byte ``c * 4 + r`` of a quad holds column c of row r in its
+    low nibble and column c + 16 in its high nibble."""
+    _check_blocks(values, scale)
+    _check_blocks(values, offset)
+    n = values.shape[1]
+    quads = _quad_bytes(jnp.asarray(values, jnp.uint8), n)  # [P, G, 8, 32, 4]
+    nibbles = quads[..., :16, :] | (quads[..., 16:, :] << 4)
+    return PackedWeights(
+        nibbles.reshape(*quads.shape[:3], 2 * PANEL),
+        _block_panels(jnp.asarray(scale, jnp.float32), n),
+        n,
+        _block_panels(jnp.asarray(offset, jnp.float32), n),
+        "q4_blocks_int8_dot",
+        values.shape[0],
+    )
+
+
 def matmul(x, packed):
     """``x [..., K]`` (float32) times the matrix of ``packed`` -> [..., N] float32."""
     require_loaded("decode_matmul")
+    if x.shape[-1] != packed.k:
+        raise ValueError(
+            f"The input's last dimension must be the packed matrix's depth {packed.k}. "
+            f"Received: x.shape={tuple(x.shape)}"
+        )
     lead = x.shape[:-1]
     rows = 1
     for d in lead:

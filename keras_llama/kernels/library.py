@@ -1,7 +1,7 @@
 """The one loader of native libraries, and the one table of them.
 
-A `NativeLibrary` is one C++ source in this folder compiled into one shared library, whose
-exported XLA FFI handlers are registered with XLA under their FFI names. It is compiled once
+A `NativeLibrary` is one C++ source (or a few) in this folder compiled into one shared library,
+whose exported XLA FFI handlers are registered with XLA under their FFI names. It is compiled once
 per machine (``-march=native``) with the system C++ compiler, against the XLA FFI headers that
 jaxlib ships, and cached under ``<keras-llama cache>/kernels``, keyed by the source, the shared
 headers, the flags, the compiler's version, jaxlib's version and the CPU::
@@ -72,22 +72,27 @@ def enabled():
 
 
 class NativeLibrary:
-    """One C++ source -> one shared library, with its FFI targets.
+    """C++ sources -> one shared library, with its FFI targets.
 
     Args:
         name: the library's name in `LIBRARIES` and in messages.
-        source: path of the C++ source.
+        source: path of the C++ source, or a sequence of paths compiled together.
         targets: ``{ffi_name: exported_symbol}``: each exported handler is registered with XLA
             (platform "cpu") under its FFI name, which the ops pass to `jax.ffi.ffi_call`.
         cache_folder: where built libraries are kept. Defaults to
             ``<keras_llama.utils.cache.cache_dir()>/kernels`` (read when building).
         compiler: the C++ compiler (a path or a name on ``PATH``). Defaults to ``$CXX``, else
             the first of ``c++``, ``g++``, ``clang++`` found (read when building).
+        flags: the compiler flags (`FLAGS`; tests build other instruction sets with others).
     """
 
-    def __init__(self, name, source, targets, cache_folder=None, compiler=None):
+    def __init__(self, name, source, targets, cache_folder=None, compiler=None, flags=FLAGS):
         self.name = name
-        self.source = Path(source)
+        # One source, or several compiled into one library (the first names its file).
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        self.sources = tuple(Path(x) for x in sources)
+        self.source = self.sources[0]
+        self.flags = tuple(flags)
         self.targets = dict(targets)
         self.cache_folder = cache_folder
         self.compiler = compiler
@@ -162,7 +167,8 @@ class NativeLibrary:
         ).stdout
         key = hashlib.sha256()
         headers = [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
-        for part in (self.source.read_bytes(), *headers, version, " ".join(FLAGS),
+        sources = [x.read_bytes() for x in self.sources]
+        for part in (*sources, *headers, version, " ".join(self.flags),
                      jaxlib.__version__, _cpu_identity()):  # fmt: skip
             key.update(part if isinstance(part, bytes) else part.encode())
         folder = Path(self.cache_folder or Path(cache_dir()) / "kernels")
@@ -189,7 +195,8 @@ class NativeLibrary:
         # The XLA headers are system headers: their own warnings are not ours to fix.
         includes = ["-I", str(HERE), "-isystem", jax.ffi.include_dir()]
         compiler = compiler or self._find_compiler()
-        return [compiler, *FLAGS, *includes, str(self.source), "-o", str(output)]
+        sources = [str(x) for x in self.sources]
+        return [compiler, *self.flags, *includes, *sources, "-o", str(output)]
 
     def _find_compiler(self):
         if self.compiler is not None:
@@ -233,12 +240,14 @@ def _forward_and_backward(prefix, op):
 LIBRARIES = {
     "decode_matmul": NativeLibrary(
         "decode_matmul",
-        HERE / "decode_matmul.cc",
+        (HERE / "decode_matmul.cc", HERE / "block_dot.cc"),
         {
             "keras_llama_decode_matmul_f32": "KerasLlamaDecodeMatmulF32",
             "keras_llama_decode_matmul_i8": "KerasLlamaDecodeMatmulI8",
             "keras_llama_decode_matmul_q8_blocks": "KerasLlamaDecodeMatmulQ8Blocks",
             "keras_llama_decode_matmul_q4_blocks": "KerasLlamaDecodeMatmulQ4Blocks",
+            "keras_llama_q8_blocks_int8_dot": "KerasLlamaQ8BlocksInt8Dot",
+            "keras_llama_q4_blocks_int8_dot": "KerasLlamaQ4BlocksInt8Dot",
         },
     ),
     "attention": NativeLibrary(

@@ -9,7 +9,8 @@ z per block of input rows and output column: ``w = (q - z) * s``. Packed 4-bit b
 ``u = q + 8`` (0..15) with ``w = s * u + offset``, ``offset = -s * (z + 8)``.
 GGUF's blocks (`keras_llama.models.block_layers`: values [out, in ...] with float16 scales
 [out, in / 32]) pack as they are: Q8_0 into int8 blocks (``w = d * q``), Q4_0 and Q4_1 into
-4-bit blocks with ``offset = -8 * d`` and ``offset = m`` (exact in float32).
+4-bit blocks with ``offset = -8 * d`` and ``offset = m`` (exact in float32), in the layouts of
+the integer dot products llama.cpp computes them with (`block_dot.cc`).
 """
 
 import math
@@ -21,8 +22,19 @@ from keras_llama.kernels import decode_matmul
 from keras_llama.quantization import block_format_of, int4_block_size, is_int8_weight_only
 from keras_llama.utils import keras_compat
 
-# A layer's block format -> the packed kind its blocks become.
-_BLOCK_KINDS = {"q8_0": "q8_blocks", "q4_0": "q4_blocks", "q4_1": "q4_blocks"}
+# A GGUF layer's block format -> the packed kind its blocks become: multiplied as llama.cpp
+# multiplies them (the input quantized to int8 blocks, integer dot products; `block_dot.cc`).
+_BLOCK_KINDS = {
+    "q8_0": "q8_blocks_int8_dot",
+    "q4_0": "q4_blocks_int8_dot",
+    "q4_1": "q4_blocks_int8_dot",
+}
+_PACK_BLOCKS = {
+    "q8_blocks": decode_matmul.pack_q8_blocks,
+    "q4_blocks": decode_matmul.pack_q4_blocks,
+    "q8_blocks_int8_dot": decode_matmul.pack_q8_blocks_int8_dot,
+    "q4_blocks_int8_dot": decode_matmul.pack_q4_blocks_int8_dot,
+}
 
 
 def is_plain(*layers):
@@ -41,8 +53,9 @@ def dense_matrix(layer, input_dims):
 def packable_mode(layers):
     """How `pack_dense` packs ``layers``: ``"float32"`` when every layer computes in float32
     from a float kernel, ``"int8"`` when every layer is int8 weight-only
-    (``quantize("int8")``), ``"q4_blocks"`` when every layer is 4-bit in blocks of 32 (Keras's
-    int4/32, GGUF's Q4_0 / Q4_1), ``"q8_blocks"`` when every layer holds Q8_0 blocks; None
+    (``quantize("int8")``), ``"q4_blocks"`` when every layer is Keras's int4 in blocks of 32,
+    ``"q4_blocks_int8_dot"`` / ``"q8_blocks_int8_dot"`` when every layer holds GGUF Q4_0 / Q4_1
+    or Q8_0 blocks (multiplied as llama.cpp does, with the input in int8 blocks); None
     for anything else (LoRA, W8A8, int4 in other blocks, other dtypes, a mix)."""
     modes = {_mode(layer) for layer in layers}
     return modes.pop() if len(modes) == 1 and None not in modes else None
@@ -50,7 +63,7 @@ def packable_mode(layers):
 
 def packable_embedding_mode(embedding):
     """How `pack_reverse_embedding` packs ``embedding`` (``"float32"``, ``"int8"``,
-    ``"q4_blocks"``, ``"q8_blocks"``), or None."""
+    ``"q4_blocks"``, ``"q4_blocks_int8_dot"``, ``"q8_blocks_int8_dot"``), or None."""
     if embedding.logit_soft_cap is not None:
         return None
     if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
@@ -89,11 +102,10 @@ def pack_dense(layers, input_dims):
     if mode == "float32":
         matrices = [_as_matrix(ops.convert_to_tensor(x.kernel), input_dims) for x in layers]
         return decode_matmul.pack(ops.concatenate(matrices, axis=1))
-    if mode in ("q4_blocks", "q8_blocks"):
+    if mode in _PACK_BLOCKS:
         parts = [_blocks(x, "kernel") for x in layers]
         joined = [ops.concatenate([p[i] for p in parts], axis=1) for i in range(len(parts[0]))]
-        pack = decode_matmul.pack_q4_blocks if mode == "q4_blocks" else decode_matmul.pack_q8_blocks
-        return pack(*joined)
+        return _PACK_BLOCKS[mode](*joined)
     matrices, scales = [], []
     for layer in layers:
         kernel = ops.convert_to_tensor(keras_compat.int8_kernel(layer))
@@ -123,8 +135,7 @@ def pack_reverse_embedding(embedding):
         return decode_matmul.pack(matrix)
     if block_format_of(embedding) is not None:
         name = "embeddings" if embedding.tie_weights else "reverse_embeddings"
-        pack = decode_matmul.pack_q4_blocks if mode == "q4_blocks" else decode_matmul.pack_q8_blocks
-        return pack(*_blocks(embedding, name))
+        return _PACK_BLOCKS[mode](*_blocks(embedding, name))
     if mode == "q4_blocks":
         hidden = embedding.output_dim
         if embedding.tie_weights:  # [vocab, hidden / 2] packed along hidden; scale [vocab, G]
