@@ -25,8 +25,8 @@ FFI_NAMES = {
     "int8": "keras_llama_decode_matmul_i8",
     "q8_blocks": "keras_llama_decode_matmul_q8_blocks",
     "q4_blocks": "keras_llama_decode_matmul_q4_blocks",
-    "q8_blocks_int8_dot": "keras_llama_q8_blocks_int8_dot",
-    "q4_blocks_int8_dot": "keras_llama_q4_blocks_int8_dot",
+    "q8_blocks_int16_dot": "keras_llama_q8_blocks_int16_dot",
+    "q4_blocks_int16_dot": "keras_llama_q4_blocks_int16_dot",
 }
 
 
@@ -43,10 +43,11 @@ class PackedWeights:
     * ``"q4_blocks"``: ``panels`` [panels, K, 16] uint8 (byte j of a row: column j in its low
       nibble, column j + 16 in its high nibble, values 0..15), ``scale`` and ``offset``
       [panels, ceil(K / 32), 32] (``w = scale * q + offset``);
-    * ``"q8_blocks_int8_dot"`` and ``"q4_blocks_int8_dot"``: the same matrices, multiplied the
-      way llama.cpp multiplies GGUF blocks: the input is quantized to int8 per block of 32
-      values, and each block's integer dot product is scaled once (`block_dot.cc`, which
-      describes their layout: ``panels`` [panels, ceil(K / 32), 8, 128 or 64] uint8).
+    * ``"q8_blocks_int16_dot"`` and ``"q4_blocks_int16_dot"``: the same matrices multiplied
+      in integers: the input is quantized to int16 per block of 32 values (within 2^-16 of
+      the block's largest), and each block's integer dot product is scaled once
+      (`block_dot.cc`, which describes their layout: ``panels`` [panels, ceil(K / 32), 16,
+      64] int8 or [.., 16, 32] uint8).
 
     ``n`` = N, ``kind`` and ``k`` = K are static."""
 
@@ -56,7 +57,7 @@ class PackedWeights:
         self.offset = offset
         self.n = n
         self.kind = kind or ("float32" if scale is None else "int8")
-        self.k = panels.shape[1] if k is None else k  # the int8-dot layouts hold K in blocks
+        self.k = panels.shape[1] if k is None else k  # the int16-dot layouts hold K in blocks
 
     def tree_flatten(self):
         return (self.panels, self.scale, self.offset), (self.n, self.kind, self.k)
@@ -141,42 +142,41 @@ def pack_q4_blocks(values, scale, offset):
     )
 
 
-def _quad_bytes(values, n):
-    # [K, N] -> [panels, G, 8, 32 columns, 4 rows], zero-padded past K and N.
+def _pair_bytes(values, n):
+    # [K, N] -> [panels, G, 16, 32 columns, 2 rows], zero-padded past K and N.
     k = values.shape[0]
     groups, count = -(-k // BLOCK), -(-n // PANEL)
     values = jnp.pad(values, ((0, groups * BLOCK - k), (0, count * PANEL - n)))
-    values = values.reshape(groups, BLOCK // 4, 4, count, PANEL)
+    values = values.reshape(groups, BLOCK // 2, 2, count, PANEL)
     return values.transpose(3, 0, 1, 4, 2)
 
 
-def pack_q8_blocks_int8_dot(matrix, scale):
-    """As `pack_q8_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q8_0 as
-    llama.cpp multiplies it): bytes ``q + 128``, one quad of 4 rows x 32 columns after another."""
+def pack_q8_blocks_int16_dot(matrix, scale):
+    """As `pack_q8_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q8_0):
+    one pair of rows x 32 columns after another."""
     _check_blocks(matrix, scale)
     n = matrix.shape[1]
-    unsigned = (jnp.asarray(matrix, jnp.int8).astype(jnp.int16) + 128).astype(jnp.uint8)
-    quads = _quad_bytes(unsigned, n)
-    panels = quads.reshape(*quads.shape[:3], 4 * PANEL)
+    pairs = _pair_bytes(jnp.asarray(matrix, jnp.int8), n)  # [P, G, 16, 32, 2]
+    panels = pairs.reshape(*pairs.shape[:3], 2 * PANEL)
     scale = _block_panels(jnp.asarray(scale, jnp.float32), n)
-    return PackedWeights(panels, scale, n, None, "q8_blocks_int8_dot", matrix.shape[0])
+    return PackedWeights(panels, scale, n, None, "q8_blocks_int16_dot", matrix.shape[0])
 
 
-def pack_q4_blocks_int8_dot(values, scale, offset):
-    """As `pack_q4_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q4_0 / Q4_1
-    as llama.cpp multiplies them): byte ``c * 4 + r`` of a quad holds column c of row r in its
-    low nibble and column c + 16 in its high nibble."""
+def pack_q4_blocks_int16_dot(values, scale, offset):
+    """As `pack_q4_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q4_0 /
+    Q4_1): byte ``c * 2 + r`` of a pair holds column c of row r in its low nibble and column
+    c + 16 in its high nibble."""
     _check_blocks(values, scale)
     _check_blocks(values, offset)
     n = values.shape[1]
-    quads = _quad_bytes(jnp.asarray(values, jnp.uint8), n)  # [P, G, 8, 32, 4]
-    nibbles = quads[..., :16, :] | (quads[..., 16:, :] << 4)
+    pairs = _pair_bytes(jnp.asarray(values, jnp.uint8), n)  # [P, G, 16, 32, 2]
+    nibbles = pairs[..., :16, :] | (pairs[..., 16:, :] << 4)
     return PackedWeights(
-        nibbles.reshape(*quads.shape[:3], 2 * PANEL),
+        nibbles.reshape(*pairs.shape[:3], PANEL),
         _block_panels(jnp.asarray(scale, jnp.float32), n),
         n,
         _block_panels(jnp.asarray(offset, jnp.float32), n),
-        "q4_blocks_int8_dot",
+        "q4_blocks_int16_dot",
         values.shape[0],
     )
 

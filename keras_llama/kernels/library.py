@@ -246,8 +246,8 @@ LIBRARIES = {
             "keras_llama_decode_matmul_i8": "KerasLlamaDecodeMatmulI8",
             "keras_llama_decode_matmul_q8_blocks": "KerasLlamaDecodeMatmulQ8Blocks",
             "keras_llama_decode_matmul_q4_blocks": "KerasLlamaDecodeMatmulQ4Blocks",
-            "keras_llama_q8_blocks_int8_dot": "KerasLlamaQ8BlocksInt8Dot",
-            "keras_llama_q4_blocks_int8_dot": "KerasLlamaQ4BlocksInt8Dot",
+            "keras_llama_q8_blocks_int16_dot": "KerasLlamaQ8BlocksInt16Dot",
+            "keras_llama_q4_blocks_int16_dot": "KerasLlamaQ4BlocksInt16Dot",
         },
     ),
     "attention": NativeLibrary(

@@ -10,7 +10,7 @@ z per block of input rows and output column: ``w = (q - z) * s``. Packed 4-bit b
 GGUF's blocks (`keras_llama.models.block_layers`: values [out, in ...] with float16 scales
 [out, in / 32]) pack as they are: Q8_0 into int8 blocks (``w = d * q``), Q4_0 and Q4_1 into
 4-bit blocks with ``offset = -8 * d`` and ``offset = m`` (exact in float32), in the layouts of
-the integer dot products llama.cpp computes them with (`block_dot.cc`).
+the integer dot products that multiply them (`block_dot.cc`).
 """
 
 import math
@@ -22,18 +22,18 @@ from keras_llama.kernels import decode_matmul
 from keras_llama.quantization import block_format_of, int4_block_size, is_int8_weight_only
 from keras_llama.utils import keras_compat
 
-# A GGUF layer's block format -> the packed kind its blocks become: multiplied as llama.cpp
-# multiplies them (the input quantized to int8 blocks, integer dot products; `block_dot.cc`).
+# A GGUF layer's block format -> the packed kind its blocks become: multiplied in integers
+# against the input quantized to int16 blocks (`block_dot.cc`).
 _BLOCK_KINDS = {
-    "q8_0": "q8_blocks_int8_dot",
-    "q4_0": "q4_blocks_int8_dot",
-    "q4_1": "q4_blocks_int8_dot",
+    "q8_0": "q8_blocks_int16_dot",
+    "q4_0": "q4_blocks_int16_dot",
+    "q4_1": "q4_blocks_int16_dot",
 }
 _PACK_BLOCKS = {
     "q8_blocks": decode_matmul.pack_q8_blocks,
     "q4_blocks": decode_matmul.pack_q4_blocks,
-    "q8_blocks_int8_dot": decode_matmul.pack_q8_blocks_int8_dot,
-    "q4_blocks_int8_dot": decode_matmul.pack_q4_blocks_int8_dot,
+    "q8_blocks_int16_dot": decode_matmul.pack_q8_blocks_int16_dot,
+    "q4_blocks_int16_dot": decode_matmul.pack_q4_blocks_int16_dot,
 }
 
 
@@ -54,8 +54,8 @@ def packable_mode(layers):
     """How `pack_dense` packs ``layers``: ``"float32"`` when every layer computes in float32
     from a float kernel, ``"int8"`` when every layer is int8 weight-only
     (``quantize("int8")``), ``"q4_blocks"`` when every layer is Keras's int4 in blocks of 32,
-    ``"q4_blocks_int8_dot"`` / ``"q8_blocks_int8_dot"`` when every layer holds GGUF Q4_0 / Q4_1
-    or Q8_0 blocks (multiplied as llama.cpp does, with the input in int8 blocks); None
+    ``"q4_blocks_int16_dot"`` / ``"q8_blocks_int16_dot"`` when every layer holds GGUF Q4_0 / Q4_1
+    or Q8_0 blocks (multiplied in integers, with the input in int16 blocks); None
     for anything else (LoRA, W8A8, int4 in other blocks, other dtypes, a mix)."""
     modes = {_mode(layer) for layer in layers}
     return modes.pop() if len(modes) == 1 and None not in modes else None
@@ -63,7 +63,7 @@ def packable_mode(layers):
 
 def packable_embedding_mode(embedding):
     """How `pack_reverse_embedding` packs ``embedding`` (``"float32"``, ``"int8"``,
-    ``"q4_blocks"``, ``"q4_blocks_int8_dot"``, ``"q8_blocks_int8_dot"``), or None."""
+    ``"q4_blocks"``, ``"q4_blocks_int16_dot"``, ``"q8_blocks_int16_dot"``), or None."""
     if embedding.logit_soft_cap is not None:
         return None
     if getattr(embedding, "reverse_dtype", None) not in (None, "float32"):
