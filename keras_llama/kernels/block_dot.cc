@@ -53,11 +53,20 @@ typedef uint8_t u8x32u __attribute__((vector_size(32), aligned(1)));
 
 // 32 int8 -> int16 (sign-extended), and 32 bytes of nibble pairs -> low and high nibbles.
 inline i16x32 widen(const int8_t* p) {
+#if defined(__AVX512BW__)
+  return (i16x32)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
   return __builtin_convertvector(*reinterpret_cast<const i8x32u*>(p), i16x32);
+#endif
 }
 
 inline void widen_nibbles(const uint8_t* p, i16x32* lo, i16x32* hi) {
+#if defined(__AVX512BW__)
+  const i16x32 bytes =
+      (i16x32)_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
   const i16x32 bytes = __builtin_convertvector(*reinterpret_cast<const u8x32u*>(p), i16x32);
+#endif
   *lo = bytes & 15;
   *hi = bytes >> 4;
 }
@@ -161,13 +170,21 @@ void panel_product(const QuantizedRows& in, int64_t row0, int64_t G, const uint8
                    const float* scale, const float* offset, float* y, int64_t ldy, int64_t n0,
                    int64_t cols) {
   constexpr int64_t kPairBytes = kFour ? 32 : 64;
+  constexpr int kChains = M == 1 ? 4 : (M <= 3 ? 2 : 1);
   const int64_t padded = G * kBlock;
   f32x16 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = f32x16{};
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* block = panel + g * kPairs * kPairBytes;
+    // kChains independent sums per row and half: a dot instruction waits for the previous
+    // one on its accumulator (about 5 cycles), so few rows need several chains to keep busy.
     i32x16 sum[M][2];
-    for (int m = 0; m < M; ++m) sum[m][0] = sum[m][1] = i32x16{};
+    i32x16 chain[M][2][kChains];
+    for (int m = 0; m < M; ++m) {
+      for (int c = 0; c < kChains; ++c) chain[m][0][c] = chain[m][1][c] = i32x16{};
+    }
+    // Unrolled, so that each chain is a register (a chain in memory waits on its store).
+#pragma GCC unroll 16
     for (int64_t j = 0; j < kPairs; ++j) {
       i16x32 a0, a1;
       if (kFour) {
@@ -177,11 +194,20 @@ void panel_product(const QuantizedRows& in, int64_t row0, int64_t G, const uint8
         a0 = widen(bytes);
         a1 = widen(bytes + 32);
       }
+      const int c = static_cast<int>(j % kChains);
       for (int m = 0; m < M; ++m) {
         int32_t b2;
         std::memcpy(&b2, in.qx.data() + (row0 + m) * padded + g * kBlock + 2 * j, 4);
-        sum[m][0] = dot2(sum[m][0], a0, b2);
-        sum[m][1] = dot2(sum[m][1], a1, b2);
+        chain[m][0][c] = dot2(chain[m][0][c], a0, b2);
+        chain[m][1][c] = dot2(chain[m][1][c], a1, b2);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      sum[m][0] = chain[m][0][0];
+      sum[m][1] = chain[m][1][0];
+      for (int c = 1; c < kChains; ++c) {
+        sum[m][0] += chain[m][0][c];
+        sum[m][1] += chain[m][1][c];
       }
     }
     const f32x16 d0 = load(scale + g * kPanel), d1 = load(scale + g * kPanel + 16);
