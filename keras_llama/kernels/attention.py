@@ -113,3 +113,16 @@ def make_attention(forward=forward, backward=backward):
 @functools.cache
 def _default():
     return make_attention()
+
+
+def decode_attention(query, keys, values, mask, scale):
+    """Decoding attention in the caches' own layout (`decode_attention.cc`): ``query`` [N, G,
+    H] (N = batch * key/value heads, G query heads per key/value head, H a multiple of 16, G
+    at most 16), ``keys`` [N, H, S], ``values`` [N, S, H], ``mask`` bool [B, S] (N a multiple
+    of B) -> ``softmax(where(mask, scale * q.k, -1e30)) @ v`` [N, G, H] float32, reading only
+    the positions from the first to the last unmasked one. Not differentiable (decoding)."""
+    require_loaded("attention")
+    out = jax.ShapeDtypeStruct(query.shape, jnp.float32)
+    return jax.ffi.ffi_call("keras_llama_decode_attention", out)(
+        query, keys, values, jnp.asarray(mask, jnp.bool_), scale=np.float32(scale)
+    )

@@ -251,7 +251,12 @@ LIBRARIES = {
         },
     ),
     "attention": NativeLibrary(
-        "attention", HERE / "attention.cc", _forward_and_backward("attention", "Attention")
+        "attention",
+        (HERE / "attention.cc", HERE / "decode_attention.cc"),
+        {
+            **_forward_and_backward("attention", "Attention"),
+            "keras_llama_decode_attention": "KerasLlamaDecodeAttention",
+        },
     ),
     "cross_entropy": NativeLibrary(
         "cross_entropy",

@@ -10,8 +10,9 @@ running it is a small set of strategies, and a plan names one of each for every 
   ``"packed"`` multiplies packed weights in the native decode op; ``"matrices"`` multiplies
   each float kernel viewed as a [K, N] matrix with ``ops.matmul`` (torch decoding).
 * ``attention``: ``"einsum"`` (grouped einsums, any backend, dropout), ``"dot_product"``
-  (`jax.nn.dot_product_attention`), ``"native"`` (the native flash-style op), or
-  ``"single_query"`` (one query per row against the key/value caches, for decoding).
+  (`jax.nn.dot_product_attention`), ``"native"`` (the native flash-style op),
+  ``"single_query"`` (one query per row against the key/value caches, for decoding) or
+  ``"native_single_query"`` (the same in the native op, reading only the filled positions).
 * ``activation``: ``"layers"`` (inside the gate layer, or ``activation(gate) * up``) or
   ``"native_swiglu"``.
 * ``head`` (the vocabulary projection): ``"layers"``, ``"training_matmuls"`` or ``"packed"``.

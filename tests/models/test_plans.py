@@ -137,6 +137,8 @@ def test_greedy_generation_equals_transformers_over_every_plan(pair):
     plans = list(_generation_plans(causal_lm))
     if keras.config.backend() == "jax":
         assert {"packed", "fused", "layers"} == {p.decode.projections for p in plans}
+        attention = {p.decode.attention for p in plans}
+        assert {"single_query", "native_single_query"} == attention
     else:  # torch: the compiled step too, even where the run opted out of it
         assert {"torch_compile", "eager"} == {p.decode.step for p in plans}
     for plan in plans:

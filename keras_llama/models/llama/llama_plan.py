@@ -24,7 +24,7 @@ from keras_llama.quantization import block_format_of
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
 NATIVE_OPS = {
     "prefill": (),
-    "decode": ("decode_matmul",),
+    "decode": ("decode_matmul", "attention"),
     "training": ("attention", "swiglu", "cross_entropy"),
     "scoring": ("attention",),
 }
@@ -142,8 +142,26 @@ def _prefill(facts):
     )
 
 
+def _decode_attention(facts):
+    """Decoding attention: the native op where it applies (JAX CPU, float32), else XLA's."""
+    if facts.backend != "jax":
+        return Choice("attention", "single_query", "one query per row against the caches")
+    usable, reason = facts.native("attention")
+    groups = facts.backbone.num_query_heads // facts.backbone.num_key_value_heads
+    if not facts.float32:
+        usable, reason = False, "weights compute in " + facts.blocks[0].compute_dtype
+    elif facts.head_dim % 16:
+        usable, reason = False, f"head_dim {facts.head_dim} is not a multiple of 16"
+    elif groups > 16:
+        usable, reason = False, f"{groups} query heads per key/value head (at most 16)"
+    if usable:
+        why = "native decode attention: yes, reads the caches up to the last filled position"
+        return Choice("attention", "native_single_query", why)
+    return Choice("attention", "single_query", f"native decode attention: no, {reason}")
+
+
 def _decode(facts):
-    attention = Choice("attention", "single_query", "one query per row against the caches")
+    attention = _decode_attention(facts)
     if facts.backend != "jax":
         head = Choice("head", "layers", "the embedding's own reverse projection")
         if facts.plain:
@@ -272,7 +290,13 @@ def _applicable(facts, stage):
             projections.append("packed")
         compiles = facts.backend == "torch" and not torch_step.unavailable_reason(False)
         steps = ["eager"] + (["torch_compile"] if compiles else [])
-        return {"projections": projections, "step": steps if facts.backend == "torch" else []}
+        native = _decode_attention(facts).strategy == "native_single_query"
+        attention = ["single_query"] + (["native_single_query"] if native else [])
+        return {
+            "projections": projections,
+            "attention": attention,
+            "step": steps if facts.backend == "torch" else [],
+        }
     if stage == "scoring":
         return {"attention": attention}
     matrices = facts.jax_cpu and facts.plain

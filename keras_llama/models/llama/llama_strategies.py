@@ -181,11 +181,38 @@ class SingleQueryAttention:
         return ops.reshape(attended, (b, 1, layer.num_query_heads, h))
 
 
+class NativeSingleQueryAttention:
+    """Decoding in the native op (`keras_llama.kernels.attention.decode_attention`; JAX on
+    CPU, float32): the same masked softmax as `SingleQueryAttention`, on the caches in their
+    own layout, reading only the positions from the first to the last unmasked one (while a
+    cache fills, step t reads t positions, not the cache's full length)."""
+
+    reads_caches = True
+
+    def __call__(self, layer, query, key, value, mask, training):
+        # query [b, 1, u, h]; mask [b, 1, s].
+        if query.shape[1] != 1:
+            raise ValueError(
+                f"Single-query attention takes one query per row. Received: {query.shape[1]}"
+            )
+        b = ops.shape(query)[0]
+        v, g, h = layer.num_key_value_heads, layer.num_key_value_groups, layer.head_dim
+        attended = native_attention.decode_attention(
+            ops.reshape(query, (b * v, g, h)),
+            key,
+            value,
+            ops.reshape(ops.cast(mask, "bool"), (b, -1)),
+            1.0 / math.sqrt(h),
+        )
+        return ops.reshape(attended, (b, 1, layer.num_query_heads, h))
+
+
 ATTENTION = {
     "einsum": EinsumAttention,
     "dot_product": DotProductAttention,
     "native": NativeAttention,
     "single_query": SingleQueryAttention,
+    "native_single_query": NativeSingleQueryAttention,
 }
 
 

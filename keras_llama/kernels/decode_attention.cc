@@ -1,0 +1,158 @@
+// Decoding attention on CPU: one query per row (and query head) against the key/value caches,
+// in the caches' own layout (keras_llama/models/llama/llama_cache.py):
+//
+//   query  [N, G, H]   N = batch * key/value heads, G query heads per key/value head
+//   keys   [N, H, S]   (transposed: one key dimension's values for every position contiguous)
+//   values [N, S, H]
+//   mask   [B, S]      bool, N = B * V (row n reads mask row n / V)
+//   out    [N, G, H]   softmax(where(mask, scale * q.k, -1e30)) @ v
+//
+// Only the positions from the first to the last unmasked one are read: while a cache fills,
+// decoding step t reads t positions, not the cache's full length. Inside that range, masked
+// positions (left padding) get the score -1e30 as in XLA's path; a row with no unmasked
+// position attends to every position uniformly, as that path does.
+//
+// Work is one item per row n, shared with XLA's intra-op pool (cpu_common.h: run_shared).
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace keras_llama;  // NOLINT: the shared vector helpers
+
+constexpr float kMasked = -1e30f;
+constexpr int64_t kMaxGroups = 16;  // query heads per key/value head, in registers
+
+struct Work {
+  const float* query;
+  const float* keys;
+  const float* values;
+  const bool* mask;
+  float* out;
+  int64_t N, G, H, S, V;
+  float scale;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void run() {
+    std::vector<float> scores;
+    for (;;) {
+      const int64_t n = next.fetch_add(1, std::memory_order_relaxed);
+      if (n >= items) return;
+      one_row(n, &scores);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void one_row(int64_t n, std::vector<float>* buffer) {
+    const bool* m = mask + (n / V) * S;
+    int64_t lo = 0, hi = S;
+    while (lo < S && !m[lo]) ++lo;
+    while (hi > lo && !m[hi - 1]) --hi;
+    if (lo == hi) {  // nothing unmasked: every position, all scores equal
+      lo = 0;
+      hi = S;
+    }
+    const int64_t count = hi - lo;
+    const int64_t padded = (count + 15) / 16 * 16;
+    buffer->assign(G * padded, 0.0f);
+    float* scores = buffer->data();
+    const float* q = query + n * G * H;
+    const float* k = keys + n * H * S;
+    // scores[g, s] = scale * sum_h q[g, h] k[h, lo + s], 16 positions at a time.
+    for (int64_t s0 = 0; s0 < count; s0 += 16) {
+      const int64_t width = std::min<int64_t>(16, count - s0);
+      f32x16 acc[kMaxGroups];
+      for (int64_t g = 0; g < G; ++g) acc[g] = f32x16{};
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = k + h * S + lo + s0;
+        f32x16 kv;
+        if (width == 16) {
+          kv = load(row);
+        } else {
+          float part[16] = {};
+          std::memcpy(part, row, width * sizeof(float));
+          kv = load(part);
+        }
+        for (int64_t g = 0; g < G; ++g) acc[g] += q[g * H + h] * kv;
+      }
+      for (int64_t g = 0; g < G; ++g) store(scores + g * padded + s0, acc[g] * scale);
+    }
+    // Masked positions inside the range (all of them when none is unmasked: equal scores,
+    // uniform weights), then a softmax per query head.
+    for (int64_t s = 0; s < count; ++s) {
+      if (!m[lo + s]) {
+        for (int64_t g = 0; g < G; ++g) scores[g * padded + s] = kMasked;
+      }
+    }
+    const float* v = values + n * S * H;
+    float* o = out + n * G * H;
+    for (int64_t g = 0; g < G; ++g) {
+      float* p = scores + g * padded;
+      float top = kMasked;
+      for (int64_t s = 0; s < count; ++s) top = std::max(top, p[s]);
+      float total = 0.0f;
+      for (int64_t s0 = 0; s0 < count; s0 += 16) {
+        const f32x16 e = vexp(load(p + s0) - top);
+        store(p + s0, e);
+        for (int64_t i = 0; i < std::min<int64_t>(16, count - s0); ++i) total += e[i];
+      }
+      const float inverse = 1.0f / total;
+      // out[g, :] = sum_s p[s] v[lo + s, :], 16 head dimensions at a time.
+      for (int64_t h0 = 0; h0 < H; h0 += 16) {
+        f32x16 acc = f32x16{};
+        for (int64_t s = 0; s < count; ++s) acc += p[s] * load(v + (lo + s) * H + h0);
+        store(o + g * H + h0, acc * inverse);
+      }
+    }
+  }
+};
+
+ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
+                            ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                            float scale) {
+  const auto qd = query.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
+  const auto md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2 ||
+      kd[0] != qd[0] || kd[1] != qd[2] || vd[0] != qd[0] || vd[1] != kd[2] ||
+      vd[2] != qd[2] || md[1] != kd[2] || md[0] <= 0 || qd[0] % md[0] != 0 ||
+      qd[1] > kMaxGroups || qd[2] % 16 != 0 || kd[2] <= 0) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected query [N, G <= 16, H % 16 == 0], keys [N, H, S], values "
+        "[N, S, H], mask [B, S] with N a multiple of B");
+  }
+  auto work = std::make_shared<Work>();
+  work->query = query.typed_data();
+  work->keys = keys.typed_data();
+  work->values = values.typed_data();
+  work->mask = mask.typed_data();
+  work->out = out->typed_data();
+  work->N = qd[0];
+  work->G = qd[1];
+  work->H = qd[2];
+  work->S = kd[2];
+  work->V = qd[0] / md[0];
+  work->scale = scale;
+  work->items = qd[0];
+  run_shared(pool, work);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeAttention, decode_attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

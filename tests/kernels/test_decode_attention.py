@@ -1,0 +1,86 @@
+"""The native decoding attention (`decode_attention.cc`) against numpy float64: masked softmax
+attention of one query per row in the caches' layout, left padding and a filling cache
+(unmasked positions in the middle of the cache), grouped query heads, a row with nothing
+unmasked."""
+
+import keras
+import numpy as np
+import pytest
+
+from tests.kernels import require_native
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="the native kernels are a JAX (CPU) fast path"
+)
+
+
+@pytest.fixture(scope="module")
+def native():
+    require_native("attention")
+
+
+def reference(query, keys, values, mask, scale):
+    """float64: query [N, G, H], keys [N, H, S], values [N, S, H], mask [B, S]."""
+    n = query.shape[0]
+    rows = np.repeat(mask, n // mask.shape[0], axis=0)  # [N, S]
+    scores = scale * np.einsum("ngh,nhs->ngs", query.astype("float64"), keys.astype("float64"))
+    scores = np.where(rows[:, None, :], scores, -1e30)
+    scores -= scores.max(-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("ngs,nsh->ngh", weights, values.astype("float64"))
+
+
+@pytest.mark.parametrize("b,v,g,h,s", [(1, 3, 3, 64, 40), (8, 3, 3, 64, 256), (2, 1, 4, 16, 7),
+                                       (3, 2, 1, 32, 33)])  # fmt: skip
+def test_matches_float64(native, b, v, g, h, s):
+    import jax
+
+    from keras_llama.kernels.attention import decode_attention
+
+    rng = np.random.default_rng(b * 100 + s)
+    query = rng.normal(0, 1, (b * v, g, h)).astype("float32")
+    keys = rng.normal(0, 1, (b * v, h, s)).astype("float32")
+    values = rng.normal(0, 1, (b * v, s, h)).astype("float32")
+    mask = np.zeros((b, s), bool)
+    for row in range(b):  # left padding, then a cache filled up to some position
+        start, end = row % 3, max(row % 3 + 1, s - 2 * row)
+        mask[row, start:end] = True
+    mask[0, min(1, s - 1)] = False if s > 3 else mask[0, min(1, s - 1)]  # a hole inside
+    scale = 1 / np.sqrt(h)
+    expected = reference(query, keys, values, mask, scale)
+    for out in (
+        decode_attention(query, keys, values, mask, scale),
+        jax.jit(decode_attention, static_argnums=4)(query, keys, values, mask, scale),
+    ):
+        out = np.asarray(out)
+        assert out.dtype == np.float32 and out.shape == query.shape
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+
+
+def test_a_row_with_nothing_unmasked_attends_uniformly(native):
+    from keras_llama.kernels.attention import decode_attention
+
+    rng = np.random.default_rng(3)
+    query = rng.normal(0, 1, (2, 2, 16)).astype("float32")
+    keys = rng.normal(0, 1, (2, 16, 5)).astype("float32")
+    values = rng.normal(0, 1, (2, 5, 16)).astype("float32")
+    mask = np.array([[False] * 5, [True, True, False, False, False]])
+    out = np.asarray(decode_attention(query, keys, values, mask, 0.25))
+    np.testing.assert_allclose(out[0], np.broadcast_to(values[0].mean(0), (2, 16)), atol=1e-6)
+    np.testing.assert_allclose(out[1], reference(query, keys, values, mask, 0.25)[1], atol=2e-5)
+
+
+def test_bad_shapes_are_refused(native):
+    from keras_llama.kernels.attention import decode_attention
+
+    with pytest.raises(Exception, match="decode_attention: expected query"):
+        np.asarray(
+            decode_attention(
+                np.ones((2, 2, 10), "float32"),  # H not a multiple of 16
+                np.ones((2, 10, 5), "float32"),
+                np.ones((2, 5, 10), "float32"),
+                np.ones((2, 5), bool),
+                1.0,
+            )
+        )
