@@ -51,6 +51,35 @@ struct Work {
   }
 
   void one_row(int64_t n, std::vector<float>* buffer) {
+    // Compile-time query groups and head size (in 16-float chunks) for the common shapes:
+    // the sums then stay in registers.
+    if (H == 64) {
+      switch (G) {
+        case 1: return row<1, 4>(n, buffer);
+        case 2: return row<2, 4>(n, buffer);
+        case 3: return row<3, 4>(n, buffer);
+        case 4: return row<4, 4>(n, buffer);
+        case 8: return row<8, 4>(n, buffer);
+        default: break;
+      }
+    } else if (H == 128) {
+      switch (G) {
+        case 1: return row<1, 8>(n, buffer);
+        case 2: return row<2, 8>(n, buffer);
+        case 4: return row<4, 8>(n, buffer);
+        case 8: return row<8, 8>(n, buffer);
+        default: break;
+      }
+    }
+    row<0, 0>(n, buffer);
+  }
+
+  // kG query heads per key/value head and kC chunks of 16 head dimensions (0: G and H / 16
+  // read at run time).
+  template <int kG, int kC>
+  void row(int64_t n, std::vector<float>* buffer) {
+    const int64_t groups = kG > 0 ? kG : G, chunks = kC > 0 ? kC : H / 16;
+    constexpr int kGroups = kG > 0 ? kG : kMaxGroups;
     const bool* m = mask + (n / V) * S;
     int64_t lo = 0, hi = S;
     while (lo < S && !m[lo]) ++lo;
@@ -61,15 +90,15 @@ struct Work {
     }
     const int64_t count = hi - lo;
     const int64_t padded = (count + 15) / 16 * 16;
-    buffer->assign(G * padded, 0.0f);
+    buffer->resize(groups * padded);
     float* scores = buffer->data();
-    const float* q = query + n * G * H;
+    const float* q = query + n * groups * chunks * 16;
     const float* k = keys + n * H * S;
     // scores[g, s] = scale * sum_h q[g, h] k[h, lo + s], 16 positions at a time.
     for (int64_t s0 = 0; s0 < count; s0 += 16) {
       const int64_t width = std::min<int64_t>(16, count - s0);
-      f32x16 acc[kMaxGroups];
-      for (int64_t g = 0; g < G; ++g) acc[g] = f32x16{};
+      f32x16 acc[kGroups];
+      for (int64_t g = 0; g < groups; ++g) acc[g] = f32x16{};
       for (int64_t h = 0; h < H; ++h) {
         const float* row = k + h * S + lo + s0;
         f32x16 kv;
@@ -80,20 +109,19 @@ struct Work {
           std::memcpy(part, row, width * sizeof(float));
           kv = load(part);
         }
-        for (int64_t g = 0; g < G; ++g) acc[g] += q[g * H + h] * kv;
+        for (int64_t g = 0; g < groups; ++g) acc[g] += q[g * H + h] * kv;
       }
-      for (int64_t g = 0; g < G; ++g) store(scores + g * padded + s0, acc[g] * scale);
+      for (int64_t g = 0; g < groups; ++g) store(scores + g * padded + s0, acc[g] * scale);
     }
     // Masked positions inside the range (all of them when none is unmasked: equal scores,
     // uniform weights), then a softmax per query head.
     for (int64_t s = 0; s < count; ++s) {
       if (!m[lo + s]) {
-        for (int64_t g = 0; g < G; ++g) scores[g * padded + s] = kMasked;
+        for (int64_t g = 0; g < groups; ++g) scores[g * padded + s] = kMasked;
       }
     }
-    const float* v = values + n * S * H;
-    float* o = out + n * G * H;
-    for (int64_t g = 0; g < G; ++g) {
+    float inverse[kGroups];
+    for (int64_t g = 0; g < groups; ++g) {
       float* p = scores + g * padded;
       float top = kMasked;
       for (int64_t s = 0; s < count; ++s) top = std::max(top, p[s]);
@@ -103,12 +131,24 @@ struct Work {
         store(p + s0, e);
         for (int64_t i = 0; i < std::min<int64_t>(16, count - s0); ++i) total += e[i];
       }
-      const float inverse = 1.0f / total;
-      // out[g, :] = sum_s p[s] v[lo + s, :], 16 head dimensions at a time.
-      for (int64_t h0 = 0; h0 < H; h0 += 16) {
-        f32x16 acc = f32x16{};
-        for (int64_t s = 0; s < count; ++s) acc += p[s] * load(v + (lo + s) * H + h0);
-        store(o + g * H + h0, acc * inverse);
+      inverse[g] = 1.0f / total;
+    }
+    // out[g, :] = sum_s p[g, s] v[lo + s, :]: each value row read once for every query head.
+    const float* v = values + n * S * H;
+    float* o = out + n * groups * H;
+    for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+      const int64_t cs = std::min<int64_t>(4, chunks - c0);
+      f32x16 acc[kGroups][4];
+      for (int64_t g = 0; g < groups; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = f32x16{};
+      for (int64_t s = 0; s < count; ++s) {
+        const float* row = v + (lo + s) * H + c0 * 16;
+        for (int64_t c = 0; c < cs; ++c) {
+          const f32x16 vv = load(row + c * 16);
+          for (int64_t g = 0; g < groups; ++g) acc[g][c] += scores[g * padded + s] * vv;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t c = 0; c < cs; ++c) store(o + g * H + (c0 + c) * 16, acc[g][c] * inverse[g]);
       }
     }
   }
