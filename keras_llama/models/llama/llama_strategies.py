@@ -201,7 +201,7 @@ class NativeSingleQueryAttention:
             ops.reshape(query, (b * v, g, h)),
             key,
             value,
-            ops.reshape(ops.cast(mask, "bool"), (b, -1)),
+            ops.broadcast_to(ops.cast(mask, "bool")[:, 0], (b, ops.shape(mask)[-1])),
             1.0 / math.sqrt(h),
         )
         return ops.reshape(attended, (b, 1, layer.num_query_heads, h))
