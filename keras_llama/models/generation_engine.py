@@ -15,6 +15,7 @@ different lengths each trace their own shapes with the same plan.
 """
 
 import contextlib
+import json
 import threading
 from typing import NamedTuple
 
@@ -24,7 +25,9 @@ from keras import ops
 
 from keras_llama.models import torch_step
 from keras_llama.samplers.sampler import PAD_TOKEN, DecodeState, run_decode_loop
+from keras_llama.utils import keras_compat
 from keras_llama.utils.cache import cache_dir
+from keras_llama.utils.executable_cache import CachedFunction
 
 
 def bucket_length(n, minimum=16):
@@ -90,12 +93,15 @@ class GenerationEngine:
             else None
         )
         if self.jax:
-            import jax
-
             enable_persistent_compilation_cache()
-            self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
-            self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
-            self._weights_jit = jax.jit(self._decode_weights)
+            fingerprint = lambda: program_fingerprint(model, sampler, self.plan, self.variables)  # noqa: E731
+            self._prefill_jit = CachedFunction(
+                "prefill", self._prefill, fingerprint, static_argnums=(4,)
+            )
+            self._decode_jit = CachedFunction(
+                "decode", self._decode, fingerprint, donate_argnums=(1,)
+            )
+            self._weights_jit = CachedFunction("decode_weights", self._decode_weights, fingerprint)
             self._weights = (None, None)  # (the values they were made from, decode weights)
             self._compiled = set()  # decode shapes compiled or compiling
             self._compiling = []  # background compilations to wait for
@@ -163,27 +169,31 @@ class GenerationEngine:
         return self.sampler.finalize(state)
 
     def _compile_decode_in_background(self, prefill_args, stop_token_ids):
-        """On the first use of a shape, traces the decode loop now and compiles it on another
-        thread while the prefill compiles and runs (XLA compiles without holding the GIL)."""
-        import jax
-
+        """On the first use of a shape, readies the decode loop while the prefill runs: loads
+        it from the executable cache on another thread, or traces it now and compiles it on
+        another thread (XLA compiles and loads programs without holding the GIL)."""
         key = (prefill_args[1].shape, prefill_args[4], len(stop_token_ids or (-1,)))
         with self._lock:
             if key in self._compiled:
                 return
             self._compiled.add(key)
-        state = jax.eval_shape(self._prefill_jit, *prefill_args)
+        # The shapes of the decode loop's arguments, from the compiled prefill and weights.
+        state = self._prefill_jit.compiled(*prefill_args).out_info
+        weights = self._weights_jit.compiled(prefill_args[0]).out_info
         seeds = [v.value for v in self.sampler.variables]
-        weights = jax.eval_shape(self._weights_jit, prefill_args[0])
-        lowered = self._decode_jit.lower(
-            prefill_args[0],
-            state,
-            seeds,
-            np.array(0, "int32"),
-            _stop_array(stop_token_ids),
-            weights,
-        )
-        thread = threading.Thread(target=lowered.compile, daemon=True)
+        args = (prefill_args[0], state, seeds, np.array(0, "int32"),
+                _stop_array(stop_token_ids), weights)  # fmt: skip
+
+        # A cache miss is traced here (tracing stays on the calling thread), a hit read there.
+        lowered = None if self._decode_jit.cached(*args) else self._decode_jit.lower(*args)
+
+        def ready():
+            if lowered is None:
+                self._decode_jit.load(*args)  # an unreadable entry is compiled at first use
+            else:
+                self._decode_jit.compile_lowered(lowered, args)
+
+        thread = threading.Thread(target=ready, daemon=True)
         thread.start()
         with self._lock:
             self._compiling.append(thread)
@@ -268,6 +278,25 @@ class GenerationEngine:
         if values is None:
             return contextlib.nullcontext()
         return keras.StatelessScope(state_mapping=list(zip(self.variables, values)))
+
+
+def program_fingerprint(model, sampler, plan, variables):
+    """What names the compiled prefill and decode besides their arguments (see
+    `keras_llama.utils.executable_cache`): the model's and sampler's classes and configs, the
+    execution plan and the variables' paths. None (never cached) when a layer or the sampler
+    is a class defined outside Keras and keras_llama: its code is not part of the key."""
+    layers = [model, *keras_compat.sublayers(model)]
+    classes = {type(x) for x in layers} | {type(sampler)}
+    if any(not c.__module__.startswith(("keras_llama.", "keras.")) for c in classes):
+        return None
+    parts = {
+        "model": [type(model).__qualname__, model.get_config()],
+        "layers": sorted(f"{c.__module__}.{c.__qualname__}" for c in classes),
+        "sampler": [type(sampler).__qualname__, sampler.get_config()],
+        "plan": str(plan),
+        "variables": [v.path for v in variables],
+    }
+    return json.dumps(parts, sort_keys=True, default=repr)
 
 
 def _stop_array(stop_token_ids):
