@@ -17,6 +17,7 @@ different lengths each trace their own shapes with the same plan.
 import contextlib
 import json
 import threading
+import types
 from typing import NamedTuple
 
 import keras
@@ -283,20 +284,44 @@ class GenerationEngine:
 def program_fingerprint(model, sampler, plan, variables):
     """What names the compiled prefill and decode besides their arguments (see
     `keras_llama.utils.executable_cache`): the model's and sampler's classes and configs, the
-    execution plan and the variables' paths. None (never cached) when a layer or the sampler
-    is a class defined outside Keras and keras_llama: its code is not part of the key."""
+    execution plan and the variables' paths. None (never cached) when any code they run comes
+    from outside Keras and keras_llama (a layer or sampler class defined elsewhere, a method
+    replaced on a class or on the model): that code is not part of the key."""
     layers = [model, *keras_compat.sublayers(model)]
     classes = {type(x) for x in layers} | {type(sampler)}
-    if any(not c.__module__.startswith(("keras_llama.", "keras.")) for c in classes):
+    functions = [f for cls in classes for klass in cls.__mro__ for f in vars(klass).values()]
+    functions += [*vars(model).values(), *vars(sampler).values()]
+    for function in functions:
+        function = getattr(function, "__func__", function)  # static and class methods
+        if isinstance(function, types.FunctionType) and not _ours(function.__module__):
+            return None
+    if not all(_ours(cls.__module__) for cls in classes):
         return None
     parts = {
-        "model": [type(model).__qualname__, model.get_config()],
+        "model": [type(model).__qualname__, _without_names(model.get_config())],
         "layers": sorted(f"{c.__module__}.{c.__qualname__}" for c in classes),
         "sampler": [type(sampler).__qualname__, sampler.get_config()],
-        "plan": str(plan),
-        "variables": [v.path for v in variables],
+        "plan": [str(plan.prefill), str(plan.decode)],  # the stages these programs run
+        # Paths below the model's own (unique per instance) name: the order of the values.
+        "variables": [v.path.split("/", 1)[-1] for v in variables],
     }
     return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def _without_names(config):
+    # Layer names (``llama_backbone_1``) never change a program; a second model of the same
+    # config in one process shares the first one's programs. Only a layer's name goes (its
+    # config has ``trainable``): a dtype policy's ``name`` is its dtype.
+    if isinstance(config, dict):
+        layer = "trainable" in config
+        return {k: _without_names(v) for k, v in config.items() if not (layer and k == "name")}
+    if isinstance(config, (list, tuple)):
+        return [_without_names(v) for v in config]
+    return config
+
+
+def _ours(module):
+    return module is not None and module.split(".")[0] in ("keras_llama", "keras")
 
 
 def _stop_array(stop_token_ids):

@@ -162,7 +162,7 @@ class CachedFunction:
             program = self._programs.setdefault(signature, program)
         path = self._path(signature)
         # A program JAX loaded from its own cache does not serialize whole (see `jitted`).
-        if path is not None and not path.exists() and _persistent_cache_hits() == hits:
+        if path is not None and _persistent_cache_hits() == hits:
             self._write(path, program)
         return program
 
@@ -171,7 +171,9 @@ class CachedFunction:
         if self._key is None:
             fingerprint = self.fingerprint() if self.fingerprint and enabled() else None
             self._key = (
-                _hash(environment_fingerprint(), self.name, fingerprint) if fingerprint else ""
+                _hash(environment_fingerprint(), str(self.folder), self.name, fingerprint)
+                if fingerprint
+                else ""
             )
         return self._key
 
