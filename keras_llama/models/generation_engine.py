@@ -103,6 +103,11 @@ class GenerationEngine:
                 "decode", self._decode, fingerprint, donate_argnums=(1,)
             )
             self._weights_jit = CachedFunction("decode_weights", self._decode_weights, fingerprint)
+            # The same weights block by block: one small program for every (alike) block.
+            self._parts = _alike_parts(model, self.plan.decode)
+            self._block_jit = CachedFunction("decode_weights_block", self._block_part, fingerprint)
+            self._head_jit = CachedFunction("decode_weights_head", self._head_part, fingerprint)
+            self._index = {id(v): i for i, v in enumerate(self.variables)}
             self._weights = (None, None)  # (the values they were made from, decode weights)
             self._compiled = set()  # decode shapes compiled or compiling
             self._compiling = []  # background compilations to wait for
@@ -180,7 +185,7 @@ class GenerationEngine:
             self._compiled.add(key)
         # The shapes of the decode loop's arguments, from the compiled prefill and weights.
         state = self._prefill_jit.compiled(*prefill_args).out_info
-        weights = self._weights_jit.compiled(prefill_args[0]).out_info
+        weights = self._weights_info(prefill_args[0])
         seeds = [v.value for v in self.sampler.variables]
         args = (prefill_args[0], state, seeds, np.array(0, "int32"),
                 _stop_array(stop_token_ids), weights)  # fmt: skip
@@ -242,14 +247,41 @@ class GenerationEngine:
         and kept until a variable changes (streaming decodes a few steps per call)."""
         made_from, weights = self._weights
         if made_from is None or any(a is not b for a, b in zip(made_from, values)):
-            weights = self._weights_jit(values)
+            if self._parts is None:
+                weights = self._weights_jit(values)
+            else:  # block by block: one block's temporaries at a time
+                *blocks, head = [self._values_of(layer, values) for layer, _ in self._parts]
+                weights = {"layers": [self._block_jit(v) for v in blocks],
+                           "head": self._head_jit(head)}  # fmt: skip
             self._weights = (values, weights)
         return weights
+
+    def _weights_info(self, values):
+        # The shapes of `current_weights` (from the compiled programs; nothing runs).
+        if self._parts is None:
+            return self._weights_jit.compiled(values).out_info
+        *blocks, head = [self._values_of(layer, values) for layer, _ in self._parts]
+        return {"layers": [self._block_jit.compiled(v).out_info for v in blocks],
+                "head": self._head_jit.compiled(head).out_info}  # fmt: skip
+
+    def _values_of(self, layer, values):
+        return [values[self._index[id(v)]] for v in layer.variables]
 
     def _decode_weights(self, values):
         # The fused or packed weights of the decode plan (None when it runs the layers).
         with self.scope(values):
             return self.model.decode_weights(self.plan.decode)
+
+    def _block_part(self, values):
+        # The decode weights of the first block from ``values`` (any alike block's values).
+        block, make = self._parts[0]
+        with keras.StatelessScope(state_mapping=list(zip(block.variables, values))):
+            return make(block)
+
+    def _head_part(self, values):
+        embedding, make = self._parts[-1]
+        with keras.StatelessScope(state_mapping=list(zip(embedding.variables, values))):
+            return make(embedding)
 
     def _decode(self, values, state, seeds, stop_at, stop_token_ids, weights=None):
         mapping = list(zip(self.variables, values))
@@ -322,6 +354,30 @@ def _without_names(config):
 
 def _ours(module):
     return module is not None and module.split(".")[0] in ("keras_llama", "keras")
+
+
+def _alike_parts(model, decode_plan):
+    """``model.decode_weight_parts(decode_plan)`` when every block is alike (same variables
+    by relative path, shape and dtype; same config; same sublayer classes, dtype policies,
+    quantization and LoRA), so one block's program makes every block's part; else None (the
+    whole model's weights are made by one program)."""
+    parts = getattr(model, "decode_weight_parts", lambda plan: None)(decode_plan)
+    if not parts:
+        return None
+
+    def describe(block):
+        prefix = block.path + "/"
+        variables = [(v.path.removeprefix(prefix), tuple(v.shape), str(v.dtype))
+                     for v in block.variables]  # fmt: skip
+        layers = [(type(x).__qualname__, x.dtype_policy.name, x.quantization_mode,
+                   getattr(x, "lora_enabled", False)) for x in keras_compat.sublayers(block)]  # fmt: skip
+        return variables, layers, json.dumps(_without_names(block.get_config()), default=repr)
+
+    blocks = [block for block, _ in parts[:-1]]
+    if not blocks or any(p[1] is not parts[0][1] for p in parts[:-1]):
+        return None
+    first = describe(blocks[0])
+    return parts if all(describe(block) == first for block in blocks[1:]) else None
 
 
 def _stop_array(stop_token_ids):
