@@ -322,14 +322,15 @@ def _source_hash():
 
 def _cpu_features():
     # XLA compiles for the host CPU's instruction set: a program from another CPU may not run.
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        import platform
+    # (kernels/library.py keys its builds the same way; one shared helper when it can move.)
+    import platform
 
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
         return platform.processor() + platform.machine()
+    wanted = ("model name", "flags", "Features")
+    return "".join(sorted({line for line in text.splitlines(True) if line.startswith(wanted)}))
 
 
 # --- the output tree, written as JSON (never pickled) --------------------------------------------
