@@ -13,7 +13,7 @@ a compiled executable by what it is compiled *from* instead, so a hit costs only
                  program, the device and the CPU's features)
 
 Entries live in ``<keras-llama cache>/executables`` (``KERAS_LLAMA_CACHE``), one file each,
-written atomically (temporary file, then rename). A file that does not read back (truncated,
+written atomically (temporary file, then rename); past 1 GiB the least recently used go. A file that does not read back (truncated,
 from another version, refused) is ignored with a warning and replaced. ``KERAS_LLAMA_EXECUTABLE
 _CACHE=0`` turns the cache off; the functions then run as plain ``jax.jit``.
 
@@ -35,6 +35,9 @@ from keras_llama.utils import keras_compat
 from keras_llama.utils.cache import cache_dir
 
 ENV = "KERAS_LLAMA_EXECUTABLE_CACHE"
+# The folder's size limit: past it, the least recently used entries go (a new keras-llama,
+# jax or source edit makes new entries; the old ones are never read again).
+MAX_BYTES = 1 << 30
 MAGIC = b"keras-llama executable 1\n"
 # jax settings that change the program traced from the same Python (XLA_FLAGS too).
 JAX_SETTINGS = (
@@ -72,12 +75,15 @@ class CachedFunction:
             plan, ...), or None when the program cannot be named safely (user code the key
             does not cover): it is then compiled as usual and never saved.
         folder: where entries live; default ``<keras-llama cache>/executables``.
+        max_bytes: the folder's size limit; after a write, the least recently used entries
+            past it are deleted.
         **jit_kwargs: ``static_argnums`` (they key the program and are not passed to it),
             ``donate_argnums``.
     """
 
-    def __init__(self, name, fun, fingerprint, folder=None, **jit_kwargs):
+    def __init__(self, name, fun, fingerprint, folder=None, max_bytes=MAX_BYTES, **jit_kwargs):
         self.name = name
+        self.max_bytes = max_bytes
         self.fun = fun
         self.fingerprint = fingerprint
         self.static_argnums = tuple(jit_kwargs.get("static_argnums", ()))
@@ -135,6 +141,8 @@ class CachedFunction:
         program = self._read(path, args)
         if program is not None:
             self.loads += 1
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last to be pruned
             with self._lock:
                 program = self._programs.setdefault(signature, program)
         return program
@@ -224,6 +232,7 @@ class CachedFunction:
                 temporary = f.name
                 f.write(MAGIC + json.dumps(header).encode() + b"\n" + payload)
             os.replace(temporary, path)  # atomic: never a half-written entry
+            _prune(path.parent, self.max_bytes)
         except OSError:  # a read-only or full cache folder: run without saving
             if temporary is not None:
                 with contextlib.suppress(OSError):
@@ -231,6 +240,22 @@ class CachedFunction:
 
     def _dynamic(self, args):
         return tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
+
+
+def _prune(folder, max_bytes):
+    """Deletes the least recently used entries until the folder holds at most ``max_bytes``."""
+    entries = []
+    for path in folder.glob("*.xla"):
+        with contextlib.suppress(OSError):  # another process may delete it meanwhile
+            stat = path.stat()
+            entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+        total -= size
 
 
 # --- keys ----------------------------------------------------------------------------------------

@@ -250,3 +250,33 @@ def test_the_unpickler_refuses_classes_outside_jax_and_numpy():
     tree = jax.tree_util.tree_structure(((0,), {}))
     with pytest.raises(pickle.UnpicklingError, match="refused class"):
         keras_compat.load_serialized_executable(pickle.dumps(os.getcwd), tree, tree)
+
+
+def test_the_folder_keeps_the_most_recently_used_entries_within_its_limit(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    monkeypatch.delenv(executable_cache.ENV, raising=False)
+
+    def fun(x):
+        return jnp.sin(x) * 2.0
+
+    def cached(max_bytes):
+        return executable_cache.CachedFunction(
+            "sine", fun, lambda: "sine v1", folder=tmp_path, max_bytes=max_bytes
+        )
+
+    for n in (3, 4):
+        cached(1 << 30)(np.ones(n, "float32"))
+    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*.xla")}
+    assert len(sizes) == 2
+    oldest = min(tmp_path.glob("*.xla"), key=lambda p: p.stat().st_mtime)
+    os.utime(oldest, (1, 1))  # the shape-3 entry: used long ago
+    limit = sum(sizes.values()) + 64  # room for two entries of about this size
+    function = cached(limit)
+    np.testing.assert_allclose(function(np.ones(5, "float32")), np.sin(1.0) * 2.0, rtol=1e-6)
+    left = {p.name for p in tmp_path.glob("*.xla")}
+    assert oldest.name not in left and len(left) == 2
+    assert function.compiles == 1
+    again = cached(limit)
+    again(np.ones(5, "float32"))
+    assert (again.loads, again.compiles) == (1, 0)
