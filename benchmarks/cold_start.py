@@ -53,12 +53,12 @@ print(out["choices"][0]["text"].strip())
 """
 
 
-def _run_once(command, env):
+def _run_once(command, env, cwd=None):
     """(wall seconds, peak RSS MB, stdout) of one fresh process (its own ``ru_maxrss``, from
     ``os.wait4``)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -70,9 +70,9 @@ def _run_once(command, env):
         return wall, usage.ru_maxrss / 1024, out.read().decode().strip()
 
 
-def _measure(command, runs, env):
-    _run_once(command, env)  # fills the caches (and the OS page cache)
-    walls, peaks, answers = zip(*(_run_once(command, env) for _ in range(runs)))
+def _measure(command, runs, env, cwd=None):
+    _run_once(command, env, cwd)  # fills the caches (and the OS page cache)
+    walls, peaks, answers = zip(*(_run_once(command, env, cwd) for _ in range(runs)))
     return walls, peaks, answers[0]
 
 
@@ -114,7 +114,8 @@ def main():
               "checkout": args.checkout,
               "executable_cache": os.environ.get("KERAS_LLAMA_EXECUTABLE_CACHE", "1"),
               "load_average_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
-    result["keras_llama"] = _summary(*_measure(ours, args.runs, env))
+    # Run from the checkout: ``python -m`` puts the working folder first on sys.path.
+    result["keras_llama"] = _summary(*_measure(ours, args.runs, env, cwd=args.checkout))
     try:
         if args.no_llama_cpp:
             raise ImportError("--no-llama-cpp")
