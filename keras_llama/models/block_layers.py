@@ -161,14 +161,15 @@ def _after(inputs, arrays):
     it. Without this, XLA:CPU dequantizes every layer's weights at the start of a program (they
     depend only on its arguments) and holds all of them at once: ~400 MB for SmolLM2-135M's
     prefill. (``lax.optimization_barrier`` does not order them: XLA:CPU removes it before
-    scheduling.) The dependency is one element of ``inputs`` times zero, added to the scales:
-    XLA cannot fold it away (``x * 0`` is NaN for an infinite ``x``); finite inputs leave the
-    scales as they are."""
+    scheduling.) The dependency is a zero made from one element of ``inputs`` and added to the
+    scales: XLA cannot fold it away, and the scales stay exactly as they are (a non-finite
+    element gives 0 too)."""
     if not hasattr(inputs, "shape") or not all(inputs.shape):
         return arrays
     first = ops.reshape(ops.cast(inputs, "float32"), (-1,))[0]
+    zero = ops.where(ops.isfinite(first), first * 0.0, 0.0)
     values, scale, *minimum = arrays
-    scale = ops.cast(ops.cast(scale, "float32") + first * 0.0, scale.dtype)
+    scale = ops.cast(ops.cast(scale, "float32") + zero, scale.dtype)
     return [values, scale, *minimum]
 
 
