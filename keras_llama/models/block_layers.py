@@ -83,13 +83,13 @@ class _BlockWeights:
         self.inputs_quantizer = None
         self._is_quantized = True
 
-    def _block_matrix(self, prefix):
-        """A held [rows, depth] matrix, dequantized to float32."""
+    def _block_matrix(self, prefix, inputs):
+        """A held [rows, depth] matrix, dequantized to float32 once ``inputs`` are computed."""
         block_format = block_format_of(self)
-        minimum = getattr(self, prefix + "_min", None)
-        return dequantize_rows(
-            block_format, getattr(self, "_" + prefix), getattr(self, prefix + "_scale"), minimum
-        )
+        parts = [getattr(self, "_" + prefix), getattr(self, prefix + "_scale")]
+        if hasattr(self, prefix + "_min"):
+            parts.append(getattr(self, prefix + "_min"))
+        return dequantize_rows(block_format, *_after(inputs, parts))
 
     def save_own_variables(self, store):
         if block_format_of(self) is None or not self.built:
@@ -155,6 +155,24 @@ class _KernelBlocks(_BlockWeights):
         return self._block_call(inputs)
 
 
+def _after(inputs, arrays):
+    """``arrays`` (block values, scales and mins) with the scales made to depend on
+    ``inputs``, so that a layer's float32 weights are made when the layer runs and freed after
+    it. Without this, XLA:CPU dequantizes every layer's weights at the start of a program (they
+    depend only on its arguments) and holds all of them at once: ~400 MB for SmolLM2-135M's
+    prefill. (``lax.optimization_barrier`` does not order them: XLA:CPU removes it before
+    scheduling.) The dependency is a zero made from one element of ``inputs`` and added to the
+    scales: XLA cannot fold it away, and the scales stay exactly as they are (a non-finite
+    element gives 0 too)."""
+    if not hasattr(inputs, "shape") or not all(inputs.shape):
+        return arrays
+    first = ops.reshape(ops.cast(inputs, "float32"), (-1,))[0]
+    zero = ops.where(ops.isfinite(first), first * 0.0, 0.0)
+    values, scale, *minimum = arrays
+    scale = ops.cast(ops.cast(scale, "float32") + zero, scale.dtype)
+    return [values, scale, *minimum]
+
+
 def _finish(layer, x):
     if getattr(layer, "bias", None) is not None:
         x = ops.add(x, layer.bias)
@@ -189,7 +207,7 @@ class Dense(_KernelBlocks, keras.layers.Dense):
         del self._kernel
 
     def _block_call(self, inputs):
-        kernel = ops.cast(ops.transpose(self._block_matrix("kernel")), self.compute_dtype)
+        kernel = ops.cast(ops.transpose(self._block_matrix("kernel", inputs)), self.compute_dtype)
         return _finish(self, ops.matmul(ops.cast(inputs, self.compute_dtype), kernel))
 
 
@@ -234,7 +252,9 @@ class EinsumDense(_KernelBlocks, keras.layers.EinsumDense):
         del self._kernel
 
     def _block_call(self, inputs):
-        kernel = ops.reshape(ops.transpose(self._block_matrix("kernel")), self._block_kernel_shape)
+        kernel = ops.reshape(
+            ops.transpose(self._block_matrix("kernel", inputs)), self._block_kernel_shape
+        )
         kernel = ops.cast(kernel, self.compute_dtype)
         return _finish(
             self, ops.einsum(self.equation, ops.cast(inputs, self.compute_dtype), kernel)
@@ -290,7 +310,9 @@ class ReversibleEmbedding(_BlockWeights, keras.layers.ReversibleEmbedding):
             rows = [ops.take(getattr(self, name), ids, axis=0) for name in
                     ("_embeddings", "embeddings_scale", "embeddings_min") if hasattr(self, name)]  # fmt: skip
             return ops.cast(dequantize_rows(block_format_of(self), *rows), self.compute_dtype)
-        table = self._block_matrix("embeddings" if self.tie_weights else "reverse_embeddings")
+        table = self._block_matrix(
+            "embeddings" if self.tie_weights else "reverse_embeddings", inputs
+        )
         logits = ops.matmul(ops.cast(inputs, "float32"), ops.transpose(table))
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap

@@ -15,7 +15,9 @@ different lengths each trace their own shapes with the same plan.
 """
 
 import contextlib
+import json
 import threading
+import types
 from typing import NamedTuple
 
 import keras
@@ -24,7 +26,9 @@ from keras import ops
 
 from keras_llama.models import torch_step
 from keras_llama.samplers.sampler import PAD_TOKEN, DecodeState, run_decode_loop
+from keras_llama.utils import keras_compat
 from keras_llama.utils.cache import cache_dir
+from keras_llama.utils.executable_cache import CachedFunction
 
 
 def bucket_length(n, minimum=16):
@@ -90,12 +94,20 @@ class GenerationEngine:
             else None
         )
         if self.jax:
-            import jax
-
             enable_persistent_compilation_cache()
-            self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
-            self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
-            self._weights_jit = jax.jit(self._decode_weights)
+            fingerprint = lambda: program_fingerprint(model, sampler, self.plan, self.variables)  # noqa: E731
+            self._prefill_jit = CachedFunction(
+                "prefill", self._prefill, fingerprint, static_argnums=(4,)
+            )
+            self._decode_jit = CachedFunction(
+                "decode", self._decode, fingerprint, donate_argnums=(1,)
+            )
+            self._weights_jit = CachedFunction("decode_weights", self._decode_weights, fingerprint)
+            # The same weights block by block: one small program for every (alike) block.
+            self._parts = _alike_parts(model, self.plan.decode)
+            self._block_jit = CachedFunction("decode_weights_block", self._block_part, fingerprint)
+            self._head_jit = CachedFunction("decode_weights_head", self._head_part, fingerprint)
+            self._index = {id(v): i for i, v in enumerate(self.variables)}
             self._weights = (None, None)  # (the values they were made from, decode weights)
             self._compiled = set()  # decode shapes compiled or compiling
             self._compiling = []  # background compilations to wait for
@@ -163,27 +175,31 @@ class GenerationEngine:
         return self.sampler.finalize(state)
 
     def _compile_decode_in_background(self, prefill_args, stop_token_ids):
-        """On the first use of a shape, traces the decode loop now and compiles it on another
-        thread while the prefill compiles and runs (XLA compiles without holding the GIL)."""
-        import jax
-
+        """On the first use of a shape, readies the decode loop while the prefill runs: loads
+        it from the executable cache on another thread, or traces it now and compiles it on
+        another thread (XLA compiles and loads programs without holding the GIL)."""
         key = (prefill_args[1].shape, prefill_args[4], len(stop_token_ids or (-1,)))
         with self._lock:
             if key in self._compiled:
                 return
             self._compiled.add(key)
-        state = jax.eval_shape(self._prefill_jit, *prefill_args)
+        # The shapes of the decode loop's arguments, from the compiled prefill and weights.
+        state = self._prefill_jit.compiled(*prefill_args).out_info
+        weights = self._weights_info(prefill_args[0])
         seeds = [v.value for v in self.sampler.variables]
-        weights = jax.eval_shape(self._weights_jit, prefill_args[0])
-        lowered = self._decode_jit.lower(
-            prefill_args[0],
-            state,
-            seeds,
-            np.array(0, "int32"),
-            _stop_array(stop_token_ids),
-            weights,
-        )
-        thread = threading.Thread(target=lowered.compile, daemon=True)
+        args = (prefill_args[0], state, seeds, np.array(0, "int32"),
+                _stop_array(stop_token_ids), weights)  # fmt: skip
+
+        # A cache miss is traced here (tracing stays on the calling thread), a hit read there.
+        lowered = None if self._decode_jit.cached(*args) else self._decode_jit.lower(*args)
+
+        def ready():
+            if lowered is None:
+                self._decode_jit.load(*args)  # an unreadable entry is compiled at first use
+            else:
+                self._decode_jit.compile_lowered(lowered, args)
+
+        thread = threading.Thread(target=ready, daemon=True)
         thread.start()
         with self._lock:
             self._compiling.append(thread)
@@ -231,14 +247,41 @@ class GenerationEngine:
         and kept until a variable changes (streaming decodes a few steps per call)."""
         made_from, weights = self._weights
         if made_from is None or any(a is not b for a, b in zip(made_from, values)):
-            weights = self._weights_jit(values)
+            if self._parts is None:
+                weights = self._weights_jit(values)
+            else:  # block by block: one block's temporaries at a time
+                *blocks, head = [self._values_of(layer, values) for layer, _ in self._parts]
+                weights = {"layers": [self._block_jit(v) for v in blocks],
+                           "head": self._head_jit(head)}  # fmt: skip
             self._weights = (values, weights)
         return weights
+
+    def _weights_info(self, values):
+        # The shapes of `current_weights` (from the compiled programs; nothing runs).
+        if self._parts is None:
+            return self._weights_jit.compiled(values).out_info
+        *blocks, head = [self._values_of(layer, values) for layer, _ in self._parts]
+        return {"layers": [self._block_jit.compiled(v).out_info for v in blocks],
+                "head": self._head_jit.compiled(head).out_info}  # fmt: skip
+
+    def _values_of(self, layer, values):
+        return [values[self._index[id(v)]] for v in layer.variables]
 
     def _decode_weights(self, values):
         # The fused or packed weights of the decode plan (None when it runs the layers).
         with self.scope(values):
             return self.model.decode_weights(self.plan.decode)
+
+    def _block_part(self, values):
+        # The decode weights of the first block from ``values`` (any alike block's values).
+        block, make = self._parts[0]
+        with keras.StatelessScope(state_mapping=list(zip(block.variables, values))):
+            return make(block)
+
+    def _head_part(self, values):
+        embedding, make = self._parts[-1]
+        with keras.StatelessScope(state_mapping=list(zip(embedding.variables, values))):
+            return make(embedding)
 
     def _decode(self, values, state, seeds, stop_at, stop_token_ids, weights=None):
         mapping = list(zip(self.variables, values))
@@ -268,6 +311,73 @@ class GenerationEngine:
         if values is None:
             return contextlib.nullcontext()
         return keras.StatelessScope(state_mapping=list(zip(self.variables, values)))
+
+
+def program_fingerprint(model, sampler, plan, variables):
+    """What names the compiled prefill and decode besides their arguments (see
+    `keras_llama.utils.executable_cache`): the model's and sampler's classes and configs, the
+    execution plan and the variables' paths. None (never cached) when any code they run comes
+    from outside Keras and keras_llama (a layer or sampler class defined elsewhere, a method
+    replaced on a class or on the model): that code is not part of the key."""
+    layers = [model, *keras_compat.sublayers(model)]
+    classes = {type(x) for x in layers} | {type(sampler)}
+    functions = [f for cls in classes for klass in cls.__mro__ for f in vars(klass).values()]
+    functions += [*vars(model).values(), *vars(sampler).values()]
+    for function in functions:
+        function = getattr(function, "__func__", function)  # static and class methods
+        if isinstance(function, types.FunctionType) and not _ours(function.__module__):
+            return None
+    if not all(_ours(cls.__module__) for cls in classes):
+        return None
+    parts = {
+        "model": [type(model).__qualname__, _without_names(model.get_config())],
+        "layers": sorted(f"{c.__module__}.{c.__qualname__}" for c in classes),
+        "sampler": [type(sampler).__qualname__, sampler.get_config()],
+        "plan": [str(plan.prefill), str(plan.decode)],  # the stages these programs run
+        # Paths below the model's own (unique per instance) name: the order of the values.
+        "variables": [v.path.split("/", 1)[-1] for v in variables],
+    }
+    return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def _without_names(config):
+    # Layer names (``llama_backbone_1``) never change a program; a second model of the same
+    # config in one process shares the first one's programs. Only a layer's name goes (its
+    # config has ``trainable``): a dtype policy's ``name`` is its dtype.
+    if isinstance(config, dict):
+        layer = "trainable" in config
+        return {k: _without_names(v) for k, v in config.items() if not (layer and k == "name")}
+    if isinstance(config, (list, tuple)):
+        return [_without_names(v) for v in config]
+    return config
+
+
+def _ours(module):
+    return module is not None and module.split(".")[0] in ("keras_llama", "keras")
+
+
+def _alike_parts(model, decode_plan):
+    """``model.decode_weight_parts(decode_plan)`` when every block is alike (same variables
+    by relative path, shape and dtype; same config; same sublayer classes, dtype policies,
+    quantization and LoRA), so one block's program makes every block's part; else None (the
+    whole model's weights are made by one program)."""
+    parts = getattr(model, "decode_weight_parts", lambda plan: None)(decode_plan)
+    if not parts:
+        return None
+
+    def describe(block):
+        prefix = block.path + "/"
+        variables = [(v.path.removeprefix(prefix), tuple(v.shape), str(v.dtype))
+                     for v in block.variables]  # fmt: skip
+        layers = [(type(x).__qualname__, x.dtype_policy.name, x.quantization_mode,
+                   getattr(x, "lora_enabled", False)) for x in keras_compat.sublayers(block)]  # fmt: skip
+        return variables, layers, json.dumps(_without_names(block.get_config()), default=repr)
+
+    blocks = [block for block, _ in parts[:-1]]
+    if not blocks or any(p[1] is not parts[0][1] for p in parts[:-1]):
+        return None
+    first = describe(blocks[0])
+    return parts if all(describe(block) == first for block in blocks[1:]) else None
 
 
 def _stop_array(stop_token_ids):

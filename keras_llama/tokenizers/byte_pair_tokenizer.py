@@ -33,7 +33,6 @@ from keras_llama.tokenizers.byte_level_bpe import (
     build_byte_level_bpe,
     check_pretokenizer,
     load_tiktoken_bpe,
-    read_merges,
     read_tokenizer_json,
     read_vocabulary,
     special_added_token,
@@ -151,7 +150,6 @@ class BytePairTokenizer(Tokenizer):
     def set_vocabulary_and_merges(self, vocabulary, merges):
         """Build the BPE from a vocabulary and merge rules (data or file paths)."""
         vocabulary = read_vocabulary(vocabulary)
-        merges = read_merges(merges)
         special = self._special_tokens_arg
         if special is None:
             special = self._auto_special_tokens(vocabulary)

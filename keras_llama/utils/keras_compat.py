@@ -118,3 +118,34 @@ def one_garbage_collection():
     finally:
         gc.unfreeze()
         gc.collect()
+
+
+# --- compiled JAX programs -------------------------------------------------------------------------
+# The modules whose classes JAX's pickled executable wrapper names (avals, shardings, layouts).
+_EXECUTABLE_MODULES = ("jax", "jaxlib", "numpy", "ml_dtypes")
+
+
+def load_serialized_executable(payload, in_tree, out_tree):
+    """``jax.experimental.serialize_executable.deserialize_and_load`` with its unpickler
+    restricted to JAX's and numpy's classes (any other class name refuses the file).
+
+    Private: ``serialize_executable._JaxPjrtUnpickler`` (the only unpickler that maps JAX's
+    persistent ids back to the executable, device list and client; the public function offers
+    no ``find_class`` hook) and the ``jax.stages.Compiled(executable, const_args, args_info,
+    out_tree, no_kwargs=...)`` constructor, which the public function calls the same way."""
+    import io
+    import pickle
+
+    import jax
+    from jax.experimental import serialize_executable
+
+    class Unpickler(serialize_executable._JaxPjrtUnpickler):
+        def find_class(self, module, name):
+            if module.split(".")[0] not in _EXECUTABLE_MODULES:
+                raise pickle.UnpicklingError(f"refused class {module}.{name}")
+            return super().find_class(module, name)
+
+    backend = jax.devices()[0].client
+    unloaded, args_info_flat, no_kwargs = Unpickler(io.BytesIO(payload), backend).load()
+    args_info = in_tree.unflatten(args_info_flat)
+    return jax.stages.Compiled(unloaded.load(), [], args_info, out_tree, no_kwargs=no_kwargs)

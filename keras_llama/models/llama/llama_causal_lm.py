@@ -169,6 +169,11 @@ class LlamaCausalLM(CausalLM):
         variable values; None when it runs the layers (see `llama_plan.decode_weights`)."""
         return llama_plan.decode_weights(stage_plan, self.backbone)
 
+    def decode_weight_parts(self, stage_plan):
+        """`decode_weights` part by part: ``[(layer, make), ...]`` (one per block, then the
+        token embedding), or None (see `llama_plan.decode_weight_parts`)."""
+        return llama_plan.decode_weight_parts(stage_plan, self.backbone)
+
     def _build_layer_caches(self, batch_size, max_length, dtype=None):
         """All-zeros per-layer ``(keys, values)`` caches for `call_with_layer_caches`: keys
         [batch * num_key_value_heads, head_dim, max_length], values

@@ -380,27 +380,44 @@ def _separate_matrices(block):
 def decode_weights(stage_plan, backbone):
     """The weights the decode loop multiplies, made from the current variable values (so a
     `keras.StatelessScope` applies): ``{"layers": [per block], "head": packed or None}`` for
-    ``"fused"`` and ``"packed"`` projections, None for ``"layers"``."""
+    ``"fused"`` and ``"packed"`` projections, None for ``"layers"``. Made part by part (see
+    `decode_weight_parts`)."""
+    parts = decode_weight_parts(stage_plan, backbone)
+    if parts is None:
+        return None
+    *blocks, (embedding, head) = parts
+    return {"layers": [make(block) for block, make in blocks], "head": head(embedding)}
+
+
+def decode_weight_parts(stage_plan, backbone):
+    """`decode_weights` as ``[(layer, make), ...]``: one pair per block, then the token
+    embedding's (``make(layer)`` gives that layer's part), or None for ``"layers"``. The
+    generation engine makes the blocks' parts with one compiled program when the blocks are
+    alike, one block at a time."""
     kind = stage_plan.projections
     if kind in ("layers", "matrices"):
         return None
-    blocks = backbone.transformer_layers
+    block_part = _fused_matrices if kind == "fused" else _packed_block
+    blocks = [(block, block_part) for block in backbone.transformer_layers]
+    return blocks + [(backbone.token_embedding, _head_part(kind))]
+
+
+def _packed_block(block):
+    dense = dict(
+        zip(("query", "key", "value", "output", "gate", "up", "down"), _dense_layers(block))
+    )
+    return {
+        "qkv": packing.pack_dense([dense["query"], dense["key"], dense["value"]], 1),
+        "output": packing.pack_dense([dense["output"]], 2),
+        "gate_up": packing.pack_dense([dense["gate"], dense["up"]], 1),
+        "down": packing.pack_dense([dense["down"]], 1),
+    }
+
+
+def _head_part(kind):
     if kind == "fused":
-        return {"layers": [_fused_matrices(block) for block in blocks], "head": None}
-    layers = []
-    for block in blocks:
-        dense = dict(
-            zip(("query", "key", "value", "output", "gate", "up", "down"), _dense_layers(block))
-        )
-        layers.append(
-            {
-                "qkv": packing.pack_dense([dense["query"], dense["key"], dense["value"]], 1),
-                "output": packing.pack_dense([dense["output"]], 2),
-                "gate_up": packing.pack_dense([dense["gate"], dense["up"]], 1),
-                "down": packing.pack_dense([dense["down"]], 1),
-            }
-        )
-    return {"layers": layers, "head": packing.pack_reverse_embedding(backbone.token_embedding)}
+        return lambda embedding: None
+    return packing.pack_reverse_embedding
 
 
 def _fused_matrices(block):
