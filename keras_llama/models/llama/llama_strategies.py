@@ -155,6 +155,18 @@ class NativeAttention:
         )
 
 
+def _grouped_single_query(layer, query):
+    """query [b, 1, u, h] -> ``(b, v, h, query [b * v, g, h])``, the layout of the caches'
+    rows (g query heads per key/value head); mask [b, 1, s] goes with it."""
+    if query.shape[1] != 1:
+        raise ValueError(
+            f"Single-query attention takes one query per row. Received: {query.shape[1]}"
+        )
+    b = ops.shape(query)[0]
+    v, g, h = layer.num_key_value_heads, layer.num_key_value_groups, layer.head_dim
+    return b, v, h, ops.reshape(query, (b * v, g, h))
+
+
 class SingleQueryAttention:
     """Decoding: one query per row against the caches, keys [b * v, h, s] and values
     [b * v, s, h]. Both products are plain batched matmuls over b * v in the operands' own
@@ -164,14 +176,8 @@ class SingleQueryAttention:
     reads_caches = True
 
     def __call__(self, layer, query, key, value, mask, training):
-        # query [b, 1, u, h]; mask [b, 1, s].
-        if query.shape[1] != 1:
-            raise ValueError(
-                f"Single-query attention takes one query per row. Received: {query.shape[1]}"
-            )
-        b = ops.shape(query)[0]
-        v, g, h = layer.num_key_value_heads, layer.num_key_value_groups, layer.head_dim
-        query = ops.reshape(query, (b * v, g, h)) * ops.cast(1.0 / math.sqrt(h), query.dtype)
+        b, v, h, query = _grouped_single_query(layer, query)
+        query = query * ops.cast(1.0 / math.sqrt(h), query.dtype)
         key, value = ops.cast(key, query.dtype), ops.cast(value, query.dtype)
         scores = ops.cast(ops.einsum("ngh,nhs->ngs", query, key), "float32")
         mask = ops.broadcast_to(ops.cast(mask, "bool")[:, None], (b, v, 1, ops.shape(mask)[-1]))
@@ -190,15 +196,9 @@ class NativeSingleQueryAttention:
     reads_caches = True
 
     def __call__(self, layer, query, key, value, mask, training):
-        # query [b, 1, u, h]; mask [b, 1, s].
-        if query.shape[1] != 1:
-            raise ValueError(
-                f"Single-query attention takes one query per row. Received: {query.shape[1]}"
-            )
-        b = ops.shape(query)[0]
-        v, g, h = layer.num_key_value_heads, layer.num_key_value_groups, layer.head_dim
+        b, _, h, query = _grouped_single_query(layer, query)
         attended = native_attention.decode_attention(
-            ops.reshape(query, (b * v, g, h)),
+            query,
             key,
             value,
             ops.broadcast_to(ops.cast(mask, "bool")[:, 0], (b, ops.shape(mask)[-1])),
