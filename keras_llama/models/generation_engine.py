@@ -138,7 +138,8 @@ class GenerationEngine:
         lengths = np.array([len(r) for r in prompts.rows], "int32")
         limits = (prompts.max_length - lengths).astype("int32")
         if self.jax:
-            args = ([v.value for v in self.variables], token_ids, lengths, limits, buffer_width)
+            values = [v.value for v in self.variables]
+            args = (values, token_ids, lengths, limits, buffer_width, self.prefill_weights(values))
             self._compile_decode_in_background(args, stop_token_ids)
             return self._prefill_jit(*args), steps
         with _no_grad():
@@ -205,7 +206,12 @@ class GenerationEngine:
             self._compiling.append(thread)
 
     # --- the traced functions ---------------------------------------------------------------
-    def _prefill(self, values, token_ids, lengths, limits, buffer_width):
+    def prefill_weights(self, values):
+        """The weights the prefill plan multiplies: the decode weights when its projections
+        are packed (`current_weights`), else None."""
+        return self.current_weights(values) if self.plan.prefill.projections == "packed" else None
+
+    def _prefill(self, values, token_ids, lengths, limits, buffer_width, weights=None):
         # token_ids [b, P] left-padded; lengths, limits [b].
         with self.scope(values):
             batch, width = token_ids.shape
@@ -226,6 +232,7 @@ class GenerationEngine:
                 positions,
                 last_logits_only=True,
                 stage_plan=self.plan.prefill,
+                weights=weights,
             )
             limits = ops.convert_to_tensor(limits)
             state = DecodeState(

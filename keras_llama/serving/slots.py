@@ -120,7 +120,7 @@ class SlotEngine:
         self.cache_length = max_model_len + max(32, max_model_len // 8)
         self.vocabulary_size = causal_lm.backbone.vocabulary_size
         self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(7, 8))
-        self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
+        self._prefill_jit = jax.jit(self._prefill, donate_argnums=(2,))
         self._compact_jit = jax.jit(self._compact_rows, donate_argnums=(0,))
         self._cond = threading.Condition()
         self._waiting = []  # Requests not yet in a row (FIFO)
@@ -245,7 +245,7 @@ class SlotEngine:
         settings = RowSettings.make([self._settings[i]])
         values = [v.value for v in self.engine.variables]
         self._state, token, info = self._prefill_jit(
-            values, self._state, np.int32(i), ids, np.int32(len(chunk)), np.int32(start),
+            values, self.engine.prefill_weights(values), self._state, np.int32(i), ids, np.int32(len(chunk)), np.int32(start),
             np.int32(done), np.bool_(done == 0), settings,
         )  # fmt: skip
         self._pointer = start + width
@@ -365,7 +365,7 @@ class SlotEngine:
         (state, _), out = lax.scan(one, (state, pointer), None, length=num_steps)
         return state, out
 
-    def _prefill(self, values, state, row, ids, length, start, position, reset, settings):
+    def _prefill(self, values, weights, state, row, ids, length, start, position, reset, settings):
         from jax import lax
 
         kv = self.model.backbone.num_key_value_heads
@@ -380,7 +380,7 @@ class SlotEngine:
         with self.engine.scope(values):
             logits, _, caches = self.model.call_with_layer_caches(
                 ids, caches, start, mask[None], positions, last_logits_only=True,
-                stage_plan=self.engine.plan.prefill,
+                stage_plan=self.engine.plan.prefill, weights=weights,
             )  # fmt: skip
             logits = ops.cast(logits[:, -1], "float32")
             zeros = ops.zeros((1, self.vocabulary_size), "int32")

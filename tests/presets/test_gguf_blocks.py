@@ -86,9 +86,10 @@ def test_forward_and_decode_loop_give_transformers_logits_on_the_stored_weights(
     fused = decode_weights(causal_lm)
     assert is_native(fused) and fused["head"].kind == kind
     # The packed blocks multiply the input rounded to int16 blocks (each value within 2^-16
-    # of its block's largest): 1e-3 here, 1e-4 for the float path above.
+    # of its block's largest), in the prefill and every step: 2e-3 here (logits up to ~5), 1e-4
+    # for the float path above.
     decoded = decode_logits(causal_lm, ids, 3, fused)
-    np.testing.assert_allclose(decoded, expected, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(decoded, expected, atol=2e-3, rtol=0)
 
 
 def test_dtype_float32_gives_the_float_path(written):

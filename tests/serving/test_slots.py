@@ -87,7 +87,7 @@ def test_a_chunk_wider_than_the_room_is_split(tiny_lm):
     got, done = [], threading.Semaphore(0)
     on_event = lambda e: got.append(e[1]) if e[0] == "token" else done.release()  # noqa: E731
     widths, prefill = [], engine._prefill_jit
-    engine._prefill_jit = lambda *args: (widths.append(args[3].shape[1]), prefill(*args))[1]
+    engine._prefill_jit = lambda *args: (widths.append(args[4].shape[1]), prefill(*args))[1]
     engine.submit(Request(prompt, 6, {}, (), on_event))
     engine.start()
     try:

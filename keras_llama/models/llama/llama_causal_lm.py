@@ -140,9 +140,12 @@ class LlamaCausalLM(CausalLM):
         ``last_logits_only=True`` projects only the last position to the vocabulary (logits
         [batch, 1, vocab]; a prefill needs no more); hidden states keep every position.
         ``stage_plan`` is the prefill or decode `StagePlan` (default: the prefill plan, which
-        takes any number of queries) and ``weights`` its `decode_weights`."""
+        takes any number of queries) and ``weights`` its `decode_weights` (made here when not
+        given and the plan multiplies them)."""
         if stage_plan is None:
             stage_plan = llama_plan.make_plan(self.backbone).prefill
+        if weights is None and stage_plan.projections in ("packed", "fused"):
+            weights = self.decode_weights(stage_plan)  # the matrices those multiply
         q_len = ops.shape(token_ids)[1]
         max_length = ops.shape(layer_caches[0][1])[1]
         if positions is None:

@@ -23,7 +23,7 @@ from keras_llama.quantization import block_format_of
 
 # The native libraries (`keras_llama.kernels.library`) each stage may use.
 NATIVE_OPS = {
-    "prefill": (),
+    "prefill": ("decode_matmul",),
     "decode": ("decode_matmul", "attention"),
     "training": ("attention", "swiglu", "cross_entropy"),
     "scoring": ("attention",),
@@ -126,6 +126,20 @@ def _multi_token_attention(facts, training):
     return Choice("attention", "dot_product", f"native attention: no, {reason}")
 
 
+# Packed kinds whose native products are fast for many rows too (the integer dot products of
+# `block_dot.cc`); the others are decode-only (XLA's matmuls win from a few rows on).
+_PREFILL_KINDS = ("q4_blocks_int16_dot", "q8_blocks_int16_dot")
+
+
+def _prefill_projections(facts):
+    if facts.backend == "jax" and _decode(facts).projections == "packed":
+        kind = packing.packable_mode(facts.projection_layers)
+        if kind in _PREFILL_KINDS:
+            why = f"native block kernels: yes, {kind} weights packed (the decode weights)"
+            return Choice("projections", "packed", why)
+    return Choice("projections", "layers", "multi-token products: the layers' own matmuls")
+
+
 def _prefill(facts):
     attention = (
         Choice("attention", "dot_product", "multi-token attention on JAX")
@@ -134,11 +148,7 @@ def _prefill(facts):
     )
     return StagePlan(
         "prefill",
-        (
-            Choice("projections", "layers", "multi-token products: the layers' own matmuls"),
-            attention,
-            Choice("head", "layers", "last position only"),
-        ),
+        (_prefill_projections(facts), attention, Choice("head", "layers", "last position only")),
     )
 
 
@@ -282,7 +292,8 @@ def _applicable(facts, stage):
         native = _multi_token_attention(facts, stage == "training").strategy == "native"
         attention += ["native"] if native else []
     if stage == "prefill":
-        return {"attention": attention[:2]}
+        packed = _prefill_projections(facts).strategy == "packed"
+        return {"attention": attention[:2], "projections": ["layers"] + (["packed"] if packed else [])}
     if stage == "decode":
         projections = ["layers"] + (["fused"] if jax and facts.plain else [])
         projections += ["matrices"] if not jax and facts.plain else []
