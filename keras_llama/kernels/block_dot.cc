@@ -23,7 +23,8 @@
 // 32 bytes of a pair widen to 32 int16 = one VPDPWSSD operand (16 columns x 2 rows), against
 // the 2 input values of that pair broadcast to every lane.
 //
-// Work is shared with XLA's intra-op pool as in decode_matmul.cc (cpu_common.h: run_shared).
+// Panels are shared with XLA's intra-op pool as in decode_matmul.cc (cpu_common.h:
+// run_panel_chunks).
 // Built with -march=native: AVX-512 VNNI, else AVX-VNNI (two 256-bit halves), else portable
 // vector code with the same results (every path sums the same integers exactly).
 
@@ -242,78 +243,28 @@ void panel_product(const QuantizedRows& in, int64_t row0, int64_t G, const uint8
 }
 
 template <bool kFour>
-using PanelFn = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, const float*,
-                         const float*, float*, int64_t, int64_t, int64_t);
-
-template <bool kFour>
-PanelFn<kFour> panel_fn(int rows) {
-  switch (rows) {
-    case 1: return panel_product<1, kFour>;
-    case 2: return panel_product<2, kFour>;
-    case 3: return panel_product<3, kFour>;
-    case 4: return panel_product<4, kFour>;
-    case 5: return panel_product<5, kFour>;
-    case 6: return panel_product<6, kFour>;
-    case 7: return panel_product<7, kFour>;
-    default: return panel_product<8, kFour>;
-  }
-}
-
-// One call's work, shared with helper threads (kept alive by whoever still holds it).
-template <bool kFour>
-struct Work {
-  QuantizedRows in;
-  const uint8_t* packed;
-  const float* scale;
-  const float* offset;
-  float* y;
-  int64_t M, N, G, panels, chunk, panel_bytes;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  // Claims chunks of panels until none is left; each chunk's weights are reused from cache
-  // by every group of up to 8 input rows.
-  void run() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= items) return;
-      const int64_t first = c * chunk, last = std::min(panels, first + chunk);
-      for (int64_t r = 0; r < M; r += kMaxRows) {
-        const PanelFn<kFour> fn = panel_fn<kFour>(static_cast<int>(std::min<int64_t>(kMaxRows, M - r)));
-        for (int64_t p = first; p < last; ++p) {
-          const int64_t n0 = p * kPanel;
-          fn(in, r, G, packed + p * panel_bytes, scale + p * G * kPanel,
-             offset == nullptr ? nullptr : offset + p * G * kPanel, y, N, n0,
-             std::min(kPanel, N - n0));
-        }
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-template <bool kFour>
 ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const uint8_t* packed,
                        const float* scale, const float* offset, float* y, int64_t M, int64_t K,
                        int64_t N) {
-  auto work = std::make_shared<Work<kFour>>();
-  work->G = (K + kBlock - 1) / kBlock;
-  quantize_rows(x, M, K, work->G, &work->in);
-  work->packed = packed;
-  work->scale = scale;
-  work->offset = offset;
-  work->y = y;
-  work->M = M;
-  work->N = N;
-  work->panels = (N + kPanel - 1) / kPanel;
-  work->panel_bytes = work->G * kPairs * (kFour ? 32 : 64);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About 4 chunks per thread, each at least 64 KB of weights.
-  const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / work->panel_bytes);
-  work->chunk = std::max(min_panels, (work->panels + 4 * threads - 1) / (4 * threads));
-  work->items = (work->panels + work->chunk - 1) / work->chunk;
-  run_shared(pool, work);
+  const int64_t G = (K + kBlock - 1) / kBlock;
+  QuantizedRows in;
+  quantize_rows(x, M, K, G, &in);
+  const int64_t panel_bytes = G * kPairs * (kFour ? 32 : 64);
+  // Each chunk's weights are reused from cache by every group of up to 8 input rows.
+  const auto body = [=, in = std::move(in)](int64_t first, int64_t last) {
+    for (int64_t r = 0; r < M; r += kMaxRows) {
+      with_rows(M - r, [&](auto rows) {
+        for (int64_t p = first; p < last; ++p) {
+          const int64_t n0 = p * kPanel;
+          panel_product<decltype(rows)::value, kFour>(
+              in, r, G, packed + p * panel_bytes, scale + p * G * kPanel,
+              offset == nullptr ? nullptr : offset + p * G * kPanel, y, N, n0,
+              std::min(kPanel, N - n0));
+        }
+      });
+    }
+  };
+  run_panel_chunks(pool, (N + kPanel - 1) / kPanel, panel_bytes, body);
   return ffi::Error::Success();
 }
 

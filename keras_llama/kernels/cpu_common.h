@@ -1,7 +1,7 @@
-// Shared by the native CPU kernels (decode_matmul.cc, attention.cc, cross_entropy.cc): 16-float
+// Shared by the native CPU kernels (decode_matmul.cc, block_dot.cc, attention.cc, ...): 16-float
 // vectors (GCC/Clang vector extensions: AVX-512 registers under -march=native on x86, two AVX2
-// or four NEON registers elsewhere), a vectorized exp, and the way a call shares its work with
-// XLA's intra-op thread pool.
+// or four NEON registers elsewhere), a vectorized exp, the way a call shares its work with
+// XLA's intra-op thread pool, and the panel scheduling of the decode matmuls.
 
 #ifndef KERAS_LLAMA_KERNELS_CPU_COMMON_H_
 #define KERAS_LLAMA_KERNELS_CPU_COMMON_H_
@@ -12,6 +12,8 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -88,6 +90,55 @@ void run_shared(xla::ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
     pause();
     if (++spins > 4096) std::this_thread::yield();
   }
+}
+
+// Calls ``f(std::integral_constant<int, R>{})`` with R = ``rows`` (1..8; more is 8): a kernel
+// compiled for its number of input rows, chosen at run time.
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// Panels [0, panels) in chunks of ``chunk``, claimed by the threads of `run_shared`.
+template <typename Body>
+struct PanelChunks {
+  Body body;  // body(first, last): panels [first, last)
+  int64_t panels, chunk, items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  PanelChunks(Body b, int64_t count, int64_t size)
+      : body(std::move(b)), panels(count), chunk(size), items((count + size - 1) / size) {}
+
+  void run() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= items) return;
+      body(c * chunk, std::min(panels, c * chunk + chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Runs ``body(first, last)`` over panels [0, panels) of ``panel_bytes`` each, shared with
+// XLA's pool: about 4 chunks per thread, each at least 64 KB of weights. ``body`` moves into
+// the shared work, so what it captures by value outlives a helper that starts late.
+template <typename Body>
+void run_panel_chunks(xla::ffi::ThreadPool& pool, int64_t panels, int64_t panel_bytes,
+                      Body body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, panel_bytes));
+  const int64_t chunk = std::max(min_panels, (panels + 4 * threads - 1) / (4 * threads));
+  run_shared(pool, std::make_shared<PanelChunks<Body>>(std::move(body), panels, chunk));
 }
 
 }  // namespace keras_llama

@@ -21,8 +21,8 @@
 // row sums of x per block, computed once per call).
 //
 // Panels are shared between the calling thread and XLA's intra-op thread pool through an
-// atomic counter (dynamic scheduling); the caller waits only for panels other threads have
-// claimed, so a helper task that starts late finds no work and never blocks the caller.
+// atomic counter (cpu_common.h: run_panel_chunks); the caller waits only for panels other
+// threads have claimed, so a helper task that starts late finds no work and never blocks it.
 //
 // Written with GCC/Clang vector extensions (intrinsics only to widen int8 on x86): built with -march=native, the
 // 16-float vectors become AVX-512 registers (two AVX2 registers, four NEON registers, ...).
@@ -200,63 +200,11 @@ void block_panel_product(const float* x, int64_t K, const Q* panel, const float*
   }
 }
 
-template <typename Q>
-using BlockPanelFn = void (*)(const float*, int64_t, const Q*, const float*, const float*,
-                              const float*, int64_t, float*, int64_t, int64_t, int64_t);
-
-template <typename Q>
-BlockPanelFn<Q> block_panel_fn(int rows) {
-  switch (rows) {
-    case 1: return block_panel_product<1, Q>;
-    case 2: return block_panel_product<2, Q>;
-    case 3: return block_panel_product<3, Q>;
-    case 4: return block_panel_product<4, Q>;
-    case 5: return block_panel_product<5, Q>;
-    case 6: return block_panel_product<6, Q>;
-    case 7: return block_panel_product<7, Q>;
-    default: return block_panel_product<8, Q>;
-  }
-}
-
 // Bytes of one panel row: 32 int8, or 16 bytes of 4-bit pairs.
 template <typename Q>
 constexpr int64_t row_bytes() {
   return std::is_same<Q, uint8_t>::value ? kPanel / 2 : kPanel;
 }
-
-template <typename Q>
-struct BlockWork {
-  const float* x;
-  const Q* packed;
-  const float* scale;   // [P, G, kPanel]
-  const float* offset;  // [P, G, kPanel] or nullptr
-  std::vector<float> xsum;  // [M, G] (4-bit only)
-  float* y;
-  int64_t M, K, N, G, panels, chunk;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void run() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= items) return;
-      const int64_t first = c * chunk, last = std::min(panels, first + chunk);
-      for (int64_t r = 0; r < M; r += kMaxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
-        const BlockPanelFn<Q> fn = block_panel_fn<Q>(rows);
-        const float* sums = xsum.empty() ? nullptr : xsum.data() + r * G;
-        for (int64_t p = first; p < last; ++p) {
-          const int64_t n0 = p * kPanel;
-          fn(x + r * K, K, packed + p * K * row_bytes<Q>(), scale + p * G * kPanel,
-             offset == nullptr ? nullptr : offset + p * G * kPanel, sums, G, y + r * N, N, n0,
-             std::min(kPanel, N - n0));
-        }
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
 
 template <typename Q>
 ffi::Error run_block_product(ffi::ThreadPool& pool, const float* x, const Q* packed,
@@ -265,80 +213,31 @@ ffi::Error run_block_product(ffi::ThreadPool& pool, const float* x, const Q* pac
   if (panels * kPanel < N) {
     return ffi::Error::InvalidArgument("packed weights hold fewer columns than n");
   }
-  auto work = std::make_shared<BlockWork<Q>>();
-  work->x = x;
-  work->packed = packed;
-  work->scale = scale;
-  work->offset = offset;
-  work->y = y;
-  work->M = M;
-  work->K = K;
-  work->N = N;
-  work->G = (K + kBlock - 1) / kBlock;
-  work->panels = (N + kPanel - 1) / kPanel;
-  if (offset != nullptr) {  // block sums of x, for the offsets
-    work->xsum.assign(M * work->G, 0.0f);
+  const int64_t G = (K + kBlock - 1) / kBlock;
+  std::vector<float> xsum;  // [M, G]: block sums of x, for the offsets (4-bit only)
+  if (offset != nullptr) {
+    xsum.assign(M * G, 0.0f);
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) work->xsum[m * work->G + k / kBlock] += x[m * K + k];
+      for (int64_t k = 0; k < K; ++k) xsum[m * G + k / kBlock] += x[m * K + k];
     }
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / (K * row_bytes<Q>()));
-  work->chunk = std::max(min_panels, (work->panels + 4 * threads - 1) / (4 * threads));
-  work->items = (work->panels + work->chunk - 1) / work->chunk;
-  run_shared(pool, work);
-  return ffi::Error::Success();
-}
-
-template <typename W>
-using PanelFn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t,
-                         int64_t, int64_t);
-
-template <typename W>
-PanelFn<W> panel_fn(int rows) {
-  switch (rows) {
-    case 1: return panel_product<1, W>;
-    case 2: return panel_product<2, W>;
-    case 3: return panel_product<3, W>;
-    case 4: return panel_product<4, W>;
-    case 5: return panel_product<5, W>;
-    case 6: return panel_product<6, W>;
-    case 7: return panel_product<7, W>;
-    default: return panel_product<8, W>;
-  }
-}
-
-// One call's work, shared with helper threads (kept alive by whoever still holds it).
-template <typename W>
-struct Work {
-  const float* x;
-  const W* packed;
-  const float* scale;  // [P * kPanel] or nullptr
-  float* y;
-  int64_t M, K, N, panels, chunk;
-  int64_t items;  // chunks
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  // Claims chunks of panels until none is left.
-  void run() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= items) return;
-      const int64_t first = c * chunk, last = std::min(panels, first + chunk);
-      for (int64_t r = 0; r < M; r += kMaxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r));
-        const PanelFn<W> fn = panel_fn<W>(rows);
+  const auto body = [=, xsum = std::move(xsum)](int64_t first, int64_t last) {
+    for (int64_t r = 0; r < M; r += kMaxRows) {
+      const float* sums = xsum.empty() ? nullptr : xsum.data() + r * G;
+      with_rows(M - r, [&](auto rows) {
         for (int64_t p = first; p < last; ++p) {
           const int64_t n0 = p * kPanel;
-          fn(x + r * K, K, packed + p * K * kPanel, scale, y + r * N, N, n0,
-             std::min(kPanel, N - n0));
+          block_panel_product<decltype(rows)::value, Q>(
+              x + r * K, K, packed + p * K * row_bytes<Q>(), scale + p * G * kPanel,
+              offset == nullptr ? nullptr : offset + p * G * kPanel, sums, G, y + r * N, N, n0,
+              std::min(kPanel, N - n0));
         }
-      }
-      done.fetch_add(1, std::memory_order_release);
+      });
     }
-  }
-};
+  };
+  run_panel_chunks(pool, (N + kPanel - 1) / kPanel, K * row_bytes<Q>(), body);
+  return ffi::Error::Success();
+}
 
 template <typename W>
 ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const W* packed,
@@ -347,21 +246,18 @@ ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const W* packed,
   if (panels * kPanel < N) {
     return ffi::Error::InvalidArgument("packed weights hold fewer columns than n");
   }
-  auto work = std::make_shared<Work<W>>();
-  work->x = x;
-  work->packed = packed;
-  work->scale = scale;
-  work->y = y;
-  work->M = M;
-  work->K = K;
-  work->N = N;
-  work->panels = (N + kPanel - 1) / kPanel;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About 4 chunks per thread, each at least 64 KB of weights.
-  const int64_t min_panels = std::max<int64_t>(1, (64 * 1024) / (K * kPanel * sizeof(W)));
-  work->chunk = std::max(min_panels, (work->panels + 4 * threads - 1) / (4 * threads));
-  work->items = (work->panels + work->chunk - 1) / work->chunk;
-  run_shared(pool, work);
+  const auto body = [=](int64_t first, int64_t last) {
+    for (int64_t r = 0; r < M; r += kMaxRows) {
+      with_rows(M - r, [&](auto rows) {
+        for (int64_t p = first; p < last; ++p) {
+          const int64_t n0 = p * kPanel;
+          panel_product<decltype(rows)::value, W>(x + r * K, K, packed + p * K * kPanel, scale,
+                                                  y + r * N, N, n0, std::min(kPanel, N - n0));
+        }
+      });
+    }
+  };
+  run_panel_chunks(pool, (N + kPanel - 1) / kPanel, K * kPanel * sizeof(W), body);
   return ffi::Error::Success();
 }
 
