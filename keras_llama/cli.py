@@ -293,7 +293,7 @@ def cmd_serve(args, out, inp=None):
         ) from None
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError(f"--max-model-len must be an integer >= 2. Received: {args.max_model_len}")
-    for flag in ("max_batch_size", "max_queue", "port"):
+    for flag in ("max_batch_size", "max_queue", "port", "steps_per_run"):
         if getattr(args, flag) < (0 if flag == "max_queue" else 1):
             name = "--" + flag.replace("_", "-")
             raise UsageError(f"{name} must be a positive integer. Received: {getattr(args, flag)}")
@@ -313,6 +313,7 @@ def cmd_serve(args, out, inp=None):
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
+        steps_per_run=args.steps_per_run,
     )
     out.write(f"Serving {args.preset} on http://{args.host}:{args.port} (chat page at /)\n")
     out.flush()

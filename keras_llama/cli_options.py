@@ -242,4 +242,11 @@ def add_serve_options(serve):
         default=None,
         help="most tokens per request (prompt + completion)",
     )
+    serve.add_argument(
+        "--steps-per-run",
+        type=int,
+        default=8,
+        help="decode steps per compiled call while no request waits (default: 8; streamed "
+        "tokens come in groups of this many); 1 for one step per call",
+    )
     serve.add_argument("--log-level", default="info")

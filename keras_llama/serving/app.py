@@ -114,7 +114,7 @@ class Server:
 
 
 def create_app(causal_lm=None, *, loader=None, model_name=None, api_key=None, max_batch_size=8,
-               max_queue=64, max_model_len=None, prefill_chunk=256):  # fmt: skip
+               max_queue=64, max_model_len=None, prefill_chunk=256, steps_per_run=8):  # fmt: skip
     """An ASGI app serving ``causal_lm`` (or the model ``loader()`` returns, loaded in the
     background while ``/health`` answers 503) with OpenAI's HTTP API.
 
@@ -128,6 +128,8 @@ def create_app(causal_lm=None, *, loader=None, model_name=None, api_key=None, ma
         max_model_len: the most tokens (prompt + completion) of one request. None: the
             preprocessor's sequence length, at most 2048.
         prefill_chunk: the most prompt tokens prefilled between two decode steps.
+        steps_per_run: decode steps of one compiled call while no request waits (streamed
+            tokens then come in groups of this many); 1 for one step per call.
 
     Returns:
         fastapi.FastAPI: the app; run it with any ASGI server (``uvicorn.run(app)``). The
@@ -151,7 +153,8 @@ def create_app(causal_lm=None, *, loader=None, model_name=None, api_key=None, ma
     if (causal_lm is None) == (loader is None):
         raise ValueError("Pass exactly one of `causal_lm` and `loader`.")
     engine_kwargs = dict(max_batch_size=max_batch_size, max_queue=max_queue,
-                         max_model_len=max_model_len, prefill_chunk=prefill_chunk)  # fmt: skip
+                         max_model_len=max_model_len, prefill_chunk=prefill_chunk,
+                         steps_per_run=steps_per_run)  # fmt: skip
     server = Server(model_name or "keras-llama", api_key, engine_kwargs)
 
     def load():

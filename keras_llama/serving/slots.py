@@ -69,6 +69,10 @@ class SlotEngine:
         max_queue: requests that may wait for a row; `submit` raises `QueueFull` beyond.
         max_model_len: the most tokens (prompt + completion) of one request.
         prefill_chunk: the most prompt tokens prefilled between two decode steps.
+        steps_per_run: decode steps run by one compiled call while no request waits for a
+            row or a prefill (tokens then reach the requests in groups of this many; a
+            request that arrives, is cancelled or finishes waits at most one run). 1 runs
+            one step per call.
 
     Raises:
         ValueError: off the JAX backend, or for a non-positive size.
@@ -91,14 +95,14 @@ class SlotEngine:
     """
 
     def __init__(self, causal_lm, max_batch_size=8, max_queue=64, max_model_len=1024,
-                 prefill_chunk=256):  # fmt: skip
+                 prefill_chunk=256, steps_per_run=8):  # fmt: skip
         if keras.config.backend() != "jax":
             raise ValueError(
                 "The slot engine runs on the JAX backend. Received: "
                 f"KERAS_BACKEND={keras.config.backend()}"
             )
         for name, value in (("max_batch_size", max_batch_size), ("max_model_len", max_model_len),
-                            ("prefill_chunk", prefill_chunk)):  # fmt: skip
+                            ("prefill_chunk", prefill_chunk), ("steps_per_run", steps_per_run)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -114,6 +118,7 @@ class SlotEngine:
             max_model_len,
         )
         self.prefill_chunk = min(prefill_chunk, max_model_len)
+        self.steps_per_run = steps_per_run
         # A little room past the longest request: every step attends to all S slots, so a
         # spare slot costs each step while a compaction (every ~room steps) costs about one
         # (SmolLM2, 8 rows, 2 CPU cores: 528 slots 60 ms a step, 192 slots 45, compaction 75).
@@ -160,7 +165,10 @@ class SlotEngine:
         """Compiles the decode step for each number of rows (so that the first request does
         not wait for it) and starts the engine thread."""
         for rows in row_buckets(self.batch_size):
-            self._run_decode(1, rows=rows)  # all rows inactive: computes nothing anyone reads
+            for num_steps in sorted({1, self.steps_per_run}):
+                # All rows inactive: computes nothing anyone reads.
+                self._run_decode(num_steps, rows=rows)
+                self._pointer = 0
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="slot-engine", daemon=True)
         self._thread.start()
@@ -257,19 +265,43 @@ class SlotEngine:
             self._hand_out(i, int(np.asarray(token)[0]), *info)
 
     def _decode_step(self):
-        if self._pointer >= self.cache_length:
+        num_steps = self._steps_to_run()
+        if self._pointer + num_steps > self.cache_length:
             self._compact()
+            if self._pointer + num_steps > self.cache_length:
+                num_steps = 1
         active = np.array([self._decoding(i) for i in range(self.batch_size)])
         # Only the first rows up to the last active one (bucketed) are decoded: requests take
         # the lowest free rows, so a lone request costs a batch-1 step, not a batch-B one.
         last = int(np.flatnonzero(active)[-1]) + 1
         rows = min(r for r in row_buckets(self.batch_size) if r >= last)
-        tokens, logprobs, top_ids, top_lps = self._run_decode(1, active, rows)
-        self.stats["steps"] += 1
-        if self.on_step is not None:
-            self.on_step(int(active.sum()))
-        for i in np.flatnonzero(active):
-            self._hand_out(i, int(tokens[0, i]), logprobs[0, i], top_ids[0, i], top_lps[0, i])
+        requests = list(self._rows)
+        tokens, logprobs, top_ids, top_lps = self._run_decode(num_steps, active, rows)
+        self.stats["steps"] += num_steps
+        for step in range(num_steps):
+            if self.on_step is not None:
+                self.on_step(int(active.sum()))
+            for i in np.flatnonzero(active):
+                # A row whose request finished at an earlier step of the run: the rest of
+                # its tokens are dropped (its row is free).
+                if self._rows[i] is requests[i]:
+                    self._hand_out(i, int(tokens[step, i]), logprobs[step, i],
+                                   top_ids[step, i], top_lps[step, i])  # fmt: skip
+
+    def _steps_to_run(self):
+        """A run of ``steps_per_run`` steps while no request waits for a row or a prefill and
+        some row still has that many tokens to go, else one step."""
+        with self._cond:
+            free = any(r is None for r in self._rows)
+            if (free and self._waiting) or any(r is not None and r.cancelled for r in self._rows):
+                return 1
+        if any(r is not None and not self._decoding(i) for i, r in enumerate(self._rows)):
+            return 1
+        to_go = max(
+            min(r.max_tokens - r.generated, self.max_model_len - len(r.prompt_ids) - r.generated)
+            for r in self._rows if r is not None
+        )  # fmt: skip
+        return self.steps_per_run if to_go >= self.steps_per_run else 1
 
     def _run_decode(self, num_steps, active=None, rows=None):
         if active is None:

@@ -28,7 +28,8 @@ def test_partial_row_steps_keep_each_request_solo_output(tiny_lm):
     run_decode = engine._run_decode
 
     def recording(num_steps, active=None, rows=None):
-        rows_run.append(rows)
+        if active is not None:  # not the warm-up calls of start()
+            rows_run.append(rows)
         return run_decode(num_steps, active, rows)
 
     engine._run_decode = recording
@@ -56,7 +57,56 @@ def test_partial_row_steps_keep_each_request_solo_output(tiny_lm):
         engine.stop()
     for (prompt, max_tokens), got in zip(jobs, results):
         assert got == _solo_ids(tiny_lm, prompt, max_tokens)
-    assert {1, 2, 8} <= set(rows_run[len(row_buckets(8)) :])
+    assert {1, 2, 8} <= set(rows_run)
+
+
+def test_runs_of_several_steps_end_each_request_where_it_ends_alone(tiny_lm):
+    # Runs of 4 steps: A stops at a stop token and B at max_tokens in the middle of a run (their
+    # later tokens of that run are dropped), C arrives while runs go on and waits at most one.
+    engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=MAX_MODEL_LEN, steps_per_run=4)
+    runs = []
+    run_decode = engine._run_decode
+
+    def recording(num_steps, active=None, rows=None):
+        if active is not None:
+            runs.append(num_steps)
+        return run_decode(num_steps, active, rows)
+
+    engine._run_decode = recording
+    solo_a = _solo_ids(tiny_lm, [5, 9, 14, 3], 20)
+    stop = solo_a[6]
+    expected_a = solo_a[: solo_a.index(stop)]
+    jobs = [([5, 9, 14, 3], 20, {stop}), ([7, 7, 21], 11, set()), ([30, 4, 11], 9, set())]
+    results = [[] for _ in jobs]
+    finishes = [None] * len(jobs)
+    done = threading.Semaphore(0)
+
+    def deliver(i):
+        def on_event(event):
+            if event[0] == "token":
+                results[i].append(event[1])
+                if i == 1 and len(results[1]) == 2:  # from the engine thread, mid-run
+                    prompt, max_tokens, stop_ids = jobs[2]
+                    engine.submit(Request(prompt, max_tokens, {}, stop_ids, deliver(2)))
+            else:
+                finishes[i] = event[:2]
+                done.release()
+
+        return on_event
+
+    for i in range(2):
+        prompt, max_tokens, stop_ids = jobs[i]
+        engine.submit(Request(prompt, max_tokens, {}, stop_ids, deliver(i)))
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert results[0] == expected_a and finishes[0] == ("finish", "stop")
+    assert results[1] == _solo_ids(tiny_lm, [7, 7, 21], 11) and finishes[1] == ("finish", "length")
+    assert results[2] == _solo_ids(tiny_lm, [30, 4, 11], 9) and finishes[2] == ("finish", "length")
+    assert 4 in runs and 1 in runs
 
 
 def test_logprobs_are_computed_when_one_row_asks(tiny_lm):
