@@ -19,7 +19,8 @@
 // pair j of 2 rows (k = 32 g + 2 j + r):
 //   int8:  bytes [P, G, 16, 64]: byte c * 2 + r of a pair is column c's row r (c = 0..31)
 //   4-bit: bytes [P, G, 16, 32]: byte c * 2 + r holds column c (low nibble) and c + 16 (high)
-//   scale (and offset) [P, G, 32] float32.
+//   scale (and offset) [P, G, 32] float16, as GGUF stores them (widened to float32 on load:
+//   20 bytes per 32 four-bit weights instead of 24 with float32).
 // 32 bytes of a pair widen to 32 int16 = one VPDPWSSD operand (16 columns x 2 rows), against
 // the 2 input values of that pair broadcast to every lane.
 //
@@ -70,6 +71,40 @@ inline void widen_nibbles(const uint8_t* p, i16x32* lo, i16x32* hi) {
 #endif
   *lo = bytes & 15;
   *hi = bytes >> 4;
+}
+
+#if !defined(__AVX512F__) && !defined(__F16C__)
+// One float16 (its bits) -> float32, subnormals, infinities and NaNs included.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  const uint32_t bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13)
+                                               : ((exponent + 112) << 23) | (mantissa << 13));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+#endif
+
+// 16 float16 (their bits) -> float32.
+inline f32x16 load_halves(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  f32x16 out;
+  std::memcpy(&out, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out;
+#else
+  f32x16 out;
+  for (int i = 0; i < 16; ++i) out[i] = half_to_float(p[i]);
+  return out;
+#endif
 }
 
 // acc[i] += a[2 i] * b[0] + a[2 i + 1] * b[1], b the 2 int16 of ``b2``.
@@ -168,8 +203,8 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, QuantizedRow
 // kFour: 4-bit blocks (with offsets), else int8 blocks.
 template <int M, bool kFour>
 void panel_product(const QuantizedRows& in, int64_t row0, int64_t G, const uint8_t* panel,
-                   const float* scale, const float* offset, float* y, int64_t ldy, int64_t n0,
-                   int64_t cols) {
+                   const uint16_t* scale, const uint16_t* offset, float* y, int64_t ldy,
+                   int64_t n0, int64_t cols) {
   constexpr int64_t kPairBytes = kFour ? 32 : 64;
   constexpr int kChains = M == 1 ? 4 : (M <= 3 ? 2 : 1);
   const int64_t padded = G * kBlock;
@@ -211,9 +246,10 @@ void panel_product(const QuantizedRows& in, int64_t row0, int64_t G, const uint8
         sum[m][1] += chain[m][1][c];
       }
     }
-    const f32x16 d0 = load(scale + g * kPanel), d1 = load(scale + g * kPanel + 16);
+    const f32x16 d0 = load_halves(scale + g * kPanel), d1 = load_halves(scale + g * kPanel + 16);
     if (kFour) {
-      const f32x16 o0 = load(offset + g * kPanel), o1 = load(offset + g * kPanel + 16);
+      const f32x16 o0 = load_halves(offset + g * kPanel);
+      const f32x16 o1 = load_halves(offset + g * kPanel + 16);
       for (int m = 0; m < M; ++m) {
         const float dx = in.dx[(row0 + m) * G + g];
         const float ox = dx * static_cast<float>(in.sx[(row0 + m) * G + g]);
@@ -244,8 +280,8 @@ void panel_product(const QuantizedRows& in, int64_t row0, int64_t G, const uint8
 
 template <bool kFour>
 ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const uint8_t* packed,
-                       const float* scale, const float* offset, float* y, int64_t M, int64_t K,
-                       int64_t N) {
+                       const uint16_t* scale, const uint16_t* offset, float* y, int64_t M,
+                       int64_t K, int64_t N) {
   const int64_t G = (K + kBlock - 1) / kBlock;
   QuantizedRows in;
   quantize_rows(x, M, K, G, &in);
@@ -268,7 +304,7 @@ ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const uint8_t* pac
   return ffi::Error::Success();
 }
 
-// x [M, K], packed [P, G, 16, pair bytes], scale (offset) [P, G, 32], y [M, N].
+// x [M, K], packed [P, G, 16, pair bytes], scale (offset) [P, G, 32] float16, y [M, N].
 bool shapes_ok(const ffi::Span<const int64_t>& xd, const ffi::Span<const int64_t>& pd,
                const ffi::Span<const int64_t>& yd, int64_t pair_bytes, size_t scale_count) {
   if (xd.size() != 2 || pd.size() != 4 || yd.size() != 2 || yd[0] != xd[0]) return false;
@@ -279,31 +315,34 @@ bool shapes_ok(const ffi::Span<const int64_t>& xd, const ffi::Span<const int64_t
 }
 
 ffi::Error q8_blocks_int16_dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> scale,
-                              ffi::ResultBuffer<ffi::F32> y) {
+                               ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F16> scale,
+                               ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
   if (!shapes_ok(xd, pd, yd, 64, scale.element_count())) {
     return ffi::Error::InvalidArgument(
         "q8_blocks_int16_dot: expected x [M, K], packed [ceil(N / 32), ceil(K / 32), 16, 64], "
-        "scale [ceil(N / 32), ceil(K / 32), 32], y [M, N]");
+        "scale [ceil(N / 32), ceil(K / 32), 32] float16, y [M, N]");
   }
   return run_product<false>(pool, x.typed_data(),
                             reinterpret_cast<const uint8_t*>(packed.typed_data()),
-                            scale.typed_data(), nullptr, y->typed_data(), xd[0], xd[1], yd[1]);
+                            reinterpret_cast<const uint16_t*>(scale.untyped_data()), nullptr,
+                            y->typed_data(), xd[0], xd[1], yd[1]);
 }
 
 ffi::Error q4_blocks_int16_dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> scale,
-                               ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y) {
+                               ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F16> scale,
+                               ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
   if (!shapes_ok(xd, pd, yd, 32, scale.element_count()) ||
       offset.element_count() != scale.element_count()) {
     return ffi::Error::InvalidArgument(
         "q4_blocks_int16_dot: expected x [M, K], packed [ceil(N / 32), ceil(K / 32), 16, 32], "
-        "scale and offset [ceil(N / 32), ceil(K / 32), 32], y [M, N]");
+        "scale and offset [ceil(N / 32), ceil(K / 32), 32] float16, y [M, N]");
   }
-  return run_product<true>(pool, x.typed_data(), packed.typed_data(), scale.typed_data(),
-                           offset.typed_data(), y->typed_data(), xd[0], xd[1], yd[1]);
+  return run_product<true>(pool, x.typed_data(), packed.typed_data(),
+                           reinterpret_cast<const uint16_t*>(scale.untyped_data()),
+                           reinterpret_cast<const uint16_t*>(offset.untyped_data()),
+                           y->typed_data(), xd[0], xd[1], yd[1]);
 }
 
 }  // namespace
@@ -313,7 +352,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaQ8BlocksInt16Dot, q8_blocks_int16_dot,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaQ4BlocksInt16Dot, q4_blocks_int16_dot,
@@ -321,6 +360,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaQ4BlocksInt16Dot, q4_blocks_int16_dot,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -153,19 +153,21 @@ def _pair_bytes(values, n):
 
 def pack_q8_blocks_int16_dot(matrix, scale):
     """As `pack_q8_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q8_0):
-    one pair of rows x 32 columns after another."""
+    one pair of rows x 32 columns after another. The scales are kept as float16, as GGUF
+    stores them (other values are rounded to float16)."""
     _check_blocks(matrix, scale)
     n = matrix.shape[1]
     pairs = _pair_bytes(jnp.asarray(matrix, jnp.int8), n)  # [P, G, 16, 32, 2]
     panels = pairs.reshape(*pairs.shape[:3], 2 * PANEL)
-    scale = _block_panels(jnp.asarray(scale, jnp.float32), n)
+    scale = _block_panels(jnp.asarray(scale, jnp.float16), n)
     return PackedWeights(panels, scale, n, None, "q8_blocks_int16_dot", matrix.shape[0])
 
 
 def pack_q4_blocks_int16_dot(values, scale, offset):
     """As `pack_q4_blocks`, for the integer dot products of `block_dot.cc` (GGUF's Q4_0 /
     Q4_1): byte ``c * 2 + r`` of a pair holds column c of row r in its low nibble and column
-    c + 16 in its high nibble."""
+    c + 16 in its high nibble. Scales and offsets are kept as float16, as GGUF stores them
+    (Q4_0's ``-8 * scale`` is exact; other values are rounded to float16)."""
     _check_blocks(values, scale)
     _check_blocks(values, offset)
     n = values.shape[1]
@@ -173,9 +175,9 @@ def pack_q4_blocks_int16_dot(values, scale, offset):
     nibbles = pairs[..., :16, :] | (pairs[..., 16:, :] << 4)
     return PackedWeights(
         nibbles.reshape(*pairs.shape[:3], PANEL),
-        _block_panels(jnp.asarray(scale, jnp.float32), n),
+        _block_panels(jnp.asarray(scale, jnp.float16), n),
         n,
-        _block_panels(jnp.asarray(offset, jnp.float32), n),
+        _block_panels(jnp.asarray(offset, jnp.float16), n),
         "q4_blocks_int16_dot",
         values.shape[0],
     )

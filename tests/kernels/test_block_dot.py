@@ -44,14 +44,14 @@ def random_blocks(kind, k, n, rng):
     the kernel sums (``|d u| + |o|`` for 4 bits, where the two terms partly cancel)."""
     groups = -(-k // 32)
     block = np.arange(k) // 32
-    scale = rng.uniform(0.001, 0.02, (groups, n)).astype("float32")
+    scale = rng.uniform(0.001, 0.02, (groups, n)).astype("float16")  # as GGUF stores them
     d = scale.astype("float64")[block]
     if kind == "q8_blocks_int16_dot":
         q = rng.integers(-127, 128, (k, n)).astype("int8")
         w = q * d
         return decode_matmul.pack_q8_blocks_int16_dot(q, scale), w, np.abs(w)
     u = rng.integers(0, 16, (k, n)).astype("uint8")
-    offset = rng.uniform(-0.1, 0.1, (groups, n)).astype("float32")
+    offset = rng.uniform(-0.1, 0.1, (groups, n)).astype("float16")
     o = offset.astype("float64")[block]
     packed = decode_matmul.pack_q4_blocks_int16_dot(u, scale, offset)
     return packed, u * d + o, np.abs(u * d) + np.abs(o)
@@ -153,27 +153,38 @@ def test_results_do_not_depend_on_how_threads_split_the_panels(native, kind):
         np.testing.assert_array_equal(np.asarray(f(x, packed)), first)
 
 
-def test_the_portable_build_gives_the_same_products(native, tmp_path):
-    # Built without VNNI (the plain vector code every CPU runs), under fresh FFI names: the
-    # integer sums are exact on every path, so the results are the same bits.
+@pytest.mark.parametrize(
+    "disabled",
+    [["-mno-avx512vnni", "-mno-avxvnni"], ["-mno-avx512f", "-mno-avxvnni", "-mno-f16c"]],
+    ids=["no-vnni", "no-avx512-no-f16c"],
+)
+def test_the_portable_build_gives_the_same_products(native, tmp_path, disabled):
+    # Built without VNNI (the plain vector code every CPU runs), and without AVX-512 and F16C
+    # (float16 scales widened in C++), under fresh FFI names: the integer sums are exact on
+    # every path, and float16 -> float32 is exact, so the results are the same bits.
     import jax
 
     from keras_llama import kernels
     from keras_llama.kernels.library import NativeLibrary
 
     default = kernels.library("decode_matmul")
-    flags = [*default.flags, "-mno-avx512vnni", "-mno-avxvnni"]
+    flags = [*default.flags, *disabled]
+    tag = str(len(disabled))  # fresh FFI names for each build (a name registers once)
     targets = {
-        "keras_llama_test_q8_int16_dot": "KerasLlamaQ8BlocksInt16Dot",
-        "keras_llama_test_q4_int16_dot": "KerasLlamaQ4BlocksInt16Dot",
+        f"keras_llama_test_q8_int16_dot_{tag}": "KerasLlamaQ8BlocksInt16Dot",
+        f"keras_llama_test_q4_int16_dot_{tag}": "KerasLlamaQ4BlocksInt16Dot",
     }
     portable = NativeLibrary(
-        "portable", default.sources, targets, cache_folder=tmp_path, flags=flags
+        f"portable_{tag}", default.sources, targets, cache_folder=tmp_path, flags=flags
     )
     assert portable.ensure_built(), portable.error
     rng = np.random.default_rng(9)
     for kind, name in zip(KINDS, targets):
         packed, _, _ = random_blocks(kind, 100, 70, rng)
+        # Subnormal and negative float16 scales too (the widening in C++ handles both).
+        scale = np.asarray(packed.scale).copy()
+        scale[0, 0, :4] = np.array([6e-8, 3e-5, -2e-7, -0.01], "float16")
+        packed.scale = jax.numpy.asarray(scale)
         x = rng.normal(0, 1, (9, 100)).astype("float32")
         operands = [a for a in (packed.panels, packed.scale, packed.offset) if a is not None]
         out = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((9, 70), "float32"))(x, *operands)
