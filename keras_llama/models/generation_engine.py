@@ -130,7 +130,8 @@ class GenerationEngine:
 
     def prefill(self, prompts, stop_token_ids=()):
         """Runs every prompt through the model once; returns ``(state, steps)``. On JAX, the
-        decode loop for these shapes (and this many ``stop_token_ids``) starts compiling too."""
+        decode loop for these shapes (and this many ``stop_token_ids``) is loaded or starts
+        compiling too (`_ready_decode`)."""
         width, buffer_width, steps = self.shapes(prompts)
         token_ids = np.full((len(prompts.rows), width), PAD_TOKEN, "int32")
         for i, row in enumerate(prompts.rows):
@@ -139,9 +140,11 @@ class GenerationEngine:
         limits = (prompts.max_length - lengths).astype("int32")
         if self.jax:
             values = [v.value for v in self.variables]
-            args = (values, token_ids, lengths, limits, buffer_width, self.prefill_weights(values))
-            self._compile_decode_in_background(args, stop_token_ids)
-            return self._prefill_jit(*args), steps
+            args = (values, token_ids, lengths, limits, buffer_width)
+            packed = self.plan.prefill.projections == "packed"
+            self._ready_decode((*args, self._weights_info(values) if packed else None),
+                               stop_token_ids)  # fmt: skip
+            return self._prefill_jit(*args, self.prefill_weights(values)), steps
         with _no_grad():
             return self._prefill(None, token_ids, lengths, limits, buffer_width), steps
 
@@ -175,10 +178,13 @@ class GenerationEngine:
         state = self.decode(state, steps, stop_token_ids)
         return self.sampler.finalize(state)
 
-    def _compile_decode_in_background(self, prefill_args, stop_token_ids):
-        """On the first use of a shape, readies the decode loop while the prefill runs: loads
-        it from the executable cache on another thread, or traces it now and compiles it on
-        another thread (XLA compiles and loads programs without holding the GIL)."""
+    def _ready_decode(self, prefill_args, stop_token_ids):
+        """On the first use of a shape, readies the prefill and the decode loop before the
+        packed weights are made (loading a program holds ~100 MB for a moment: SmolLM2's
+        README command peaks at 588 MB this way, 608-615 MB with the loads on top of the
+        packed copy). A program in the executable cache is loaded now; a missing decode loop
+        is traced now and compiled on another thread while the prefill runs (XLA compiles
+        without holding the GIL)."""
         key = (prefill_args[1].shape, prefill_args[4], len(stop_token_ids or (-1,)))
         with self._lock:
             if key in self._compiled:
@@ -186,21 +192,15 @@ class GenerationEngine:
             self._compiled.add(key)
         # The shapes of the decode loop's arguments, from the compiled prefill and weights.
         state = self._prefill_jit.compiled(*prefill_args).out_info
-        weights = self._weights_info(prefill_args[0])
         seeds = [v.value for v in self.sampler.variables]
         args = (prefill_args[0], state, seeds, np.array(0, "int32"),
-                _stop_array(stop_token_ids), weights)  # fmt: skip
-
-        # A cache miss is traced here (tracing stays on the calling thread), a hit read there.
-        lowered = None if self._decode_jit.cached(*args) else self._decode_jit.lower(*args)
-
-        def ready():
-            if lowered is None:
-                self._decode_jit.load(*args)  # an unreadable entry is compiled at first use
-            else:
-                self._decode_jit.compile_lowered(lowered, args)
-
-        thread = threading.Thread(target=ready, daemon=True)
+                _stop_array(stop_token_ids), self._weights_info(prefill_args[0]))  # fmt: skip
+        if self._decode_jit.cached(*args) and self._decode_jit.load(*args) is not None:
+            return
+        lowered = self._decode_jit.lower(*args)  # tracing stays on the calling thread
+        thread = threading.Thread(
+            target=self._decode_jit.compile_lowered, args=(lowered, args), daemon=True
+        )
         thread.start()
         with self._lock:
             self._compiling.append(thread)
