@@ -92,7 +92,9 @@ inline float half_to_float(uint16_t h) {
 // 16 float16 (their bits) -> float32.
 inline f32x16 load_halves(const uint16_t* p) {
 #if defined(__AVX512F__)
-  return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  // The zero-masked form: GCC 12 warns that the plain one's "undefined" start is uninitialized.
+  return (f32x16)_mm512_maskz_cvtph_ps(0xFFFF,
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__F16C__)
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));

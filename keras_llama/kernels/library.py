@@ -18,14 +18,13 @@ import dataclasses
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
-from keras_llama.utils.cache import cache_dir
+from keras_llama.utils.cache import cache_dir, cpu_identity
 
 HERE = Path(__file__).parent  # the sources, and cpu_common.h that they share
 # Warnings on: a new warning fails tests/kernels/test_library.py (built there with -Werror).
@@ -169,7 +168,7 @@ class NativeLibrary:
         headers = [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
         sources = [x.read_bytes() for x in self.sources]
         for part in (*sources, *headers, version, " ".join(self.flags),
-                     jaxlib.__version__, _cpu_identity()):  # fmt: skip
+                     jaxlib.__version__, cpu_identity()):  # fmt: skip
             key.update(part if isinstance(part, bytes) else part.encode())
         folder = Path(self.cache_folder or Path(cache_dir()) / "kernels")
         library = folder / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
@@ -218,16 +217,6 @@ class NativeLibrary:
             capsule = jax.ffi.pycapsule(getattr(handle, symbol))
             jax.ffi.register_ffi_target(ffi_name, capsule, platform="cpu")
         self._handle = handle
-
-
-def _cpu_identity():
-    # The build targets this CPU (-march=native): key the cached library by its features.
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
 
 
 def _forward_and_backward(prefix, op):

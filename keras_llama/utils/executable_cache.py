@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from keras_llama.utils import keras_compat
-from keras_llama.utils.cache import cache_dir
+from keras_llama.utils.cache import cache_dir, cpu_identity
 
 ENV = "KERAS_LLAMA_EXECUTABLE_CACHE"
 # The folder's size limit: past it, the least recently used entries go (a new keras-llama,
@@ -351,7 +351,7 @@ def environment_fingerprint():
             device.client.platform_version,
             os.environ.get("XLA_FLAGS", ""),
             *(f"{name}={getattr(jax.config, name, None)}" for name in JAX_SETTINGS),
-            _cpu_features(),
+            cpu_identity(),
             _source_hash(),
         ]
         _ENVIRONMENT.append(hashlib.sha256("\0".join(parts).encode()).hexdigest())
@@ -366,19 +366,6 @@ def _source_hash():
         key.update(path.relative_to(root).as_posix().encode() + b"\0")
         key.update(path.read_bytes())
     return key.hexdigest()
-
-
-def _cpu_features():
-    # XLA compiles for the host CPU's instruction set: a program from another CPU may not run.
-    # (kernels/library.py keys its builds the same way; one shared helper when it can move.)
-    import platform
-
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() + platform.machine()
-    wanted = ("model name", "flags", "Features")
-    return "".join(sorted({line for line in text.splitlines(True) if line.startswith(wanted)}))
 
 
 # --- the output tree, written as JSON (never pickled) --------------------------------------------

@@ -293,7 +293,10 @@ def _applicable(facts, stage):
         attention += ["native"] if native else []
     if stage == "prefill":
         packed = _prefill_projections(facts).strategy == "packed"
-        return {"attention": attention[:2], "projections": ["layers"] + (["packed"] if packed else [])}
+        return {
+            "attention": attention[:2],
+            "projections": ["layers"] + (["packed"] if packed else []),
+        }
     if stage == "decode":
         projections = ["layers"] + (["fused"] if jax and facts.plain else [])
         projections += ["matrices"] if not jax and facts.plain else []
