@@ -37,7 +37,11 @@ def browser():
 
 
 def search(browser, site_url, query):
-    """The result links (href, text) the search box lists for ``query``."""
+    """The result links (href, text) the search box lists for ``query``, once the list has
+    settled (the page re-renders it after every typed key: elements read one by one could
+    belong to a list already replaced, so each read takes the whole list in one script)."""
+    import time
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -48,10 +52,18 @@ def search(browser, site_url, query):
     )
     box.click()
     box.send_keys(query)
-    items = WebDriverWait(browser, 30).until(
-        lambda b: b.find_elements(By.CSS_SELECTOR, ".md-search-result__item a") or None
+    script = (
+        "return Array.from(document.querySelectorAll('.md-search-result__item a'))"
+        ".map(a => [a.href, a.innerText]);"
     )
-    return [(a.get_attribute("href"), a.text) for a in items]
+    previous, deadline = None, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        results = [tuple(r) for r in browser.execute_script(script)]
+        if results and results == previous:  # the same list twice, 0.3 s apart
+            return results
+        previous = results
+        time.sleep(0.3)
+    return previous or []
 
 
 def test_home_page_renders(browser, site_url, tmp_path):
