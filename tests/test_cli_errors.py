@@ -137,6 +137,20 @@ def test_closed_pipe_is_quiet(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--steps-per-run", "0"], "--steps-per-run must be a positive integer. Received: 0"),
+        (["--max-batch-size", "0"], "--max-batch-size must be a positive integer. Received: 0"),
+        (["--max-model-len", "1"], "--max-model-len must be an integer >= 2. Received: 1"),
+    ],
+)
+def test_bad_serve_options_fail_before_anything_starts(tmp_path, capsys, options, message):
+    code, _ = run("serve", "--preset", str(tmp_path / "no_such_preset"), *options)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
 @pytest.mark.parametrize("library", ["_multiarray_umath", "libjax_common", "_ml_dtypes_ext"])
 def test_ctrl_c_while_starting_exits_130_quietly(library):
     # The command's entry point (`keras_llama_launcher`, as the installed script runs it):
