@@ -9,11 +9,14 @@
 //
 // Only the positions from the first to the last unmasked one are read: while a cache fills,
 // decoding step t reads t positions, not the cache's full length. Inside that range, masked
-// positions (left padding) get the score -1e30 as in XLA's path; a row with no unmasked
-// position attends to every position uniformly, as that path does.
+// positions (left padding, or the slots of other requests in the serving engine's shared
+// cache) get the score -1e30 as in XLA's path, and their keys and values are not read: a
+// block of 16 masked positions is skipped, and a masked position's weight is exactly 0. A row
+// with no unmasked position attends to every position uniformly, as that path does.
 //
 // Work is one item per row n, shared with XLA's intra-op pool (cpu_common.h: run_shared).
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -84,7 +87,8 @@ struct Work {
     int64_t lo = 0, hi = S;
     while (lo < S && !m[lo]) ++lo;
     while (hi > lo && !m[hi - 1]) --hi;
-    if (lo == hi) {  // nothing unmasked: every position, all scores equal
+    const bool none = lo == hi;
+    if (none) {  // nothing unmasked: every position, all scores equal
       lo = 0;
       hi = S;
     }
@@ -97,6 +101,9 @@ struct Work {
     // scores[g, s] = scale * sum_h q[g, h] k[h, lo + s], 16 positions at a time.
     for (int64_t s0 = 0; s0 < count; s0 += 16) {
       const int64_t width = std::min<int64_t>(16, count - s0);
+      if (!none && std::none_of(m + lo + s0, m + lo + s0 + width, [](bool b) { return b; })) {
+        continue;  // all masked: their scores are set to -1e30 below, nothing read
+      }
       f32x16 acc[kGroups];
       for (int64_t g = 0; g < groups; ++g) acc[g] = f32x16{};
       for (int64_t h = 0; h < H; ++h) {
@@ -141,6 +148,7 @@ struct Work {
       f32x16 acc[kGroups][4];
       for (int64_t g = 0; g < groups; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = f32x16{};
       for (int64_t s = 0; s < count; ++s) {
+        if (!none && !m[lo + s]) continue;  // weight exactly 0 (exp(-1e30 - top))
         const float* row = v + (lo + s) * H + c0 * 16;
         for (int64_t c = 0; c < cs; ++c) {
           const f32x16 vv = load(row + c * 16);

@@ -61,6 +61,33 @@ def test_matches_float64(native, b, v, g, h, s):
         np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
 
 
+def test_long_masked_runs_are_skipped_exactly(native):
+    # The serving engine's shared cache: each row's prompt in its own region, its new tokens
+    # at the shared write position, the other rows' slots masked between (runs of 16 and more
+    # positions the kernel skips without reading). Non-finite keys and values in masked slots
+    # must not reach the result (they are never read, or weighted by exactly 0).
+    import jax
+
+    from keras_llama.kernels.attention import decode_attention
+
+    b, v, g, h, s = 4, 3, 3, 64, 300
+    rng = np.random.default_rng(7)
+    query = rng.normal(0, 1, (b * v, g, h)).astype("float32")
+    keys = rng.normal(0, 1, (b * v, h, s)).astype("float32")
+    values = rng.normal(0, 1, (b * v, s, h)).astype("float32")
+    mask = np.zeros((b, s), bool)
+    for row in range(b):
+        mask[row, 40 * row : 40 * row + 37] = True  # the row's prompt
+        mask[row, 200 + row : 280] = True  # its generated tokens
+    mask[2, 210:240] = False  # and a hole in them
+    expected = reference(query, keys, values, mask, 0.125)
+    rows = np.repeat(mask, v, axis=0)  # [N, S]
+    keys = np.where(rows[:, None, :], keys, np.nan).astype("float32")
+    values = np.where(rows[:, :, None], values, np.inf).astype("float32")
+    out = np.asarray(jax.jit(decode_attention, static_argnums=4)(query, keys, values, mask, 0.125))
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+
+
 def test_a_row_with_nothing_unmasked_attends_uniformly(native):
     from keras_llama.kernels.attention import decode_attention
 
