@@ -8,9 +8,10 @@ from keras_llama.models import Llama3CausalLMPreprocessor, LlamaBackbone, LlamaC
 from keras_llama.tokenizers import BytePairTokenizer
 
 
-def tiny_llama3_lm(vocab, merges, special, sequence_length, seed=0):
+def tiny_llama3_lm(vocab, merges, special, sequence_length, seed=0, hidden_dim=32):
     """``special``: begin, end and end-of-turn tokens first (then any others). Weights are
-    larger than the default initialisation, so that greedy outputs vary."""
+    larger than the default initialisation, so that greedy outputs vary. 4 query heads:
+    ``hidden_dim`` 64 gives head size 16, where the native decode attention applies."""
     keras.utils.set_random_seed(seed)
     tokenizer = BytePairTokenizer(
         vocab,
@@ -25,8 +26,8 @@ def tiny_llama3_lm(vocab, merges, special, sequence_length, seed=0):
         vocabulary_size=len(vocab),
         num_layers=2,
         num_query_heads=4,
-        hidden_dim=32,
-        intermediate_dim=64,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
         num_key_value_heads=2,
     )
     rng = np.random.default_rng(seed)

@@ -118,9 +118,10 @@ def _default():
 def decode_attention(query, keys, values, mask, scale):
     """Decoding attention in the caches' own layout (`decode_attention.cc`): ``query`` [N, G,
     H] (N = batch * key/value heads, G query heads per key/value head, H a multiple of 16, G
-    at most 16), ``keys`` [N, H, S], ``values`` [N, S, H], ``mask`` bool [B, S] (N a multiple
-    of B) -> ``softmax(where(mask, scale * q.k, -1e30)) @ v`` [N, G, H] float32, reading only
-    the positions from the first to the last unmasked one. Not differentiable (decoding)."""
+    at most 16), ``keys`` [R, H, S], ``values`` [R, S, H] (R >= N: caches may hold more rows
+    than the queries, whose rows are the first N), ``mask`` bool [B, S] (N a multiple of B)
+    -> ``softmax(where(mask, scale * q.k, -1e30)) @ v`` [N, G, H] float32, reading only the
+    unmasked positions. Not differentiable (decoding)."""
     require_loaded("attention")
     out = jax.ShapeDtypeStruct(query.shape, jnp.float32)
     return jax.ffi.ffi_call("keras_llama_decode_attention", out)(

@@ -2,8 +2,9 @@
 // in the caches' own layout (keras_llama/models/llama/llama_cache.py):
 //
 //   query  [N, G, H]   N = batch * key/value heads, G query heads per key/value head
-//   keys   [N, H, S]   (transposed: one key dimension's values for every position contiguous)
-//   values [N, S, H]
+//   keys   [R, H, S]   (transposed: one key dimension's values for every position contiguous)
+//   values [R, S, H]   R >= N: caches may hold more rows than the queries (the serving
+//                      engine's step over its leading rows); rows [0, N) are the queries'.
 //   mask   [B, S]      bool, N = B * V (row n reads mask row n / V)
 //   out    [N, G, H]   softmax(where(mask, scale * q.k, -1e30)) @ v
 //
@@ -169,12 +170,12 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
   const auto qd = query.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
   const auto md = mask.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2 ||
-      kd[0] != qd[0] || kd[1] != qd[2] || vd[0] != qd[0] || vd[1] != kd[2] ||
+      kd[0] < qd[0] || kd[1] != qd[2] || vd[0] != kd[0] || vd[1] != kd[2] ||
       vd[2] != qd[2] || md[1] != kd[2] || md[0] <= 0 || qd[0] % md[0] != 0 ||
       qd[1] > kMaxGroups || qd[2] % 16 != 0 || kd[2] <= 0) {
     return ffi::Error::InvalidArgument(
-        "decode_attention: expected query [N, G <= 16, H % 16 == 0], keys [N, H, S], values "
-        "[N, S, H], mask [B, S] with N a multiple of B");
+        "decode_attention: expected query [N, G <= 16, H % 16 == 0], keys [R >= N, H, S], "
+        "values [R, S, H], mask [B, S] with N a multiple of B");
   }
   auto work = std::make_shared<Work>();
   work->query = query.typed_data();

@@ -21,43 +21,27 @@ class SlotState(NamedTuple):
 
 def row_buckets(batch_size):
     """The numbers of leading rows a decode step may run: powers of two up to a quarter of the
-    batch, and the whole batch. A part of the batch copies its cache rows out and back (SmolLM2
-    8 rows x 306 slots on 2 CPU cores: 1 row 25 ms a step, 2 rows 31, 4 rows 48, all 8 49)."""
+    batch, and the whole batch."""
     return sorted({2**i for i in range(batch_size.bit_length()) if 4 * 2**i <= batch_size}
                   | {batch_size})  # fmt: skip
 
 
-def head_rows(state, rows, kv):
-    # The first ``rows`` rows of the state (cache rows are [row * kv + head]).
-    return state._replace(
-        caches=tuple(tuple(c[: rows * kv] for c in pair) for pair in state.caches),
-        **{name: getattr(state, name)[:rows] for name in SlotState._fields[1:]},
-    )
+def head_rows(state, rows):
+    """The first ``rows`` rows of the state, but the whole caches: a step over the leading
+    rows reads and writes their cache rows in place (the decode attention takes caches with
+    more rows than queries; cache rows are [row * kv + head]), so no cache is copied."""
+    return state._replace(**{name: getattr(state, name)[:rows] for name in SlotState._fields[1:]})
 
 
-def put_head_rows(full, head, pointer):
-    # ``full`` with its first rows from ``head``; of the caches only the slot written at
-    # ``pointer`` changed, so only that slot is copied back (keys [., h, S], values [., S, h]).
+def put_head_rows(full, head):
+    """``full`` with its first rows from ``head`` (and ``head``'s caches, already whole)."""
     from jax import lax
 
-    caches = tuple(
-        (_put_slot(k, hk, pointer, axis=2), _put_slot(v, hv, pointer, axis=1))
-        for (k, v), (hk, hv) in zip(full.caches, head.caches)
-    )
     fields = {
         name: lax.dynamic_update_slice_in_dim(getattr(full, name), getattr(head, name), 0, axis=0)
         for name in SlotState._fields[1:]
     }
-    return full._replace(caches=caches, **fields)
-
-
-def _put_slot(big, small, pointer, axis):
-    from jax import lax
-
-    column = lax.dynamic_slice_in_dim(small, pointer, 1, axis=axis)
-    start = [0, 0, 0]
-    start[axis] = pointer
-    return lax.dynamic_update_slice(big, column, start)
+    return full._replace(caches=head.caches, **fields)
 
 
 def one_hot(tokens, vocabulary_size):

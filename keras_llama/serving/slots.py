@@ -73,6 +73,7 @@ class SlotEngine:
             row or a prefill (tokens then reach the requests in groups of this many; a
             request that arrives, is cancelled or finishes waits at most one run). 1 runs
             one step per call.
+        plan: the `ExecutionPlan` to run (default: the model's; tests run every one).
 
     Raises:
         ValueError: off the JAX backend, or for a non-positive size.
@@ -95,7 +96,7 @@ class SlotEngine:
     """
 
     def __init__(self, causal_lm, max_batch_size=8, max_queue=64, max_model_len=1024,
-                 prefill_chunk=256, steps_per_run=8):  # fmt: skip
+                 prefill_chunk=256, steps_per_run=8, plan=None):  # fmt: skip
         if keras.config.backend() != "jax":
             raise ValueError(
                 "The slot engine runs on the JAX backend. Received: "
@@ -110,7 +111,7 @@ class SlotEngine:
         import jax
 
         self.model = causal_lm
-        self.engine = GenerationEngine(causal_lm, samplers.GreedySampler())
+        self.engine = GenerationEngine(causal_lm, samplers.GreedySampler(), plan=plan)
         self.sampler = RowSampler()
         self.batch_size, self.max_queue, self.max_model_len = (
             max_batch_size,
@@ -366,12 +367,11 @@ class SlotEngine:
 
         step = self.engine.make_step(weights)
         slots = ops.arange(self.cache_length)[None, :]
-        kv = self.model.backbone.num_key_value_heads
         whole = rows == self.batch_size
 
         def one(carry, _):
             full, pointer = carry
-            state = full if whole else head_rows(full, rows, kv)
+            state = full if whole else head_rows(full, rows)
             with self.engine.scope(values):
                 here = slots == pointer  # [1, S]
                 # Every row attends to the slot it writes (free rows to nothing else).
@@ -391,7 +391,7 @@ class SlotEngine:
                 steps=state.steps + grow,
             )
             if not whole:
-                new = put_head_rows(full, new, pointer)
+                new = put_head_rows(full, new)
             return (new, pointer + 1), (tokens, *info)
 
         (state, _), out = lax.scan(one, (state, pointer), None, length=num_steps)

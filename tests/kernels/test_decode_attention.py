@@ -101,15 +101,40 @@ def test_a_row_with_nothing_unmasked_attends_uniformly(native):
     np.testing.assert_allclose(out[1], reference(query, keys, values, mask, 0.25)[1], atol=2e-5)
 
 
-def test_bad_shapes_are_refused(native):
+def test_caches_with_more_rows_than_queries_are_read_in_their_first_rows(native):
+    # The serving engine's step over its leading rows: 2 of 4 batch rows, the whole caches.
+    from keras_llama.kernels.attention import decode_attention
+
+    rng = np.random.default_rng(11)
+    v, g, h, s = 3, 3, 64, 50
+    query = rng.normal(0, 1, (2 * v, g, h)).astype("float32")
+    keys = rng.normal(0, 1, (4 * v, h, s)).astype("float32")
+    values = rng.normal(0, 1, (4 * v, s, h)).astype("float32")
+    keys[2 * v :], values[2 * v :] = np.nan, np.nan  # the other rows: never read
+    mask = np.zeros((2, s), bool)
+    mask[0, 3:40], mask[1, :25] = True, True
+    out = np.asarray(decode_attention(query, keys, values, mask, 0.125))
+    expected = reference(query, keys[: 2 * v], values[: 2 * v], mask, 0.125)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "query,keys,values",
+    [
+        ((2, 2, 10), (2, 10, 5), (2, 5, 10)),  # H not a multiple of 16
+        ((4, 2, 16), (2, 16, 5), (2, 5, 16)),  # fewer cache rows than queries
+        ((2, 2, 16), (3, 16, 5), (2, 5, 16)),  # keys and values with different rows
+    ],
+)
+def test_bad_shapes_are_refused(native, query, keys, values):
     from keras_llama.kernels.attention import decode_attention
 
     with pytest.raises(Exception, match="decode_attention: expected query"):
         np.asarray(
             decode_attention(
-                np.ones((2, 2, 10), "float32"),  # H not a multiple of 16
-                np.ones((2, 10, 5), "float32"),
-                np.ones((2, 5, 10), "float32"),
+                np.ones(query, "float32"),
+                np.ones(keys, "float32"),
+                np.ones(values, "float32"),
                 np.ones((2, 5), bool),
                 1.0,
             )

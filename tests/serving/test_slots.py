@@ -5,8 +5,10 @@ import threading
 
 import numpy as np
 
+from keras_llama.models.llama import llama_plan
 from keras_llama.serving.slots import Request, SlotEngine, row_buckets
-from tests.serving.conftest import MAX_MODEL_LEN
+from tests.serving.conftest import MAX_MODEL_LEN, MERGES, SPECIAL, VOCAB
+from tests.tiny_models import tiny_llama3_lm
 
 
 def test_row_buckets():
@@ -22,8 +24,28 @@ def _solo_ids(lm, prompt, max_tokens):
     return [int(t) for t in out["token_ids"][0][out["padding_mask"][0]]]
 
 
-def test_partial_row_steps_keep_each_request_solo_output(tiny_lm):
-    engine = SlotEngine(tiny_lm, max_batch_size=8, max_model_len=MAX_MODEL_LEN, prefill_chunk=32)
+def _decode_plans(lm):
+    # The model's plan with each decode plan this machine can run (the XLA and the native
+    # decode attention: a step over the leading rows reads the whole caches' first rows).
+    chosen = lm.execution_plan()
+    return [chosen.__class__(chosen.prefill, decode, chosen.training, chosen.scoring)
+            for decode in llama_plan.alternatives(lm.backbone, "decode")]  # fmt: skip
+
+
+def test_partial_row_steps_keep_each_request_solo_output_over_every_plan():
+    # Head size 16 (the served tiny model's is 8): the native decode attention applies too.
+    lm = tiny_llama3_lm(VOCAB, MERGES, SPECIAL, MAX_MODEL_LEN, seed=1, hidden_dim=64)
+    plans = _decode_plans(lm)
+    attentions = {plan.decode.attention for plan in plans}
+    assert {"single_query", "native_single_query"} <= attentions
+    for plan in plans:
+        _partial_row_steps_keep_each_request_solo_output(lm, plan)
+
+
+def _partial_row_steps_keep_each_request_solo_output(tiny_lm, plan):
+    engine = SlotEngine(
+        tiny_lm, max_batch_size=8, max_model_len=MAX_MODEL_LEN, prefill_chunk=32, plan=plan
+    )
     rows_run = []
     run_decode = engine._run_decode
 
@@ -56,7 +78,7 @@ def test_partial_row_steps_keep_each_request_solo_output(tiny_lm):
     finally:
         engine.stop()
     for (prompt, max_tokens), got in zip(jobs, results):
-        assert got == _solo_ids(tiny_lm, prompt, max_tokens)
+        assert got == _solo_ids(tiny_lm, prompt, max_tokens), plan.decode
     assert {1, 2, 8} <= set(rows_run)
 
 

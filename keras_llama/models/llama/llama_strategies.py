@@ -171,12 +171,18 @@ class SingleQueryAttention:
     """Decoding: one query per row against the caches, keys [b * v, h, s] and values
     [b * v, s, h]. Both products are plain batched matmuls over b * v in the operands' own
     layouts, and the result [b * v, g, h] is already in query-head order: no cache copies, and
-    no slow matmul for an awkward output layout (at batch 8 that cost 12 ms a step)."""
+    no slow matmul for an awkward output layout (at batch 8 that cost 12 ms a step).
+
+    The caches may hold more rows than the queries (the serving engine decodes its leading
+    rows); the first b * v are theirs, sliced out here (a copy; the native op reads them in
+    place)."""
 
     reads_caches = True
 
     def __call__(self, layer, query, key, value, mask, training):
         b, v, h, query = _grouped_single_query(layer, query)
+        if key.shape[0] != query.shape[0]:
+            key, value = key[: query.shape[0]], value[: query.shape[0]]
         query = query * ops.cast(1.0 / math.sqrt(h), query.dtype)
         key, value = ops.cast(key, query.dtype), ops.cast(value, query.dtype)
         scores = ops.cast(ops.einsum("ngh,nhs->ngs", query, key), "float32")
@@ -190,8 +196,8 @@ class SingleQueryAttention:
 class NativeSingleQueryAttention:
     """Decoding in the native op (`keras_llama.kernels.attention.decode_attention`; JAX on
     CPU, float32): the same masked softmax as `SingleQueryAttention`, on the caches in their
-    own layout, reading only the positions from the first to the last unmasked one (while a
-    cache fills, step t reads t positions, not the cache's full length)."""
+    own layout (with more rows than the queries, their first rows), reading only the unmasked
+    positions (while a cache fills, step t reads t positions, not the cache's full length)."""
 
     reads_caches = True
 
