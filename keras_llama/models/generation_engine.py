@@ -215,7 +215,6 @@ class GenerationEngine:
         # token_ids [b, P] left-padded; lengths, limits [b].
         with self.scope(values):
             batch, width = token_ids.shape
-            cache_length = width + buffer_width
             offsets = width - ops.convert_to_tensor(lengths)  # [b]
             slots = ops.arange(width)[None, :]
             prompt_mask = slots >= offsets[:, None]  # [b, P]
@@ -223,17 +222,25 @@ class GenerationEngine:
             cache_mask = ops.concatenate(
                 [prompt_mask, ops.ones((batch, buffer_width), dtype="bool")], axis=1
             )
-            caches = self.model._build_layer_caches(batch, cache_length)
+            # The prompt attends to the prompt only: it runs on caches as wide as the prompt,
+            # then widened with the empty slots of the tokens to come (a prompt attending to
+            # those too, all causally masked, cost (width + buffer) / width its attention).
+            caches = self.model._build_layer_caches(batch, width)
             logits, hidden, caches = self.model.call_with_layer_caches(
                 ops.convert_to_tensor(token_ids),
                 caches,
                 0,
-                cache_mask,
+                prompt_mask,
                 positions,
                 last_logits_only=True,
                 stage_plan=self.plan.prefill,
                 weights=weights,
             )
+            caches = [
+                (ops.pad(k, ((0, 0), (0, 0), (0, buffer_width))),
+                 ops.pad(v, ((0, 0), (0, buffer_width), (0, 0))))
+                for k, v in caches
+            ]  # fmt: skip
             limits = ops.convert_to_tensor(limits)
             state = DecodeState(
                 logits=ops.cast(logits[:, -1], "float32"),
