@@ -2,6 +2,8 @@
 name), checked against `tokenizers` pipelines assembled the way Hugging Face ships them and
 against ids worked out by hand."""
 
+import re
+
 import numpy as np
 import pytest
 import tokenizers
@@ -136,6 +138,9 @@ def test_bad_vocabularies(tmp_path):
         build_byte_level_bpe(TOKENS, MERGES + ["Ġ x"])
     with pytest.raises(ValueError, match="Merge rule 0 .*'a b c'"):
         BytePairTokenizer(TOKENS, ["a b c"])
+    for bad in ("a ", " a", "ab", ("a", ""), ("a", 1), ("a",)):
+        with pytest.raises(ValueError, match=f"Merge rule 1 .*{re.escape(repr(bad))}"):
+            build_byte_level_bpe(TOKENS, [MERGES[0], bad])
     with pytest.raises(ValueError, match="'<\\|im_start\\|>' is not in the vocabulary"):
         build_byte_level_bpe(BYTES, [], ["<|im_start|>"])
     with pytest.raises(ValueError, match="twice.*ids 3 and 4"):
