@@ -141,9 +141,7 @@ class GenerationEngine:
         if self.jax:
             values = [v.value for v in self.variables]
             args = (values, token_ids, lengths, limits, buffer_width)
-            packed = self.plan.prefill.projections == "packed"
-            self._ready_decode((*args, self._weights_info(values) if packed else None),
-                               stop_token_ids)  # fmt: skip
+            self._ready_decode(args, stop_token_ids)
             return self._prefill_jit(*args, self.prefill_weights(values)), steps
         with _no_grad():
             return self._prefill(None, token_ids, lengths, limits, buffer_width), steps
@@ -179,8 +177,8 @@ class GenerationEngine:
         return self.sampler.finalize(state)
 
     def _ready_decode(self, prefill_args, stop_token_ids):
-        """On the first use of a shape, readies the prefill and the decode loop before the
-        packed weights are made (loading a program holds ~100 MB for a moment: SmolLM2's
+        """On the first use of a shape (``prefill_args``: the prefill's arguments but its
+        weights), readies the prefill and the decode loop before the packed weights are made (loading a program holds ~100 MB for a moment: SmolLM2's
         README command peaks at 588 MB this way, 608-615 MB with the loads on top of the
         packed copy). A program in the executable cache is loaded now; a missing decode loop
         is traced now and compiled on another thread while the prefill runs (XLA compiles
@@ -191,10 +189,12 @@ class GenerationEngine:
                 return
             self._compiled.add(key)
         # The shapes of the decode loop's arguments, from the compiled prefill and weights.
-        state = self._prefill_jit.compiled(*prefill_args).out_info
+        weights = self._weights_info(prefill_args[0])
+        packed = self.plan.prefill.projections == "packed"
+        state = self._prefill_jit.compiled(*prefill_args, weights if packed else None).out_info
         seeds = [v.value for v in self.sampler.variables]
         args = (prefill_args[0], state, seeds, np.array(0, "int32"),
-                _stop_array(stop_token_ids), self._weights_info(prefill_args[0]))  # fmt: skip
+                _stop_array(stop_token_ids), weights)  # fmt: skip
         if self._decode_jit.cached(*args) and self._decode_jit.load(*args) is not None:
             return
         lowered = self._decode_jit.lower(*args)  # tracing stays on the calling thread

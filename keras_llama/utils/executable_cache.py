@@ -191,7 +191,7 @@ class CachedFunction:
         base = self._base_key()
         if not base:
             return None
-        return self.folder / f"{self.name}-{_hash(base, repr(signature))[:40]}.xla"
+        return self.folder / f"{self.name}-{_hash(base, _signature_text(signature))[:40]}.xla"
 
     def _read(self, path, args):
         try:
@@ -312,15 +312,22 @@ def _persistent_cache_hits():
 
 
 def _signature(args, static_argnums):
-    """The arguments' tree, each leaf's shape, dtype and weak type, and the static arguments."""
+    """The arguments' tree, each leaf's shape, dtype and weak type, and the static arguments,
+    as hashable objects (every call looks its program up by it: ~800 leaves for a model, so
+    no string is made here; `_signature_text` is the stable form the file names hash)."""
     import jax
 
     dynamic = tuple(a for i, a in enumerate(args) if i not in static_argnums)
     leaves, tree = jax.tree_util.tree_flatten(dynamic)
-    avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
-                  for x in leaves)  # fmt: skip
+    avals = tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves)
     statics = tuple(repr(args[i]) for i in static_argnums)
-    return (str(tree), avals, statics)
+    return (tree, avals, statics)
+
+
+def _signature_text(signature):
+    """`_signature` as text that is the same in every process (for the file names)."""
+    tree, avals, statics = signature
+    return repr((str(tree), tuple((tuple(s), str(d), bool(w)) for s, d, w in avals), statics))
 
 
 _ENVIRONMENT = []
