@@ -24,6 +24,29 @@ def _solo_ids(lm, prompt, max_tokens):
     return [int(t) for t in out["token_ids"][0][out["padding_mask"][0]]]
 
 
+def _record_decode_calls(engine):
+    """``[(num_steps, rows)]`` of the engine's decode calls after its warm-up ones."""
+    calls, run_decode = [], engine._run_decode
+
+    def recording(num_steps, active=None, rows=None):
+        if active is not None:  # not the warm-up calls of start()
+            calls.append((num_steps, rows))
+        return run_decode(num_steps, active, rows)
+
+    engine._run_decode = recording
+    return calls
+
+
+def _run_until_finished(engine, done, count):
+    """Starts ``engine`` and waits (at most 120 s each) for ``count`` releases of ``done``."""
+    engine.start()
+    try:
+        for _ in range(count):
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+
+
 def _decode_plans(lm):
     # The model's plan with each decode plan this machine can run (the XLA and the native
     # decode attention: a step over the leading rows reads the whole caches' first rows).
@@ -46,15 +69,7 @@ def _partial_row_steps_keep_each_request_solo_output(tiny_lm, plan):
     engine = SlotEngine(
         tiny_lm, max_batch_size=8, max_model_len=MAX_MODEL_LEN, prefill_chunk=32, plan=plan
     )
-    rows_run = []
-    run_decode = engine._run_decode
-
-    def recording(num_steps, active=None, rows=None):
-        if active is not None:  # not the warm-up calls of start()
-            rows_run.append(rows)
-        return run_decode(num_steps, active, rows)
-
-    engine._run_decode = recording
+    calls = _record_decode_calls(engine)
     # Rows 0, 1, 2 finish last to first: steps of all 8 rows, then of 2, then of 1.
     jobs = [([5, 9, 14, 3], 24), ([7, 7, 21], 12), ([30, 4, 11, 2, 8], 5)]
     results = [[] for _ in jobs]
@@ -71,30 +86,17 @@ def _partial_row_steps_keep_each_request_solo_output(tiny_lm, plan):
 
     for i, (prompt, max_tokens) in enumerate(jobs):
         engine.submit(Request(prompt, max_tokens, {}, (), deliver(i)))
-    engine.start()
-    try:
-        for _ in jobs:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    _run_until_finished(engine, done, len(jobs))
     for (prompt, max_tokens), got in zip(jobs, results):
         assert got == _solo_ids(tiny_lm, prompt, max_tokens), plan.decode
-    assert {1, 2, 8} <= set(rows_run)
+    assert {1, 2, 8} <= {rows for _, rows in calls}
 
 
 def test_runs_of_several_steps_end_each_request_where_it_ends_alone(tiny_lm):
     # Runs of 4 steps: A stops at a stop token and B at max_tokens in the middle of a run (their
     # later tokens of that run are dropped), C arrives while runs go on and waits at most one.
     engine = SlotEngine(tiny_lm, max_batch_size=2, max_model_len=MAX_MODEL_LEN, steps_per_run=4)
-    runs = []
-    run_decode = engine._run_decode
-
-    def recording(num_steps, active=None, rows=None):
-        if active is not None:
-            runs.append(num_steps)
-        return run_decode(num_steps, active, rows)
-
-    engine._run_decode = recording
+    calls = _record_decode_calls(engine)
     solo_a = _solo_ids(tiny_lm, [5, 9, 14, 3], 20)
     stop = solo_a[6]
     expected_a = solo_a[: solo_a.index(stop)]
@@ -119,16 +121,11 @@ def test_runs_of_several_steps_end_each_request_where_it_ends_alone(tiny_lm):
     for i in range(2):
         prompt, max_tokens, stop_ids = jobs[i]
         engine.submit(Request(prompt, max_tokens, {}, stop_ids, deliver(i)))
-    engine.start()
-    try:
-        for _ in jobs:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    _run_until_finished(engine, done, len(jobs))
     assert results[0] == expected_a and finishes[0] == ("finish", "stop")
     assert results[1] == _solo_ids(tiny_lm, [7, 7, 21], 11) and finishes[1] == ("finish", "length")
     assert results[2] == _solo_ids(tiny_lm, [30, 4, 11], 9) and finishes[2] == ("finish", "length")
-    assert 4 in runs and 1 in runs
+    assert {1, 4} <= {num_steps for num_steps, _ in calls}
 
 
 def test_logprobs_are_computed_when_one_row_asks(tiny_lm):
@@ -141,11 +138,7 @@ def test_logprobs_are_computed_when_one_row_asks(tiny_lm):
 
     engine.submit(Request([5, 9, 14], 12, {"logprobs": True}, (), deliver(0)))
     engine.submit(Request([7, 3], 12, {}, (), deliver(1)))
-    engine.start()
-    try:
-        assert done.acquire(timeout=120) and done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    _run_until_finished(engine, done, 2)
     for _, token, logprob, top_ids, top_lps in events[0]:  # greedy: the top token is chosen
         assert top_ids[0] == token and logprob < 0 and np.isclose(logprob, top_lps[0])
     assert [e[1] for e in events[1]] == _solo_ids(tiny_lm, [7, 3], 12)
@@ -161,11 +154,7 @@ def test_a_chunk_wider_than_the_room_is_split(tiny_lm):
     widths, prefill = [], engine._prefill_jit
     engine._prefill_jit = lambda *args: (widths.append(args[4].shape[1]), prefill(*args))[1]
     engine.submit(Request(prompt, 6, {}, (), on_event))
-    engine.start()
-    try:
-        assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    _run_until_finished(engine, done, 1)
     assert widths == [512, 16] and engine.stats["prompt_tokens"] == 520
     assert got == _solo_ids(tiny_lm, prompt, 6)
 
@@ -195,12 +184,7 @@ def test_compaction_keeps_each_request_solo_output(tiny_lm):
         return on_event
 
     engine.submit(Request(jobs[0][0], jobs[0][1], {}, (), deliver(0)))
-    engine.start()
-    try:
-        for _ in jobs:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    _run_until_finished(engine, done, len(jobs))
     assert engine.stats["compactions"] >= 1
     for (prompt, max_tokens), got in zip(jobs, results):
         assert got == _solo_ids(tiny_lm, prompt, max_tokens)
