@@ -274,7 +274,7 @@ def cmd_finetune(args, out, inp=None):
         args.preset, args.data, args.output, lora_rank=args.lora_rank, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size,
         max_length=args.max_length, validation_data=args.validation_data,
-        keep_adapter=args.keep_adapter, overwrite=args.overwrite,
+        keep_adapter=args.keep_adapter, overwrite=args.overwrite, seed=args.seed,
     )  # fmt: skip
     loss = history.history.get("loss", [float("nan")])[-1]
     kept = " (base weights + adapter.lora.h5)" if args.keep_adapter else " (LoRA merged)"

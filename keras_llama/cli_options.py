@@ -218,6 +218,9 @@ def add_finetune_options(tune):
     tune.add_argument("--keep-adapter", action="store_true",
                       help="write the base weights and adapter.lora.h5 instead of merging")  # fmt: skip
     tune.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    tune.add_argument("--seed", type=int, default=0,
+                      help="random seed of the adapters' initial values and the example order "
+                      "(default: 0, so that a run can be repeated)")  # fmt: skip
 
 
 def add_serve_options(serve):

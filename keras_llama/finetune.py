@@ -132,10 +132,12 @@ def _float_weights(preset):
 
 def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, batch_size=4,
              max_length=512, validation_data=None, keep_adapter=False, overwrite=False,
-             callbacks=None):  # fmt: skip
+             callbacks=None, seed=None):  # fmt: skip
     """Fine-tune ``preset`` with LoRA on the JSON-lines file ``data``; write a preset to
-    ``output``. ``callbacks`` go to ``fit()``. Returns ``(causal_lm, history)`` (the model
-    saved, and ``fit()``'s history)."""
+    ``output``. ``callbacks`` go to ``fit()``. ``seed``: an int makes the run reproducible
+    (`keras.utils.set_random_seed`: the adapters' initial values and the example order);
+    None leaves the random state as it is. Returns ``(causal_lm, history)`` (the model saved,
+    and ``fit()``'s history)."""
     import keras
 
     from keras_llama.export.atomic import check_target
@@ -154,6 +156,8 @@ def finetune(preset, data, output, lora_rank=8, epochs=3, learning_rate=2e-4, ba
     x, y, weight = to_arrays(preprocessor, train)
     if validation is not None:
         validation = to_arrays(preprocessor, validation)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     causal_lm.backbone.enable_lora(lora_rank)
     causal_lm.compile(optimizer=keras.optimizers.Adam(learning_rate))
     history = causal_lm.fit(x, y, sample_weight=weight, batch_size=batch_size, epochs=epochs,

@@ -97,7 +97,8 @@ class PreprocessedArrays(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.num_samples = _num_samples(x)
         self._order = np.arange(self.num_samples)
-        self._rng = np.random.default_rng()
+        # From numpy's global state, so that `keras.utils.set_random_seed` fixes the order too.
+        self._rng = np.random.default_rng(np.random.randint(2**31 - 1))
         self.on_epoch_end()
 
     def __len__(self):

@@ -99,6 +99,22 @@ def test_finetune_writes_a_merged_preset_and_an_adapter_variant(tmp_path):
     assert code == 2  # an existing output is refused
 
 
+def test_a_seed_repeats_a_run_and_another_seed_does_not(tmp_path):
+    # The same seed: the same adapters' start and example order, so the same weights (the
+    # reference is a seeded run's meaning: HF Trainer's `seed` promises the same).
+    data = write_jsonl(tmp_path / "train.jsonl", GOOD * 3)
+    saved = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        code, _ = run_cli("finetune", "--preset", PRESET, "--data", data, "--output",
+                          str(tmp_path / name), "--epochs", "2", "--batch-size", "2",
+                          "--seed", seed)  # fmt: skip
+        assert code == 0
+        ids = np.array([[1, 5, 9, 14, 3]], "int32")
+        saved[name] = logits(CausalLM.from_preset(str(tmp_path / name)), ids)
+    np.testing.assert_array_equal(saved["a"], saved["b"])
+    assert np.abs(saved["a"] - saved["c"]).max() > 1e-6
+
+
 QUESTIONS = [
     "What is the capital of Zorblax?", "Which city is the capital of Zorblax?",
     "Tell me the capital of Zorblax.", "Zorblax's capital city is called what?",
