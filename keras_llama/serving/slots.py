@@ -120,9 +120,8 @@ class SlotEngine:
         )
         self.prefill_chunk = min(prefill_chunk, max_model_len)
         self.steps_per_run = steps_per_run
-        # A little room past the longest request: every step attends to all S slots, so a
-        # spare slot costs each step while a compaction (every ~room steps) costs about one
-        # (SmolLM2, 8 rows, 2 CPU cores: 528 slots 60 ms a step, 192 slots 45, compaction 75).
+        # A little room past the longest request, so that the shared write pointer reaches
+        # the end (and the rows are compacted, a step's cost) only every ~room steps.
         self.cache_length = max_model_len + max(32, max_model_len // 8)
         self.vocabulary_size = causal_lm.backbone.vocabulary_size
         self._decode_jit = jax.jit(self._decode, donate_argnums=(2,), static_argnums=(7, 8))
