@@ -186,19 +186,27 @@ inline int32_t quantize_block(const float* v, int64_t count, int16_t* q, float* 
   return sum;
 }
 
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, QuantizedRows* out) {
+// Quantizes the rows in chunks shared with XLA's pool (a prefill's many rows; a few decoding
+// rows stay on the calling thread: a chunk is at least 64 KB of input).
+void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t G,
+                   QuantizedRows* out) {
   const int64_t padded = G * kBlock;
   out->qx.assign(M * padded, 0);
   out->dx.resize(M * G);
   out->sx.resize(M * G);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t count = std::min(kBlock, K - g * kBlock);
-      out->sx[m * G + g] = quantize_block(x + m * K + g * kBlock, count,
-                                          out->qx.data() + m * padded + g * kBlock,
-                                          out->dx.data() + m * G + g);
+  int16_t* qx = out->qx.data();
+  float* dx = out->dx.data();
+  int32_t* sx = out->sx.data();
+  const auto rows = [=](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t count = std::min(kBlock, K - g * kBlock);
+        sx[m * G + g] = quantize_block(x + m * K + g * kBlock, count, qx + m * padded + g * kBlock,
+                                       dx + m * G + g);
+      }
     }
-  }
+  };
+  run_panel_chunks(pool, M, K * static_cast<int64_t>(sizeof(float)), rows);
 }
 
 // Rows [0, M) of the quantized input times one panel; writes columns [n0, n0 + cols) of y.
@@ -286,7 +294,7 @@ ffi::Error run_product(ffi::ThreadPool& pool, const float* x, const uint8_t* pac
                        int64_t K, int64_t N) {
   const int64_t G = (K + kBlock - 1) / kBlock;
   QuantizedRows in;
-  quantize_rows(x, M, K, G, &in);
+  quantize_rows(pool, x, M, K, G, &in);
   const int64_t panel_bytes = G * kPairs * (kFour ? 32 : 64);
   // Each chunk's weights are reused from cache by every group of up to 8 input rows.
   const auto body = [=, in = std::move(in)](int64_t first, int64_t last) {

@@ -64,6 +64,17 @@ SHAPES = [(7, 70), (100, 33), (7, 5), (100, 64), (512, 4099), (576, 96)]
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 17, 40])
 def test_products_match_float64_on_the_quantized_inputs(native, kind, k, n, m):
+    _check_against_float64(kind, k, n, m)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_rows_quantized_by_several_threads_match_float64(native, kind):
+    # 300 rows of 520 values: about 600 KB of input, which the kernel quantizes in chunks of
+    # at least 64 KB shared with XLA's thread pool (a prefill's rows).
+    _check_against_float64(kind, 520, 70, 300)
+
+
+def _check_against_float64(kind, k, n, m):
     import jax
 
     rng = np.random.default_rng(k * 1000 + n + m)
