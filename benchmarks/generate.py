@@ -101,7 +101,9 @@ def run_ours(args):
     from keras_llama.models import LlamaBackbone, LlamaCausalLM
 
     if args.preset:
-        causal_lm = LlamaCausalLM.from_preset(args.preset, dtype=args.dtype)
+        # No dtype: the preset's own (GGUF blocks as stored); dtype=None would mean float32.
+        kwargs = {"dtype": args.dtype} if args.dtype else {}
+        causal_lm = LlamaCausalLM.from_preset(args.preset, **kwargs)
         causal_lm.preprocessor = None
     else:
         keras.utils.set_random_seed(0)
@@ -276,7 +278,11 @@ def main(argv=None):
     parser.add_argument("--impl", choices=sorted(RUNNERS), default="keras_llama")
     parser.add_argument("--compare", nargs="*", default=[], choices=["keras_hub", "transformers"])
     parser.add_argument("--preset", default=None, help="a keras-llama preset instead of the config")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="the weights' dtype (default: float32, and a --preset's own, e.g. GGUF blocks as stored)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -119,11 +119,19 @@ def decode_attention(query, keys, values, mask, scale):
     """Decoding attention in the caches' own layout (`decode_attention.cc`): ``query`` [N, G,
     H] (N = batch * key/value heads, G query heads per key/value head, H a multiple of 16, G
     at most 16), ``keys`` [R, H, S], ``values`` [R, S, H] (R >= N: caches may hold more rows
-    than the queries, whose rows are the first N), ``mask`` bool [B, S] (N a multiple of B)
-    -> ``softmax(where(mask, scale * q.k, -1e30)) @ v`` [N, G, H] float32, reading only the
-    unmasked positions. Not differentiable (decoding)."""
+    than the queries, whose rows are the first N; float32, or both float16), ``mask`` bool [B,
+    S] (N a multiple of B) -> ``softmax(where(mask, scale * q.k, -1e30)) @ v`` [N, G, H]
+    float32, computed in float32, reading only the unmasked positions. Not differentiable
+    (decoding)."""
     require_loaded("attention")
+    dtypes = {jnp.dtype(keys.dtype), jnp.dtype(values.dtype)}
+    if dtypes not in ({jnp.dtype("float32")}, {jnp.dtype("float16")}):
+        raise ValueError(
+            "The caches must both be float32 or both float16. "
+            f"Received: keys.dtype={keys.dtype}, values.dtype={values.dtype}"
+        )
+    name = "keras_llama_decode_attention" + ("_f16" if keys.dtype == jnp.float16 else "")
     out = jax.ShapeDtypeStruct(query.shape, jnp.float32)
-    return jax.ffi.ffi_call("keras_llama_decode_attention", out)(
+    return jax.ffi.ffi_call(name, out)(
         query, keys, values, jnp.asarray(mask, jnp.bool_), scale=np.float32(scale)
     )

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "halves.h"
 
 namespace ffi = xla::ffi;
 
@@ -71,42 +72,6 @@ inline void widen_nibbles(const uint8_t* p, i16x32* lo, i16x32* hi) {
 #endif
   *lo = bytes & 15;
   *hi = bytes >> 4;
-}
-
-#if !defined(__AVX512F__) && !defined(__F16C__)
-// One float16 (its bits) -> float32, subnormals, infinities and NaNs included.
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-    return sign ? -magnitude : magnitude;
-  }
-  const uint32_t bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13)
-                                               : ((exponent + 112) << 23) | (mantissa << 13));
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-#endif
-
-// 16 float16 (their bits) -> float32.
-inline f32x16 load_halves(const uint16_t* p) {
-#if defined(__AVX512F__)
-  // The zero-masked form: GCC 12 warns that the plain one's "undefined" start is uninitialized.
-  return (f32x16)_mm512_maskz_cvtph_ps(0xFFFF,
-                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  f32x16 out;
-  std::memcpy(&out, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-  return out;
-#else
-  f32x16 out;
-  for (int i = 0; i < 16; ++i) out[i] = half_to_float(p[i]);
-  return out;
-#endif
 }
 
 // acc[i] += a[2 i] * b[0] + a[2 i + 1] * b[1], b the 2 int16 of ``b2``.

@@ -8,6 +8,10 @@
 //   mask   [B, S]      bool, N = B * V (row n reads mask row n / V)
 //   out    [N, G, H]   softmax(where(mask, scale * q.k, -1e30)) @ v
 //
+// The caches are float32 or float16 (`compile(kv_cache_dtype="float16")`: half the memory and
+// half the bytes read per step); float16 values are widened to float32 as they are loaded, and
+// all arithmetic is float32.
+//
 // Only the positions from the first to the last unmasked one are read: while a cache fills,
 // decoding step t reads t positions, not the cache's full length. Inside that range, masked
 // positions (left padding, or the slots of other requests in the serving engine's shared
@@ -22,6 +26,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "halves.h"
 
 namespace ffi = xla::ffi;
 
@@ -32,10 +37,24 @@ using namespace keras_llama;  // NOLINT: the shared vector helpers
 constexpr float kMasked = -1e30f;
 constexpr int64_t kMaxGroups = 16;  // query heads per key/value head, in registers
 
+// 16 cache values -> float32 (``count`` < 16: the rest are zeros).
+inline f32x16 load_cache(const float* p) { return load(p); }
+inline f32x16 load_cache(const uint16_t* p) { return load_halves(p); }
+
+template <typename T>
+inline f32x16 load_cache(const T* p, int64_t count) {
+  if (count == 16) return load_cache(p);
+  T part[16] = {};
+  std::memcpy(part, p, count * sizeof(T));
+  return load_cache(part);
+}
+
+// T: the caches' element type, float (float32) or uint16_t (float16 bits).
+template <typename T>
 struct Work {
   const float* query;
-  const float* keys;
-  const float* values;
+  const T* keys;
+  const T* values;
   const bool* mask;
   float* out;
   int64_t N, G, H, S, V;
@@ -98,7 +117,7 @@ struct Work {
     buffer->resize(groups * padded);
     float* scores = buffer->data();
     const float* q = query + n * groups * chunks * 16;
-    const float* k = keys + n * H * S;
+    const T* k = keys + n * H * S;
     // scores[g, s] = scale * sum_h q[g, h] k[h, lo + s], 16 positions at a time.
     for (int64_t s0 = 0; s0 < count; s0 += 16) {
       const int64_t width = std::min<int64_t>(16, count - s0);
@@ -108,15 +127,7 @@ struct Work {
       f32x16 acc[kGroups];
       for (int64_t g = 0; g < groups; ++g) acc[g] = f32x16{};
       for (int64_t h = 0; h < H; ++h) {
-        const float* row = k + h * S + lo + s0;
-        f32x16 kv;
-        if (width == 16) {
-          kv = load(row);
-        } else {
-          float part[16] = {};
-          std::memcpy(part, row, width * sizeof(float));
-          kv = load(part);
-        }
+        const f32x16 kv = load_cache(k + h * S + lo + s0, width);
         for (int64_t g = 0; g < groups; ++g) acc[g] += q[g * H + h] * kv;
       }
       for (int64_t g = 0; g < groups; ++g) store(scores + g * padded + s0, acc[g] * scale);
@@ -142,7 +153,7 @@ struct Work {
       inverse[g] = 1.0f / total;
     }
     // out[g, :] = sum_s p[g, s] v[lo + s, :]: each value row read once for every query head.
-    const float* v = values + n * S * H;
+    const T* v = values + n * S * H;
     float* o = out + n * groups * H;
     for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
       const int64_t cs = std::min<int64_t>(4, chunks - c0);
@@ -150,9 +161,9 @@ struct Work {
       for (int64_t g = 0; g < groups; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = f32x16{};
       for (int64_t s = 0; s < count; ++s) {
         if (!none && !m[lo + s]) continue;  // weight exactly 0 (exp(-1e30 - top))
-        const float* row = v + (lo + s) * H + c0 * 16;
+        const T* row = v + (lo + s) * H + c0 * 16;
         for (int64_t c = 0; c < cs; ++c) {
-          const f32x16 vv = load(row + c * 16);
+          const f32x16 vv = load_cache(row + c * 16);
           for (int64_t g = 0; g < groups; ++g) acc[g][c] += scores[g * padded + s] * vv;
         }
       }
@@ -163,10 +174,10 @@ struct Work {
   }
 };
 
-ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
-                            ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
-                            float scale) {
+template <typename T, typename Cache>
+ffi::Error decode_attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& query, Cache& keys,
+                            Cache& values, ffi::Buffer<ffi::PRED>& mask,
+                            ffi::ResultBuffer<ffi::F32>& out, float scale) {
   const auto qd = query.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
   const auto md = mask.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2 ||
@@ -177,10 +188,10 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
         "decode_attention: expected query [N, G <= 16, H % 16 == 0], keys [R >= N, H, S], "
         "values [R, S, H], mask [B, S] with N a multiple of B");
   }
-  auto work = std::make_shared<Work>();
+  auto work = std::make_shared<Work<T>>();
   work->query = query.typed_data();
-  work->keys = keys.typed_data();
-  work->values = values.typed_data();
+  work->keys = reinterpret_cast<const T*>(keys.untyped_data());
+  work->values = reinterpret_cast<const T*>(values.untyped_data());
   work->mask = mask.typed_data();
   work->out = out->typed_data();
   work->N = qd[0];
@@ -194,14 +205,38 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
   return ffi::Error::Success();
 }
 
+ffi::Error decode_attention_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
+                                ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                                ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                                float scale) {
+  return decode_attention<float>(pool, query, keys, values, mask, out, scale);
+}
+
+ffi::Error decode_attention_f16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
+                                ffi::Buffer<ffi::F16> keys, ffi::Buffer<ffi::F16> values,
+                                ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                                float scale) {
+  return decode_attention<uint16_t>(pool, query, keys, values, mask, out, scale);
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeAttention, decode_attention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeAttention, decode_attention_f32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasLlamaDecodeAttentionF16, decode_attention_f16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

@@ -245,6 +245,7 @@ LIBRARIES = {
         {
             **_forward_and_backward("attention", "Attention"),
             "keras_llama_decode_attention": "KerasLlamaDecodeAttention",
+            "keras_llama_decode_attention_f16": "KerasLlamaDecodeAttentionF16",
         },
     ),
     "cross_entropy": NativeLibrary(

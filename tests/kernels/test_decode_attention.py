@@ -1,7 +1,8 @@
 """The native decoding attention (`decode_attention.cc`) against numpy float64: masked softmax
 attention of one query per row in the caches' layout, left padding and a filling cache
 (unmasked positions in the middle of the cache), grouped query heads, a row with nothing
-unmasked."""
+unmasked; float32 and float16 caches (float16: against float64 on the float16 values, which
+the kernel widens exactly)."""
 
 import keras
 import numpy as np
@@ -36,15 +37,16 @@ def reference(query, keys, values, mask, scale):
 @pytest.mark.parametrize("b,v,g,h,s", [(1, 3, 3, 64, 40), (8, 3, 3, 64, 256), (2, 1, 4, 16, 7),
                                        (3, 2, 1, 32, 33), (2, 2, 8, 128, 50), (1, 2, 5, 64, 17),
                                        (2, 1, 2, 128, 16)])  # fmt: skip
-def test_matches_float64(native, b, v, g, h, s):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_matches_float64(native, b, v, g, h, s, dtype):
     import jax
 
     from keras_llama.kernels.attention import decode_attention
 
     rng = np.random.default_rng(b * 100 + s)
     query = rng.normal(0, 1, (b * v, g, h)).astype("float32")
-    keys = rng.normal(0, 1, (b * v, h, s)).astype("float32")
-    values = rng.normal(0, 1, (b * v, s, h)).astype("float32")
+    keys = rng.normal(0, 1, (b * v, h, s)).astype(dtype)
+    values = rng.normal(0, 1, (b * v, s, h)).astype(dtype)
     mask = np.zeros((b, s), bool)
     for row in range(b):  # left padding, then a cache filled up to some position
         start, end = row % 3, max(row % 3 + 1, s - 2 * row)
@@ -61,7 +63,8 @@ def test_matches_float64(native, b, v, g, h, s):
         np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
 
 
-def test_long_masked_runs_are_skipped_exactly(native):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_long_masked_runs_are_skipped_exactly(native, dtype):
     # The serving engine's shared cache: each row's prompt in its own region, its new tokens
     # at the shared write position, the other rows' slots masked between (runs of 16 and more
     # positions the kernel skips without reading). Non-finite keys and values in masked slots
@@ -80,10 +83,11 @@ def test_long_masked_runs_are_skipped_exactly(native):
         mask[row, 40 * row : 40 * row + 37] = True  # the row's prompt
         mask[row, 200 + row : 280] = True  # its generated tokens
     mask[2, 210:240] = False  # and a hole in them
-    expected = reference(query, keys, values, mask, 0.125)
     rows = np.repeat(mask, v, axis=0)  # [N, S]
-    keys = np.where(rows[:, None, :], keys, np.nan).astype("float32")
-    values = np.where(rows[:, :, None], values, np.inf).astype("float32")
+    keys, values = keys.astype(dtype), values.astype(dtype)
+    expected = reference(query, keys, values, mask, 0.125)
+    keys = np.where(rows[:, None, :], keys, np.nan).astype(dtype)
+    values = np.where(rows[:, :, None], values, np.inf).astype(dtype)
     out = np.asarray(jax.jit(decode_attention, static_argnums=4)(query, keys, values, mask, 0.125))
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
 
@@ -101,15 +105,16 @@ def test_a_row_with_nothing_unmasked_attends_uniformly(native):
     np.testing.assert_allclose(out[1], reference(query, keys, values, mask, 0.25)[1], atol=2e-5)
 
 
-def test_caches_with_more_rows_than_queries_are_read_in_their_first_rows(native):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_caches_with_more_rows_than_queries_are_read_in_their_first_rows(native, dtype):
     # The serving engine's step over its leading rows: 2 of 4 batch rows, the whole caches.
     from keras_llama.kernels.attention import decode_attention
 
     rng = np.random.default_rng(11)
     v, g, h, s = 3, 3, 64, 50
     query = rng.normal(0, 1, (2 * v, g, h)).astype("float32")
-    keys = rng.normal(0, 1, (4 * v, h, s)).astype("float32")
-    values = rng.normal(0, 1, (4 * v, s, h)).astype("float32")
+    keys = rng.normal(0, 1, (4 * v, h, s)).astype(dtype)
+    values = rng.normal(0, 1, (4 * v, s, h)).astype(dtype)
     keys[2 * v :], values[2 * v :] = np.nan, np.nan  # the other rows: never read
     mask = np.zeros((2, s), bool)
     mask[0, 3:40], mask[1, :25] = True, True
@@ -138,4 +143,17 @@ def test_bad_shapes_are_refused(native, query, keys, values):
                 np.ones((2, 5), bool),
                 1.0,
             )
+        )
+
+
+def test_caches_of_different_dtypes_are_refused(native):
+    from keras_llama.kernels.attention import decode_attention
+
+    with pytest.raises(ValueError, match="both be float32 or both float16.*keys.dtype=float16, values.dtype=float32"):
+        decode_attention(
+            np.ones((2, 2, 16), "float32"),
+            np.ones((2, 16, 5), "float16"),
+            np.ones((2, 5, 16), "float32"),
+            np.ones((2, 5), bool),
+            1.0,
         )
