@@ -149,7 +149,10 @@ def test_bad_shapes_are_refused(native, query, keys, values):
 def test_caches_of_different_dtypes_are_refused(native):
     from keras_llama.kernels.attention import decode_attention
 
-    with pytest.raises(ValueError, match="both be float32 or both float16.*keys.dtype=float16, values.dtype=float32"):
+    with pytest.raises(
+        ValueError,
+        match="both be float32 or both float16.*keys.dtype=float16, values.dtype=float32",
+    ):
         decode_attention(
             np.ones((2, 2, 16), "float32"),
             np.ones((2, 16, 5), "float16"),
